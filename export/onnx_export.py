@@ -1,0 +1,184 @@
+"""ONNX export of the windowed visual module, verification against torch, and bundle writing.
+
+The graph contract (names, shapes, dynamic batch axis) comes from winclip_edge/contract.py. The export
+is verified: the ONNX graph in ONNX Runtime (CPU) and the torch module see the same random batch,
+and a bundle whose outputs differ by more than the tolerance is refused and not left behind.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import shutil
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from winclip_edge.bundle import FORMAT_VERSION, MANIFEST, VISUAL_ONNX, Bundle, Manifest, atomic_write_json, sha256_file
+from winclip_edge.contract import INPUT_NAME, output_names
+from winclip_edge.products import save_text
+from winclip_edge.prompts import PromptSpec, object_name_for
+from winclip_edge.scoring import DEFAULT_TEMPERATURE
+
+from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedModel, load_model
+from .text import text_prototypes
+from .windowed_clip import WindowedVisual
+
+DEFAULT_OPSET = 17
+FP32_TOLERANCE = 1e-4  # max abs difference ONNX Runtime vs torch, per output (unit vectors)
+EXPORT_BATCH = 2  # dummy batch for tracing (the batch axis is dynamic)
+VERIFY_BATCH = 3  # a different batch size than the trace, so the dynamic axis is exercised
+
+
+class ExportVerificationError(RuntimeError):
+    """The exported graph does not agree with the torch module."""
+
+
+class BundleExistsError(FileExistsError):
+    """The output folder exists and --force was not given."""
+
+
+@dataclass
+class ExportOptions:
+    model: str = DEFAULT_MODEL  # open_clip name or config JSON path
+    pretrained: str = DEFAULT_PRETRAINED  # tag | checkpoint path | none
+    seed: int = 0  # random init seed when pretrained == none
+    products: Sequence[str] = ()  # products whose text prototypes go into the bundle
+    scales: Sequence[int] = (2, 3)  # window scales (tokens)
+    stride: int = 1  # window stride (tokens)
+    patch_layer: str = "penultimate"  # penultimate | last
+    temperature: float = DEFAULT_TEMPERATURE
+    opset: int = DEFAULT_OPSET
+    tolerance: float = FP32_TOLERANCE
+    cls_only_last_block: bool = True  # exact speed-up (see windowed_clip.CLSOnlyLastBlock)
+    force: bool = False  # replace an existing bundle
+    object_names: dict = field(default_factory=dict)  # product -> object name override
+
+
+def _log(message: str) -> None:
+    print(f"[export] {message}", file=sys.stderr, flush=True)
+
+
+def build_module(loaded: LoadedModel, options: ExportOptions) -> WindowedVisual:
+    return WindowedVisual(
+        loaded.model.visual, mean=loaded.mean, std=loaded.std, scales=options.scales, stride=options.stride,
+        patch_layer=options.patch_layer, cls_only_last_block=options.cls_only_last_block,
+    ).eval()
+
+
+def export_onnx(module: WindowedVisual, path: Path, opset: int = DEFAULT_OPSET) -> None:
+    spec = module.spec
+    dummy = torch.randint(0, 256, (EXPORT_BATCH, *spec.image_size, 3), dtype=torch.uint8)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain maths instead.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
+            torch.onnx.export(
+                module, (dummy,), str(path), dynamo=False, input_names=[INPUT_NAME],
+                output_names=output_names(spec.scales), dynamic_axes=spec.dynamic_axes(), opset_version=opset,
+                do_constant_folding=True,
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+
+
+def verify_onnx(module: WindowedVisual, path: Path, images: np.ndarray | None = None, seed: int = 0) -> dict[str, float]:
+    """Max abs difference per output between ONNX Runtime (CPU) and torch on the same batch."""
+    import onnxruntime as ort
+
+    spec = module.spec
+    if images is None:
+        images = np.random.default_rng(seed).integers(0, 256, (VERIFY_BATCH, *spec.image_size, 3), dtype=np.uint8)
+    with torch.no_grad():
+        expected = {k: v.numpy() for k, v in module(torch.from_numpy(images)).items()}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    names = output_names(spec.scales)
+    actual = dict(zip(names, session.run(names, {INPUT_NAME: images})))
+    return {name: float(np.abs(actual[name] - expected[name]).max()) for name in names}
+
+
+def _versions() -> dict:
+    import onnx
+    import onnxruntime
+    import open_clip
+
+    return {"torch": torch.__version__, "open_clip": open_clip.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Move the finished bundle into place; an existing one is swapped out and removed afterwards."""
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{int(time.time())}")
+        out.rename(old)
+        new.rename(out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        new.rename(out)
+
+
+def export_bundle(out: str | Path, options: ExportOptions, show_progress: bool = True) -> Bundle:
+    """Export, verify and write a bundle to ``out`` (atomically: a failure leaves nothing behind)."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not options.force:
+        raise BundleExistsError(f"{out} exists and is not empty; choose another --out or pass --force to replace it")
+    t0 = time.perf_counter()
+    _log(f"loading {options.model} (weights: {options.pretrained})")
+    loaded = load_model(options.model, options.pretrained, options.seed)
+    module = build_module(loaded, options)
+    spec = module.spec
+    _log(f"grid {spec.grid[0]}x{spec.grid[1]}, scales {list(spec.scales)} stride {spec.stride}, "
+         f"windows {[v[1] for k, v in spec.output_shapes().items() if k.startswith('window')]}, "
+         f"D={spec.embed_dim}, C={spec.width}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        onnx_path = tmp / VISUAL_ONNX
+        _log("exporting ONNX graph ...")
+        t_export = time.perf_counter()
+        export_onnx(module, onnx_path, options.opset)
+        _log(f"exported in {time.perf_counter() - t_export:.1f} s ({onnx_path.stat().st_size / 2**20:.0f} MiB); verifying ...")
+        diffs = verify_onnx(module, onnx_path)
+        worst = max(diffs.values())
+        _log("max abs difference ONNX Runtime vs torch: " + ", ".join(f"{k}={v:.2e}" for k, v in diffs.items()))
+        if not worst <= options.tolerance:
+            raise ExportVerificationError(
+                f"ONNX output differs from torch by {worst:.3e} > tolerance {options.tolerance:.1e} ({diffs}); "
+                "no bundle was written"
+            )
+        manifest = Manifest(
+            model=loaded.model_name, model_config=loaded.model_config, weights=loaded.weights,
+            image_size=spec.image_size, patch_size=tuple(int(p) for p in np.broadcast_to(loaded.model.visual.patch_size, 2)),
+            grid=spec.grid, scales=spec.scales, stride=spec.stride, temperature=options.temperature,
+            patch_layer=options.patch_layer, embed_dim=spec.embed_dim, width=spec.width, mean=loaded.mean,
+            std=loaded.std, opset=options.opset, files={VISUAL_ONNX: sha256_file(onnx_path)},
+            format_version=FORMAT_VERSION, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            versions=_versions(),
+            verification={"max_abs_diff": diffs, "tolerance": options.tolerance, "batch": VERIFY_BATCH},
+        )
+        atomic_write_json(tmp / MANIFEST, manifest.to_dict())
+        bundle = Bundle(tmp, verify=False)
+        for product in options.products:
+            add_product(bundle, product, loaded, options.object_names.get(product), show_progress=show_progress)
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _log(f"bundle written to {out} in {time.perf_counter() - t0:.1f} s")
+    return Bundle(out)
+
+
+def add_product(bundle: Bundle, product: str, loaded: LoadedModel, object_name: str | None = None,
+                spec: PromptSpec | None = None, show_progress: bool = True) -> None:
+    """Encode the product's prompts with the bundle's text tower and write ``products/<p>/text.npz``."""
+    if loaded.weights["id"] != bundle.manifest.weights_id:
+        raise ValueError("the loaded model's weights differ from the bundle's; cannot add a product")
+    spec = spec or PromptSpec(object_name=object_name or object_name_for(product))
+    save_text(bundle, product, text_prototypes(loaded.model, loaded.tokenizer, spec, show_progress))

@@ -1,0 +1,277 @@
+"""Bundle I/O: the manifest, atomic writes, checksums, and the per-product files.
+
+Layout (documented in models/README.md)::
+
+    bundle/manifest.json                  model, weights, geometry, files + sha256, format version
+    bundle/visual.onnx                    the graph (contract.py)
+    bundle/products/<p>/text.npz          t_normal, t_anomalous (+ prompts used)
+    bundle/products/<p>/memory.npz        few-shot references (optional)
+    bundle/products/<p>/threshold.json    calibrated decision threshold (optional)
+
+Every file is written atomically (temp file in the same folder, fsync, rename): a killed process
+leaves the previous file or the new one, never half of one. ``visual.onnx`` is checked against the
+manifest's sha256 on load; product files carry their own sha256 over their content (they change
+after export, so the manifest cannot list them) and are checked on load too.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+from .contract import PATCH_LAYERS, GraphSpec
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+VISUAL_ONNX = "visual.onnx"
+PRODUCTS = "products"
+TEXT = "text.npz"
+MEMORY = "memory.npz"
+THRESHOLD = "threshold.json"
+_CHECKSUM_KEY = "__sha256__"
+_META_KEY = "__meta__"
+_CHUNK = 1 << 20
+
+
+class BundleError(ValueError):
+    """A bundle or one of its files is missing, damaged or made for something else."""
+
+
+# ---------------------------------------------------------------- atomic files and checksums
+def sha256_file(path: str | os.PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # not possible on every platform; the rename is still atomic
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def _arrays_digest(arrays: dict[str, np.ndarray], meta_json: str) -> str:
+    digest = hashlib.sha256(meta_json.encode())
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name])
+        digest.update(f"|{name}|{a.dtype.str}|{a.shape}|".encode())
+        digest.update(a.tobytes())
+    return digest.hexdigest()
+
+
+def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: dict) -> str:
+    """Atomically write a self-verifying ``.npz``: arrays + JSON meta + sha256 over both. Returns the sha256."""
+    meta_json = json.dumps(meta, sort_keys=True)
+    checksum = _arrays_digest(arrays, meta_json)
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays, **{_META_KEY: np.array(meta_json), _CHECKSUM_KEY: np.array(checksum)})
+    atomic_write_bytes(path, buffer.getvalue())
+    return checksum
+
+
+def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, str]:
+    """Read and verify a file written by :func:`save_arrays` -> (arrays, meta, sha256)."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"{path} is missing")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except Exception as err:
+        raise BundleError(f"{path} is damaged ({type(err).__name__}: {err}); re-create it") from None
+    try:
+        meta_json = str(arrays.pop(_META_KEY))
+        stored = str(arrays.pop(_CHECKSUM_KEY))
+    except KeyError:
+        raise BundleError(f"{path} has no checksum: not written by winclip-edge; re-create it") from None
+    actual = _arrays_digest(arrays, meta_json)
+    if actual != stored:
+        raise BundleError(f"{path} fails its sha256 check (content changed after writing); re-create it")
+    return arrays, json.loads(meta_json), stored
+
+
+def json_with_checksum(obj: dict) -> dict:
+    body = {k: v for k, v in obj.items() if k != "sha256"}
+    return {**body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
+
+
+def read_checked_json(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise BundleError(f"{path} cannot be read ({err}); re-create it") from None
+    if not isinstance(obj, dict) or json_with_checksum(obj).get("sha256") != obj.get("sha256"):
+        raise BundleError(f"{path} fails its sha256 check (edited or damaged); re-create it")
+    return obj
+
+
+# ---------------------------------------------------------------- manifest
+@dataclass(frozen=True)
+class Manifest:
+    """``manifest.json``. Unknown fields: tolerated (kept in ``extra``) within the same format version;
+    a newer format version is refused (see models/README.md)."""
+
+    model: str  # open_clip model name (or the config file's stem)
+    model_config: dict | None  # the full open_clip config when exported from a JSON file
+    weights: dict  # source: pretrained (tag) | checkpoint (path, sha256) | none (seed); id: sha256 of parameters
+    image_size: tuple[int, int]  # (H, W) model input
+    patch_size: tuple[int, int]  # (ph, pw) pixels
+    grid: tuple[int, int]  # (h, w) tokens
+    scales: tuple[int, ...]  # window scales in tokens
+    stride: int  # window stride in tokens
+    temperature: float  # T of the two-class softmax
+    patch_layer: str  # penultimate | last
+    embed_dim: int  # D
+    width: int  # C
+    mean: tuple[float, float, float]  # RGB, applied inside the graph
+    std: tuple[float, float, float]
+    opset: int
+    files: dict  # relative path -> sha256 (the static files: visual.onnx)
+    format_version: int = FORMAT_VERSION
+    created: str = ""
+    versions: dict = field(default_factory=dict)  # torch, open_clip, onnx, onnxruntime used for the export
+    verification: dict = field(default_factory=dict)  # max abs difference ONNX vs torch per output
+    extra: dict = field(default_factory=dict)  # unknown fields of a same-version manifest
+
+    @property
+    def weights_id(self) -> str:
+        return self.weights["id"]
+
+    @property
+    def spec(self) -> GraphSpec:
+        return GraphSpec(
+            image_size=self.image_size, grid=self.grid, scales=self.scales, stride=self.stride,
+            embed_dim=self.embed_dim, width=self.width,
+        )
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        extra = d.pop("extra")
+        return {**d, **extra}
+
+    @classmethod
+    def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"{where}: no format_version; not a winclip-edge bundle")
+        if version > FORMAT_VERSION:
+            raise BundleError(
+                f"{where}: bundle format {version} is newer than this winclip-edge reads ({FORMAT_VERSION}); "
+                "upgrade winclip-edge or re-export the bundle with this version"
+            )
+        if version < FORMAT_VERSION:
+            raise BundleError(f"{where}: bundle format {version} is older than {FORMAT_VERSION}; re-export the bundle")
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = sorted(n for n in names if n not in d and cls.__dataclass_fields__[n].default is dataclasses.MISSING
+                         and cls.__dataclass_fields__[n].default_factory is dataclasses.MISSING)
+        if missing:
+            raise BundleError(f"{where}: fields {missing} missing; re-export the bundle")
+        known = {k: v for k, v in d.items() if k in names}
+        for key in ("image_size", "patch_size", "grid", "scales", "mean", "std"):
+            known[key] = tuple(known[key])
+        if known["patch_layer"] not in PATCH_LAYERS:
+            raise BundleError(f"{where}: patch_layer {known['patch_layer']!r} unknown (expected one of {PATCH_LAYERS})")
+        return cls(**known, extra={k: v for k, v in d.items() if k not in names})
+
+
+# ---------------------------------------------------------------- the bundle
+class Bundle:
+    """A verified bundle on disk. Loading checks the manifest and the sha256 of every listed file."""
+
+    def __init__(self, root: str | os.PathLike, verify: bool = True):
+        self.root = Path(root)
+        manifest_path = self.root / MANIFEST
+        if not manifest_path.is_file():
+            raise BundleError(f"{self.root} is not a bundle (no {MANIFEST}); create one with `winclip-edge export`")
+        try:
+            data = json.loads(manifest_path.read_text())
+        except ValueError as err:
+            raise BundleError(f"{manifest_path} is not valid JSON ({err}); re-export the bundle") from None
+        self.manifest = Manifest.from_dict(data, where=str(manifest_path))
+        if verify:
+            self.verify_files()
+
+    def verify_files(self) -> None:
+        for rel, expected in self.manifest.files.items():
+            path = self.root / rel
+            if not path.is_file():
+                raise BundleError(f"{path} is missing; copy the whole bundle folder again or re-export it")
+            actual = sha256_file(path)
+            if actual != expected:
+                raise BundleError(
+                    f"{path} fails its sha256 check (expected {expected[:12]}..., got {actual[:12]}...): "
+                    "damaged or partly copied; copy the bundle again or re-export it"
+                )
+
+    @property
+    def spec(self) -> GraphSpec:
+        return self.manifest.spec
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.root / VISUAL_ONNX
+
+    def product_dir(self, product: str) -> Path:
+        if not product or "/" in product or "\\" in product or product.startswith("."):
+            raise BundleError(f"invalid product name {product!r}: use letters, digits, '_' or '-'")
+        return self.root / PRODUCTS / product
+
+    def products(self) -> list[str]:
+        folder = self.root / PRODUCTS
+        return sorted(p.name for p in folder.iterdir() if (p / TEXT).is_file()) if folder.is_dir() else []
+
+    def iter_product_files(self, product: str) -> Iterator[Path]:
+        d = self.product_dir(product)
+        return (d / name for name in (TEXT, MEMORY, THRESHOLD) if (d / name).is_file())
+
+    def check_product(self, product: str) -> None:
+        if not (self.product_dir(product) / TEXT).is_file():
+            known = ", ".join(self.products()) or "none"
+            raise BundleError(
+                f"product {product!r} is not in bundle {self.root} (products: {known}); "
+                f"add it with `winclip-edge add-product --bundle {self.root} {product}`"
+            )
+
+    def check_weights(self, meta: dict, path: Path) -> None:
+        if meta.get("weights_id") != self.manifest.weights_id:
+            raise BundleError(
+                f"{path} was made with other model weights (id {str(meta.get('weights_id'))[:12]}, "
+                f"bundle {self.manifest.weights_id[:12]}); re-create it for this bundle"
+            )

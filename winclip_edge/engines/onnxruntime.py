@@ -1,0 +1,54 @@
+"""ONNX Runtime backend: CPU everywhere; CUDA / TensorRT execution providers with onnxruntime-gpu."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..bundle import Bundle
+from ..contract import INPUT_NAME, check_io, output_names
+from .base import EngineError
+
+# Preference order for provider="auto".
+AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+
+
+class OnnxRuntimeEngine:
+    name = "onnxruntime"
+
+    def __init__(self, bundle: Bundle, provider: str = "auto", threads: int = 0, model_path: str | None = None):
+        """``provider``: auto | cpu | cuda | tensorrt (or a full EP name); ``threads``: intra-op threads, 0 = ORT's default.
+        ``model_path``: another ONNX file with the same contract (e.g. a quantised copy)."""
+        try:
+            import onnxruntime as ort
+        except ImportError as err:
+            raise EngineError(f"onnxruntime is not installed ({err}); pip install onnxruntime") from None
+        available = ort.get_available_providers()
+        if provider == "auto":
+            providers = [p for p in AUTO_PROVIDERS if p in available]
+        else:
+            wanted = PROVIDER_ALIASES.get(provider, provider)
+            if wanted not in available:
+                raise EngineError(f"ONNX Runtime provider {wanted} is not available here (available: {available}); "
+                                  "install onnxruntime-gpu (desktop) or the Jetson Zoo wheel for CUDA/TensorRT")
+            providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if threads:
+            options.intra_op_num_threads = threads
+        path = str(model_path or bundle.onnx_path)
+        try:
+            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+        except Exception as err:
+            raise EngineError(f"ONNX Runtime cannot load {path}: {err}") from None
+        self.device = self.session.get_providers()[0]  # the provider actually in use, not the one asked for
+        inputs = {i.name: tuple(i.shape) for i in self.session.get_inputs()}
+        outputs = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
+        check_io(bundle.spec, inputs, outputs, where=path)
+        self.output_names = output_names(bundle.spec.scales)
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        values = self.session.run(self.output_names, {INPUT_NAME: np.ascontiguousarray(images, dtype=np.uint8)})
+        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.output_names, values)}
+
+    def close(self) -> None:
+        self.session = None

@@ -1,0 +1,176 @@
+"""Per-product files of a bundle: text prototypes, few-shot memory, decision threshold."""
+from __future__ import annotations
+
+import datetime as _dt
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .bundle import MEMORY, TEXT, THRESHOLD, Bundle, BundleError, atomic_write_json, json_with_checksum, \
+    load_arrays, read_checked_json, save_arrays
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# ---------------------------------------------------------------- text prototypes
+@dataclass(frozen=True)
+class TextPrototypes:
+    t_normal: np.ndarray  # [D] float32, L2-normalised
+    t_anomalous: np.ndarray  # [D] float32, L2-normalised
+    normal_prompts: tuple[str, ...]
+    anomalous_prompts: tuple[str, ...]
+    prompt_spec: dict  # PromptSpec as a dict: object_name, style, extra states/templates
+
+
+def save_text(bundle: Bundle, product: str, text: TextPrototypes) -> None:
+    arrays = {
+        "t_normal": text.t_normal.astype(np.float32),
+        "t_anomalous": text.t_anomalous.astype(np.float32),
+        "normal_prompts": np.array(text.normal_prompts, dtype=np.str_),
+        "anomalous_prompts": np.array(text.anomalous_prompts, dtype=np.str_),
+    }
+    meta = {"weights_id": bundle.manifest.weights_id, "prompt_spec": text.prompt_spec, "created": _now()}
+    save_arrays(bundle.product_dir(product) / TEXT, arrays, meta)
+
+
+def load_text(bundle: Bundle, product: str) -> TextPrototypes:
+    bundle.check_product(product)
+    path = bundle.product_dir(product) / TEXT
+    arrays, meta, _ = load_arrays(path)
+    bundle.check_weights(meta, path)
+    d = bundle.manifest.embed_dim
+    for key in ("t_normal", "t_anomalous"):
+        if arrays[key].shape != (d,):
+            raise BundleError(f"{path}: {key} has shape {arrays[key].shape}, the bundle's embedding is ({d},); "
+                              "re-create it with `winclip-edge add-product`")
+    return TextPrototypes(
+        t_normal=arrays["t_normal"], t_anomalous=arrays["t_anomalous"],
+        normal_prompts=tuple(arrays["normal_prompts"].tolist()),
+        anomalous_prompts=tuple(arrays["anomalous_prompts"].tolist()),
+        prompt_spec=meta["prompt_spec"],
+    )
+
+
+# ---------------------------------------------------------------- few-shot memory
+def window_key(k: int) -> str:
+    return f"windows_k{k}"
+
+
+@dataclass
+class Memory:
+    """Embeddings of K normal reference images (WINCLIP.md section 7), kept per reference so that
+    calibration can leave one out and ``--append`` can add."""
+
+    image_embeddings: np.ndarray  # [R, D] float32 (lets calibration score references leave-one-out)
+    windows: dict[int, np.ndarray]  # scale -> [R, W_k, D] float32
+    patch_tokens: np.ndarray  # [R, h*w, C] float32
+    sources: list[str]  # where each reference came from (path)
+    source_sha256: list[str]  # sha256 of each reference file ("" for in-memory arrays)
+    checksum: str = ""  # the file's sha256 once saved/loaded (thresholds record it)
+
+    @property
+    def size(self) -> int:
+        return int(self.patch_tokens.shape[0])
+
+    def without(self, index: int) -> "Memory":
+        keep = [i for i in range(self.size) if i != index]
+        return Memory(
+            image_embeddings=self.image_embeddings[keep],
+            windows={k: v[keep] for k, v in self.windows.items()}, patch_tokens=self.patch_tokens[keep],
+            sources=[self.sources[i] for i in keep], source_sha256=[self.source_sha256[i] for i in keep],
+        )
+
+    def merged(self, other: "Memory") -> "Memory":
+        if set(self.windows) != set(other.windows):
+            raise BundleError(f"cannot append: scales {sorted(other.windows)} differ from {sorted(self.windows)}")
+        return Memory(
+            image_embeddings=np.concatenate([self.image_embeddings, other.image_embeddings]),
+            windows={k: np.concatenate([v, other.windows[k]]) for k, v in self.windows.items()},
+            patch_tokens=np.concatenate([self.patch_tokens, other.patch_tokens]),
+            sources=self.sources + other.sources, source_sha256=self.source_sha256 + other.source_sha256,
+        )
+
+
+def save_memory(bundle: Bundle, product: str, memory: Memory) -> str:
+    arrays = {window_key(k): v.astype(np.float32) for k, v in memory.windows.items()}
+    arrays["patch_tokens"] = memory.patch_tokens.astype(np.float32)
+    arrays["image_embeddings"] = memory.image_embeddings.astype(np.float32)
+    meta = {
+        "weights_id": bundle.manifest.weights_id, "scales": sorted(memory.windows), "stride": bundle.manifest.stride,
+        "patch_layer": bundle.manifest.patch_layer, "sources": memory.sources,
+        "source_sha256": memory.source_sha256, "created": _now(),
+    }
+    memory.checksum = save_arrays(bundle.product_dir(product) / MEMORY, arrays, meta)
+    return memory.checksum
+
+
+def load_memory(bundle: Bundle, product: str) -> Memory | None:
+    """The product's memory, or None when it has not been registered."""
+    bundle.check_product(product)
+    path = bundle.product_dir(product) / MEMORY
+    if not path.is_file():
+        return None
+    arrays, meta, checksum = load_arrays(path)
+    bundle.check_weights(meta, path)
+    m, spec = bundle.manifest, bundle.spec
+    if tuple(meta["scales"]) != tuple(sorted(m.scales)) or meta["stride"] != m.stride or meta["patch_layer"] != m.patch_layer:
+        raise BundleError(f"{path} was registered for scales {meta['scales']}, stride {meta['stride']}, "
+                          f"patch layer {meta['patch_layer']}; re-run `winclip-edge register`")
+    shapes = spec.output_shapes()
+    windows = {}
+    for k in m.scales:
+        a = arrays[window_key(k)]
+        if a.ndim != 3 or a.shape[1:] != shapes[f"window_embeddings_k{k}"][1:]:
+            raise BundleError(f"{path}: {window_key(k)} has shape {a.shape}, expected [R, *{shapes[f'window_embeddings_k{k}'][1:]}]; "
+                              "re-run `winclip-edge register`")
+        windows[k] = a
+    patches = arrays["patch_tokens"]
+    if patches.ndim != 3 or patches.shape[1:] != shapes["patch_tokens"][1:]:
+        raise BundleError(f"{path}: patch_tokens has shape {patches.shape}, expected [R, *{shapes['patch_tokens'][1:]}]; "
+                          "re-run `winclip-edge register`")
+    images = arrays["image_embeddings"]
+    if images.shape != (patches.shape[0], m.embed_dim):
+        raise BundleError(f"{path}: image_embeddings has shape {images.shape}, expected ({patches.shape[0]}, {m.embed_dim}); "
+                          "re-run `winclip-edge register`")
+    return Memory(image_embeddings=images, windows=windows, patch_tokens=patches, sources=list(meta["sources"]),
+                  source_sha256=list(meta["source_sha256"]), checksum=checksum)
+
+
+# ---------------------------------------------------------------- threshold
+@dataclass(frozen=True)
+class Threshold:
+    """An image is anomalous when its score (in [0, 1]) is strictly above ``value``."""
+
+    value: float
+    false_alarm_rate: float  # fraction of the calibration images above the threshold
+    target_false_alarm_rate: float  # what was asked for
+    n_images: int
+    mode: str  # "few-shot" (with memory) or "zero-shot"
+    memory_sha256: str  # the memory it was calibrated with ("" for zero-shot)
+    scores: list[float] = field(default_factory=list)  # the calibration scores
+    sources: list[str] = field(default_factory=list)
+    leave_one_out: bool = False
+
+
+def save_threshold(bundle: Bundle, product: str, threshold: Threshold) -> None:
+    body = {**asdict(threshold), "weights_id": bundle.manifest.weights_id, "created": _now()}
+    atomic_write_json(bundle.product_dir(product) / THRESHOLD, json_with_checksum(body))
+
+
+def load_threshold(bundle: Bundle, product: str, memory: Memory | None) -> Threshold | None:
+    """The calibrated threshold, or None. A threshold made for another memory is refused."""
+    path = bundle.product_dir(product) / THRESHOLD
+    if not path.is_file():
+        return None
+    obj = read_checked_json(path)
+    bundle.check_weights(obj, path)
+    expected = memory.checksum if memory is not None else ""
+    if obj["memory_sha256"] != expected:
+        raise BundleError(
+            f"{path} was calibrated with another few-shot memory (the references changed since); "
+            f"re-run `winclip-edge calibrate --bundle {bundle.root} --product {product}`"
+        )
+    fields = {k: obj[k] for k in Threshold.__dataclass_fields__}
+    return Threshold(**fields)
