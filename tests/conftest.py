@@ -1,0 +1,78 @@
+"""Shared fixtures: tiny random-weight open_clip configs and session-cached bundles built from them."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for a hub in tests
+
+_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
+# Geometries: 240 px / patch 16 -> 15x15 (the default model's grid), 224 / 32 -> 7x7, and a non-square 6x8.
+TINY_CONFIGS = {
+    "tiny240": {"embed_dim": 32, "vision_cfg": {"image_size": 240, "layers": 2, "width": 64, "patch_size": 16, "head_width": 32}, "text_cfg": _TEXT},
+    "tiny224p32": {"embed_dim": 24, "vision_cfg": {"image_size": 224, "layers": 3, "width": 48, "patch_size": 32, "head_width": 16}, "text_cfg": _TEXT},
+    "tinyrect": {"embed_dim": 16, "vision_cfg": {"image_size": [96, 128], "layers": 2, "width": 32, "patch_size": 16, "head_width": 16}, "text_cfg": _TEXT},
+}
+
+
+@pytest.fixture(scope="session")
+def config_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("configs")
+    for name, cfg in TINY_CONFIGS.items():
+        (folder / f"{name}.json").write_text(json.dumps(cfg))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def make_bundle(tmp_path_factory, config_dir):
+    """``make_bundle(config="tiny240", products=("widget",), **ExportOptions)`` -> bundle path, cached per session."""
+    from export.onnx_export import ExportOptions, export_bundle
+
+    cache: dict = {}
+
+    def make(config: str = "tiny240", products=("widget",), **options) -> Path:
+        key = (config, tuple(products), tuple(sorted(options.items())))
+        if key not in cache:
+            out = tmp_path_factory.mktemp("bundle") / config
+            export_bundle(out, ExportOptions(model=str(config_dir / f"{config}.json"), pretrained="none",
+                                             products=tuple(products), **options), show_progress=False)
+            cache[key] = out
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(make_bundle) -> Path:
+    """The default tiny bundle: 15x15 grid, scales (2, 3), product 'widget'. Treat it as read-only."""
+    return make_bundle()
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    """A private, writable copy of the tiny bundle."""
+    import shutil
+
+    dst = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, dst)
+    return dst
+
+
+def textured_part(size=(240, 240), seed=0, defect: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """A synthetic 'part': smooth random texture (same statistics for every seed), optional bright square defect
+    (top, left, height, width) in pixels. RGB uint8."""
+    rng = np.random.default_rng(seed)
+    import cv2
+
+    base = rng.normal(128, 40, (size[0] // 8, size[1] // 8, 3)).clip(0, 255).astype(np.uint8)
+    image = cv2.resize(base, (size[1], size[0]), interpolation=cv2.INTER_CUBIC)
+    image = cv2.add(image, rng.integers(0, 12, image.shape, dtype=np.uint8))
+    if defect is not None:
+        t, l, h, w = defect
+        yy, xx = np.mgrid[0:h, 0:w]
+        image[t:t + h, l:l + w] = np.stack([(yy * 37 + xx * 91) % 256, (xx * 53) % 256, (yy * 71) % 256], -1).astype(np.uint8)
+    return image
