@@ -134,7 +134,7 @@ def cmd_add_product(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from .products import MEMORY, THRESHOLD, load_memory, save_memory
 
-    inspector = _inspector(args)
+    inspector = _inspector(args, with_threshold=False)
     images = collect_inputs(args.images)
     if not images:
         raise CliError("no reference images given")
@@ -159,7 +159,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from .calibration import calibrate
     from .products import THRESHOLD, save_threshold
 
-    inspector = _inspector(args, )
+    inspector = _inspector(args, with_threshold=False)
     images = collect_inputs(args.images)
     with _progress(len(images), "scoring normal images", args.quiet) as bar:
         threshold, failed = calibrate(inspector, images, args.false_alarm_rate, args.batch, progress=bar.update)
@@ -356,12 +356,12 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
     errors: list[type[BaseException]] = [CliError, BundleError, CalibrationError, ContractError, EngineError, ImageError,
                                          FileNotFoundError, FileExistsError, PermissionError]
-    if "export" in sys.modules or "export.models" in sys.modules:
+    if "export.onnx_export" in sys.modules:  # only when the export stage was loaded (it needs torch)
         from export.models import WeightsUnavailableError
-        from export.onnx_export import ExportVerificationError
+        from export.onnx_export import BundleExistsError, ExportVerificationError
         from export.windowed_clip import UnsupportedModelError
 
-        errors += [WeightsUnavailableError, ExportVerificationError, UnsupportedModelError]
+        errors += [WeightsUnavailableError, ExportVerificationError, UnsupportedModelError, BundleExistsError]
     return tuple(errors)
 
 

@@ -78,7 +78,8 @@ class Inspector:
 
     def __init__(self, bundle: str | os.PathLike | Bundle, product: str, backend: str = "onnxruntime",
                  options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, engine: Engine | None = None,
-                 engine_options: dict[str, Any] | None = None):
+                 engine_options: dict[str, Any] | None = None, with_threshold: bool = True):
+        """``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.product = product
         self.options = options
@@ -88,7 +89,7 @@ class Inspector:
         self.memory: Memory | None = memory if options.use_memory else None
         # A threshold belongs to the mode it was calibrated in: a few-shot threshold is not applied zero-shot.
         self.threshold: Threshold | None = load_threshold(self.bundle, product, self.memory) \
-            if (memory is None or options.use_memory) else None
+            if with_threshold and (memory is None or options.use_memory) else None
         self.engine = engine if engine is not None else create_engine(backend, self.bundle, **(engine_options or {}))
         self._lock = threading.Lock()
         self._set_memory(self.memory)
