@@ -21,6 +21,7 @@ import torch
 
 from winclip_edge.bundle import FORMAT_VERSION, MANIFEST, VISUAL_ONNX, Bundle, Manifest, atomic_write_json, sha256_file
 from winclip_edge.contract import INPUT_NAME, output_names
+from winclip_edge.preprocess import resize_to_model
 from winclip_edge.products import save_text
 from winclip_edge.prompts import PromptSpec, object_name_for
 from winclip_edge.scoring import DEFAULT_TEMPERATURE
@@ -94,8 +95,10 @@ def verify_onnx(module: WindowedVisual, path: Path, images: np.ndarray | None = 
     import onnxruntime as ort
 
     spec = module.spec
-    if images is None:
-        images = np.random.default_rng(seed).integers(0, 256, (VERIFY_BATCH, *spec.image_size, 3), dtype=np.uint8)
+    if images is None:  # random frames of another size, through the runtime's own pre-processing
+        h, w = spec.image_size
+        frames = np.random.default_rng(seed).integers(0, 256, (VERIFY_BATCH, h * 3 // 2, w * 3 // 2, 3), dtype=np.uint8)
+        images = np.stack([resize_to_model(f, spec.image_size) for f in frames])
     with torch.no_grad():
         expected = {k: v.numpy() for k, v in module(torch.from_numpy(images)).items()}
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
