@@ -69,13 +69,18 @@ def _inspector(args: argparse.Namespace, **overrides):
     engine_options = {}
     if args.backend == "onnxruntime":
         engine_options = {"provider": args.provider, "threads": args.threads}
+        if getattr(args, "precision", "fp32") != "fp32":  # a variant made by `winclip-edge quantize`, sha256-checked
+            from .bundle import Bundle
+            from .precision import load_variant
+
+            engine_options["model_path"] = str(load_variant(Bundle(args.bundle, verify=False), args.precision))
+    elif args.backend == "torch":
+        engine_options = {"device": args.device, "precision": args.precision, "cuda_graphs": args.cuda_graphs}
+    elif args.backend == "tensorrt":
+        engine_options = {"precision": args.precision, "engine_dir": args.engine_dir}
     options = _scoring_options(args)
     inspector = Inspector(args.bundle, args.product, backend=args.backend, options=options,
                           sigma=getattr(args, "sigma", 0.0), engine_options=engine_options, **overrides)
-    if args.temperature is None:
-        from dataclasses import replace
-
-        inspector.options = replace(options, temperature=inspector.bundle.manifest.temperature)
     return inspector
 
 
@@ -268,6 +273,12 @@ def _add_runtime_options(p: argparse.ArgumentParser, inputs: bool = True) -> Non
                    help="engine (default: onnxruntime)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
+                   help="fp32 (default). onnxruntime: runs the bundle's fp16/int8 variant (make it with `winclip-edge "
+                        "quantize`); torch: fp16 casts the model (LayerNorm stays fp32); tensorrt: builds at it")
+    p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
     p.add_argument("--batch", type=int, default=8, help="images per engine call (default 8)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the bundle's, 0.07)")
     p.add_argument("--use-scales", type=_csv_ints, default=None, help="ablation: window scales to use, e.g. 2 (default all)")
@@ -344,6 +355,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .demo import add_demo_parser
 
     add_demo_parser(sub)
+    from .bench import add_bench_parser; add_bench_parser(sub)
+    from .engines.trt_build import add_build_engine_parser; add_build_engine_parser(sub)
+    from .evaluation import add_eval_parser; add_eval_parser(sub)
     return parser
 
 

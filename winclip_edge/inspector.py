@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
 
@@ -82,6 +82,8 @@ class Inspector:
         """``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway)."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.product = product
+        if options.temperature is None:
+            options = replace(options, temperature=self.bundle.manifest.temperature)
         self.options = options
         self.sigma = sigma  # Gaussian smoothing of the output map, in pixels of the original image (0 = off)
         self.text = load_text(self.bundle, product)

@@ -105,7 +105,7 @@ def association(queries: np.ndarray, memory: np.ndarray) -> np.ndarray:
 class ScoringOptions:
     """Knobs of sections 3 and 6-8; the defaults are the paper's."""
 
-    temperature: float = DEFAULT_TEMPERATURE  # T of the two-class softmax
+    temperature: float | None = None  # T of the two-class softmax; None = the bundle's (0.07 by default)
     scales: tuple[int, ...] | None = None  # window scales to use (subset of the bundle's); None = all
     use_image_scale: bool = True  # ablation: False drops s(f_img) from the zero-shot map
     mean: str = "harmonic"  # ablation: "arithmetic" instead of harmonic averaging
@@ -133,9 +133,10 @@ def score_batch(outputs: Mapping[str, np.ndarray], t_normal: np.ndarray, t_anoma
         raise ValueError(f"window scales {sorted(missing)} are not in the bundle (it has {list(scales)})")
     n = outputs["image_embedding"].shape[0]
     h, w = grid
-    s_img = class_scores(outputs["image_embedding"], t_normal, t_anomalous, options.temperature)  # [N]
+    t = DEFAULT_TEMPERATURE if options.temperature is None else options.temperature
+    s_img = class_scores(outputs["image_embedding"], t_normal, t_anomalous, t)  # [N]
     zs_maps = [
-        aggregate_windows(class_scores(outputs[f"window_embeddings_k{k}"], t_normal, t_anomalous, options.temperature),
+        aggregate_windows(class_scores(outputs[f"window_embeddings_k{k}"], t_normal, t_anomalous, t),
                           grid, k, stride, options.mean)
         for k in used
     ]
