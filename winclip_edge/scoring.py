@@ -97,7 +97,9 @@ def zero_shot_map(image_scores: np.ndarray, scale_maps: list[np.ndarray], use_im
 
 def association(queries: np.ndarray, memory: np.ndarray) -> np.ndarray:
     """``a(F) = min_r (1 - <F, r>) / 2`` for L2-normalised rows (section 7): ``[N, Q, D] x [M, D] -> [N, Q]``."""
-    best = (queries @ memory.T).max(-1)  # [N, Q]
+    n, q, d = queries.shape
+    # One 2-D GEMM: numpy runs a 3-D @ 2-D product as N separate small ones.
+    best = (queries.reshape(n * q, d) @ np.ascontiguousarray(memory.T)).max(-1).reshape(n, q)  # [N, Q]
     return ((1.0 - best) / 2.0).astype(np.float32)
 
 
