@@ -6,7 +6,10 @@ and a bundle whose outputs differ by more than the tolerance is refused and not 
 """
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
+import errno
+import os
 import shutil
 import sys
 import tempfile
@@ -19,7 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from winclip_edge.bundle import FORMAT_VERSION, MANIFEST, VISUAL_ONNX, Bundle, Manifest, atomic_write_json, sha256_file
+from winclip_edge.bundle import DIR_MODE, FORMAT_VERSION, MANIFEST, VISUAL_ONNX, Bundle, Manifest, atomic_write_json, \
+    sha256_file
 from winclip_edge.contract import INPUT_NAME, output_names
 from winclip_edge.preprocess import resize_to_model
 from winclip_edge.products import save_text
@@ -116,9 +120,35 @@ def _versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "python": sys.version.split()[0]}
 
 
+_AT_FDCWD = -100  # <fcntl.h>: paths relative to the working directory
+_RENAME_EXCHANGE = 2  # <linux/fs.h>: renameat2 swaps the two paths atomically
+
+
+def _exchange_paths(a: Path, b: Path) -> bool:
+    """Swap two existing paths in one atomic step (Linux >= 3.15, glibc >= 2.28); False where the OS or the
+    file system cannot, so the caller falls back."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"cannot swap {a} and {b}: {os.strerror(err)}")
+
+
 def _replace_dir(new: Path, out: Path) -> None:
-    """Move the finished bundle into place; an existing one is swapped out and removed afterwards."""
-    if out.exists():
+    """Move the finished bundle into place. An existing bundle is swapped with the new one atomically where Linux
+    allows (``out`` always holds a complete bundle), else by two renames: a kill between them leaves ``out``
+    missing and the old bundle in ``.<out>.old-*`` (docs/reliability.md)."""
+    if out.exists() and _exchange_paths(new, out):
+        shutil.rmtree(new, ignore_errors=True)  # now the old bundle
+    elif out.exists():
         old = out.with_name(f".{out.name}.old-{int(time.time())}")
         out.rename(old)
         new.rename(out)
@@ -142,6 +172,7 @@ def export_bundle(out: str | Path, options: ExportOptions, show_progress: bool =
          f"D={spec.embed_dim}, C={spec.width}")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(DIR_MODE)  # mkdtemp makes it private; the bundle is read by other users
     try:
         onnx_path = tmp / VISUAL_ONNX
         _log("exporting ONNX graph ...")

@@ -41,6 +41,13 @@ _META_KEY = "__meta__"
 _CHUNK = 1 << 20
 
 
+_UMASK = os.umask(0o022)  # the only way to read the umask is to set it: set it back at once (once, at import)
+os.umask(_UMASK)
+# tempfile makes private (0600 / 0700) files and folders; a bundle is shared with the service user that runs it.
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give
+DIR_MODE = 0o777 & ~_UMASK  # what mkdir() would give
+
+
 class BundleError(ValueError):
     """A bundle or one of its files is missing, damaged or made for something else."""
 
@@ -60,6 +67,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, FILE_MODE)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
@@ -105,8 +113,8 @@ def save_arrays(path: str | os.PathLike, arrays: dict[str, np.ndarray], meta: di
     return checksum
 
 
-def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, str]:
-    """Read and verify a file written by :func:`save_arrays` -> (arrays, meta, sha256)."""
+def load_arrays(path: str | os.PathLike, remedy: str = "re-create it") -> tuple[dict[str, np.ndarray], dict, str]:
+    """Read and verify a file written by :func:`save_arrays` -> (arrays, meta, sha256); ``remedy`` ends the messages."""
     path = Path(path)
     if not path.is_file():
         raise BundleError(f"{path} is missing")
@@ -114,15 +122,15 @@ def load_arrays(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, s
         with np.load(path, allow_pickle=False) as data:
             arrays = {k: data[k] for k in data.files}
     except Exception as err:
-        raise BundleError(f"{path} is damaged ({type(err).__name__}: {err}); re-create it") from None
+        raise BundleError(f"{path} is damaged ({type(err).__name__}: {err}); {remedy}") from None
     try:
         meta_json = str(arrays.pop(_META_KEY))
         stored = str(arrays.pop(_CHECKSUM_KEY))
     except KeyError:
-        raise BundleError(f"{path} has no checksum: not written by winclip-edge; re-create it") from None
+        raise BundleError(f"{path} has no checksum: not written by winclip-edge; {remedy}") from None
     actual = _arrays_digest(arrays, meta_json)
     if actual != stored:
-        raise BundleError(f"{path} fails its sha256 check (content changed after writing); re-create it")
+        raise BundleError(f"{path} fails its sha256 check (content changed after writing); {remedy}")
     return arrays, json.loads(meta_json), stored
 
 
@@ -131,18 +139,37 @@ def json_with_checksum(obj: dict) -> dict:
     return {**body, "sha256": hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()}
 
 
-def read_checked_json(path: str | os.PathLike) -> dict:
+def read_checked_json(path: str | os.PathLike, remedy: str = "re-create it") -> dict:
     path = Path(path)
     try:
         obj = json.loads(path.read_text())
     except (OSError, ValueError) as err:
-        raise BundleError(f"{path} cannot be read ({err}); re-create it") from None
+        raise BundleError(f"{path} cannot be read ({err}); {remedy}") from None
     if not isinstance(obj, dict) or json_with_checksum(obj).get("sha256") != obj.get("sha256"):
-        raise BundleError(f"{path} fails its sha256 check (edited or damaged); re-create it")
+        raise BundleError(f"{path} fails its sha256 check (edited or damaged); {remedy}")
     return obj
 
 
 # ---------------------------------------------------------------- manifest
+# JSON types of the fields the runtime computes with: a hand-edited or damaged manifest is refused by name.
+_SCALAR_FIELDS = {"model": str, "weights": dict, "stride": int, "temperature": (int, float), "patch_layer": str,
+                  "embed_dim": int, "width": int, "opset": int, "files": dict}
+_LIST_FIELDS = {"image_size": (int, 2), "patch_size": (int, 2), "grid": (int, 2), "scales": (int, None),
+                "mean": ((int, float), 3), "std": ((int, float), 3)}  # field -> (item type, length or None)
+
+
+def _malformed_fields(d: dict) -> list[str]:
+    bad = [f"{k} ({d[k]!r}, expected {getattr(kind, '__name__', 'a number')})" for k, kind in _SCALAR_FIELDS.items()
+           if k in d and not isinstance(d[k], kind)]
+    bad += [f"{k} ({d[k]!r}, expected a list of {f'{n} ' if n else ''}{'integers' if kind is int else 'numbers'})"
+            for k, (kind, n) in _LIST_FIELDS.items()
+            if k in d and not (isinstance(d[k], list) and all(isinstance(v, kind) for v in d[k])
+                               and len(d[k]) == (n or len(d[k])))]
+    if isinstance(d.get("weights"), dict) and not isinstance(d["weights"].get("id"), str):
+        bad.append("weights.id (missing)")
+    return bad
+
+
 @dataclass(frozen=True)
 class Manifest:
     """``manifest.json``. Unknown fields: tolerated (kept in ``extra``) within the same format version;
@@ -188,6 +215,8 @@ class Manifest:
 
     @classmethod
     def from_dict(cls, d: dict, where: str = MANIFEST) -> "Manifest":
+        if not isinstance(d, dict):
+            raise BundleError(f"{where}: expected a JSON object, got {type(d).__name__}; re-export the bundle")
         version = d.get("format_version")
         if not isinstance(version, int):
             raise BundleError(f"{where}: no format_version; not a winclip-edge bundle")
@@ -203,6 +232,9 @@ class Manifest:
                          and cls.__dataclass_fields__[n].default_factory is dataclasses.MISSING)
         if missing:
             raise BundleError(f"{where}: fields {missing} missing; re-export the bundle")
+        malformed = _malformed_fields(d)
+        if malformed:
+            raise BundleError(f"{where}: malformed fields {', '.join(malformed)}; re-export the bundle")
         known = {k: v for k, v in d.items() if k in names}
         for key in ("image_size", "patch_size", "grid", "scales", "mean", "std"):
             known[key] = tuple(known[key])
@@ -269,9 +301,9 @@ class Bundle:
                 f"add it with `winclip-edge add-product --bundle {self.root} {product}`"
             )
 
-    def check_weights(self, meta: dict, path: Path) -> None:
+    def check_weights(self, meta: dict, path: Path, remedy: str = "re-create it for this bundle") -> None:
         if meta.get("weights_id") != self.manifest.weights_id:
             raise BundleError(
                 f"{path} was made with other model weights (id {str(meta.get('weights_id'))[:12]}, "
-                f"bundle {self.manifest.weights_id[:12]}); re-create it for this bundle"
+                f"bundle {self.manifest.weights_id[:12]}); {remedy}"
             )

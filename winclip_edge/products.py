@@ -38,8 +38,9 @@ def save_text(bundle: Bundle, product: str, text: TextPrototypes) -> None:
 def load_text(bundle: Bundle, product: str) -> TextPrototypes:
     bundle.check_product(product)
     path = bundle.product_dir(product) / TEXT
-    arrays, meta, _ = load_arrays(path)
-    bundle.check_weights(meta, path)
+    remedy = f"re-create it with `winclip-edge add-product --bundle {bundle.root} --force {product}`"
+    arrays, meta, _ = load_arrays(path, remedy)
+    bundle.check_weights(meta, path, remedy)
     d = bundle.manifest.embed_dim
     for key in ("t_normal", "t_anomalous"):
         if arrays[key].shape != (d,):
@@ -112,8 +113,9 @@ def load_memory(bundle: Bundle, product: str) -> Memory | None:
     path = bundle.product_dir(product) / MEMORY
     if not path.is_file():
         return None
-    arrays, meta, checksum = load_arrays(path)
-    bundle.check_weights(meta, path)
+    remedy = f"re-create it with `winclip-edge register --bundle {bundle.root} --product {product} IMAGES...`"
+    arrays, meta, checksum = load_arrays(path, remedy)
+    bundle.check_weights(meta, path, remedy)
     m, spec = bundle.manifest, bundle.spec
     if tuple(meta["scales"]) != tuple(sorted(m.scales)) or meta["stride"] != m.stride or meta["patch_layer"] != m.patch_layer:
         raise BundleError(f"{path} was registered for scales {meta['scales']}, stride {meta['stride']}, "
@@ -164,8 +166,9 @@ def load_threshold(bundle: Bundle, product: str, memory: Memory | None) -> Thres
     path = bundle.product_dir(product) / THRESHOLD
     if not path.is_file():
         return None
-    obj = read_checked_json(path)
-    bundle.check_weights(obj, path)
+    remedy = f"re-create it with `winclip-edge calibrate --bundle {bundle.root} --product {product}`"
+    obj = read_checked_json(path, remedy)
+    bundle.check_weights(obj, path, remedy)
     expected = memory.checksum if memory is not None else ""
     if obj["memory_sha256"] != expected:
         raise BundleError(
