@@ -77,7 +77,7 @@ def _inspector(args: argparse.Namespace, **overrides):
     elif args.backend == "torch":
         engine_options = {"device": args.device, "precision": args.precision, "cuda_graphs": args.cuda_graphs}
     elif args.backend == "tensorrt":
-        engine_options = {"precision": args.precision, "engine_dir": args.engine_dir}
+        engine_options = {"precision": args.precision, "engine_dir": getattr(args, "engine_dir", None)}
     options = _scoring_options(args)
     inspector = Inspector(args.bundle, args.product, backend=args.backend, options=options,
                           sigma=getattr(args, "sigma", 0.0), engine_options=engine_options, **overrides)
@@ -192,7 +192,8 @@ def run_infer(args: argparse.Namespace, inputs: Sequence[str]) -> dict:
     (out / "maps").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
     seen: dict[str, int] = {}
-    summary = {"total": 0, "failed": 0, "anomalous": 0, "engine_ms": [], "total_ms": []}
+    # running sums, not lists: one infer call may stream for weeks
+    summary = {"total": 0, "failed": 0, "anomalous": 0, "engine_ms": 0.0, "total_ms": 0.0}
     print(f"inspecting {len(inputs)} input(s) with {inspector.engine.name} ({inspector.engine.device}), "
           f"product {args.product!r}, {inspector.mode}, threshold "
           f"{'none (decisions are null: run calibrate)' if inspector.threshold is None else f'{inspector.threshold.value:.6f}'}",
@@ -226,8 +227,8 @@ def run_infer(args: argparse.Namespace, inputs: Sequence[str]) -> dict:
                 print(f"error: {record['error']}", file=sys.stderr)
             else:
                 summary["anomalous"] += bool(r.anomalous)
-                summary["engine_ms"].append(r.timings_ms["engine"])
-                summary["total_ms"].append(sum(r.timings_ms.values()))
+                summary["engine_ms"] += r.timings_ms["engine"]
+                summary["total_ms"] += sum(r.timings_ms.values())
             jsonl.write(json.dumps(record) + "\n")
             jsonl.flush()
             bar.update(1)
@@ -235,14 +236,12 @@ def run_infer(args: argparse.Namespace, inputs: Sequence[str]) -> dict:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    import numpy as np
-
     inputs = collect_inputs(args.inputs)
     if not inputs:
         raise CliError("no inputs")
     s = run_infer(args, inputs)
     ok = s["total"] - s["failed"]
-    timing = (f"; per image: engine {np.mean(s['engine_ms']):.1f} ms, end to end {np.mean(s['total_ms']):.1f} ms "
+    timing = (f"; per image: engine {s['engine_ms'] / ok:.1f} ms, end to end {s['total_ms'] / ok:.1f} ms "
               f"(mean, batch {args.batch})") if ok else ""
     print(f"{ok}/{s['total']} inspected, {s['anomalous']} anomalous, {s['failed']} failed{timing}; "
           f"results in {Path(args.out) / 'results.jsonl'}, overlays in {Path(args.out) / 'overlays'}")

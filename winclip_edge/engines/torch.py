@@ -1,20 +1,64 @@
-"""PyTorch backend: the export module itself (the reference), on CPU or CUDA.
+"""PyTorch backend: the export module itself (the reference), on CPU or CUDA, fp32 or fp16, optionally
+replayed from CUDA graphs.
 
 Imports torch and the export stage lazily: only this backend needs them. The model is re-created
-from the bundle manifest (same weights id, checked), so its outputs are the ONNX graph's reference.
+from the bundle manifest (same weights id, checked), so its fp32 outputs are the ONNX graph's reference.
+
+fp16: the vision tower's weights are cast to half, except every LayerNorm, which keeps fp32 weights
+and computes in fp32 (its input is cast up and its output back down by forward hooks): LayerNorm's
+variance overflows easily in half (DESIGN.md). The pixel normalisation also stays fp32; the patch
+embedding's input is cast to half. Autocast is not used: it would re-cast the fp32 weights on every
+call and it disables nn.MultiheadAttention's fused inference path.
+
+CUDA graphs: the first call with a batch size captures the whole forward pass for that size; a later,
+smaller batch is padded to the smallest captured size (one graph serves the last, partial batch of a
+folder), a larger one captures a new graph. Replays cost one launch instead of hundreds.
 """
 from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
 from ..bundle import Bundle
 from .base import EngineError
 
+PRECISIONS = ("fp32", "fp16")
+# Eager passes on a side stream before a capture: cuBLAS/cuDNN allocate their workspaces and pick
+# their kernels there, not inside the graph (the PyTorch CUDA-graphs documentation asks for this).
+GRAPH_WARMUP_ITERS = 3
+
+
+def graph_batch_size(n: int, captured: Iterable[int]) -> int | None:
+    """The smallest captured batch size that holds ``n`` images (the batch is padded to it), or None:
+    capture a new graph for ``n``."""
+    fits = [size for size in captured if size >= n]
+    return min(fits) if fits else None
+
+
+@dataclass
+class _Graph:
+    """One captured forward pass: its static input (device + pinned host staging) and static outputs."""
+
+    graph: Any  # torch.cuda.CUDAGraph
+    host: Any  # pinned uint8 [B, H, W, 3]
+    device_input: Any  # uint8 [B, H, W, 3] on the GPU
+    outputs: dict  # name -> float32 [B, ...] on the GPU
+
 
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str = "cpu"):
+    def __init__(self, bundle: Bundle, device: str = "auto", precision: str = "fp32", cuda_graphs: bool = False,
+                 mha_fastpath: bool = True):
+        """``device``: auto (cuda when available) | cpu | cuda | cuda:<i>; ``precision``: fp32 | fp16 (LayerNorm stays fp32);
+        ``cuda_graphs``: capture the forward pass per batch size (CUDA only);
+        ``mha_fastpath``: nn.MultiheadAttention's fused inference kernel (torch.backends.mha; on by default)."""
+        if precision not in PRECISIONS:
+            raise EngineError(f"the torch backend runs precision {PRECISIONS}, got {precision!r}; "
+                              "int8 is an ONNX Runtime variant (`winclip-edge quantize`, then --backend onnxruntime)")
         try:
             import torch
 
@@ -22,18 +66,105 @@ class TorchEngine:
             from export.windowed_clip import WindowedVisual
         except ImportError as err:
             raise EngineError(f"the torch backend needs the export extra ({err}); pip install 'winclip-edge[export]'") from None
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        try:
+            self.torch_device = torch.device(device)
+        except RuntimeError as err:
+            raise EngineError(f"torch device {device!r} is not valid ({err}); use cpu, cuda or cuda:<index>") from None
+        is_cuda = self.torch_device.type == "cuda"
+        if is_cuda and not torch.cuda.is_available():
+            raise EngineError(f"torch device {device!r} asked for, but torch {torch.__version__} sees no CUDA GPU; "
+                              "use --device cpu or install a CUDA build of torch")
+        if cuda_graphs and not is_cuda:
+            raise EngineError(f"CUDA graphs need a CUDA device, got device {device!r}; drop --cuda-graphs or use --device cuda")
+        self.torch = torch
+        self.precision = precision
+        self.cuda_graphs = cuda_graphs
+        self.mha_fastpath = mha_fastpath
         m = bundle.manifest
         loaded = load_from_manifest(m)
-        self.torch = torch
-        self.module = WindowedVisual(loaded.model.visual, mean=m.mean, std=m.std, scales=m.scales, stride=m.stride,
-                                     patch_layer=m.patch_layer).eval().to(device)
-        self.device = str(device)
+        module = WindowedVisual(loaded.model.visual, mean=m.mean, std=m.std, scales=m.scales, stride=m.stride,
+                                patch_layer=m.patch_layer).eval()
+        if precision == "fp16":
+            _half_keeping_layernorm_fp32(torch, module.visual)
+        self.module = module.to(self.torch_device)
+        self._graphs: dict[int, _Graph] = {}
+        where = f"{torch.cuda.get_device_name(self.torch_device)}, {self.torch_device}" if is_cuda else "cpu"
+        self.device = f"{where}, torch {precision}{', CUDA graphs' if cuda_graphs else ''}"
+
+    # ------------------------------------------------------------ running
+    @contextlib.contextmanager
+    def _flags(self) -> Iterator[None]:
+        """Process-wide torch switches for the duration of a call, restored afterwards: the MHA fast path,
+        and no TF32 convolutions in fp32 (cuDNN allows them by default; fp32 here means fp32)."""
+        torch = self.torch
+        fastpath, tf32 = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.allow_tf32
+        torch.backends.mha.set_fastpath_enabled(self.mha_fastpath)
+        torch.backends.cudnn.allow_tf32 = tf32 and self.precision != "fp32"
+        try:
+            yield
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
+            torch.backends.cudnn.allow_tf32 = tf32
+
+    def _forward(self, images: Any) -> dict:
+        return {name: value.float() for name, value in self.module(images).items()}
 
     def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.uint8)
+        if self.cuda_graphs:
+            return self._run_graph(images)
         torch = self.torch
-        with torch.inference_mode():
-            out = self.module(torch.from_numpy(np.ascontiguousarray(images, dtype=np.uint8)).to(self.device))
-        return {k: v.float().cpu().numpy() for k, v in out.items()}
+        with torch.inference_mode(), self._flags():
+            out = self._forward(torch.from_numpy(images).to(self.torch_device))
+        return {name: value.cpu().numpy() for name, value in out.items()}
+
+    def _run_graph(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        n = images.shape[0]
+        size = graph_batch_size(n, self._graphs)
+        if size is None:
+            size = n
+            self._graphs[size] = self._capture(size, images.shape[1:])
+        g = self._graphs[size]
+        # Rows n..size keep the previous call's pixels: images never interact, so the padding only costs time.
+        g.host[:n].copy_(self.torch.from_numpy(images))
+        g.device_input.copy_(g.host, non_blocking=True)
+        g.graph.replay()
+        return {name: value[:n].cpu().numpy() for name, value in g.outputs.items()}
+
+    def _capture(self, batch: int, image_shape: tuple[int, ...]) -> _Graph:
+        torch = self.torch
+        host = torch.zeros((batch, *image_shape), dtype=torch.uint8).pin_memory()
+        device_input = host.to(self.torch_device)
+        side = torch.cuda.Stream(self.torch_device)
+        side.wait_stream(torch.cuda.current_stream(self.torch_device))
+        with torch.no_grad(), self._flags():
+            with torch.cuda.stream(side):
+                for _ in range(GRAPH_WARMUP_ITERS):
+                    self._forward(device_input)
+            torch.cuda.current_stream(self.torch_device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self._forward(device_input)
+        return _Graph(graph=graph, host=host, device_input=device_input, outputs=outputs)
+
+    @property
+    def captured_batch_sizes(self) -> list[int]:
+        return sorted(self._graphs)
 
     def close(self) -> None:
+        self._graphs = {}
         self.module = None
+
+
+def _half_keeping_layernorm_fp32(torch: Any, visual: Any) -> None:
+    """Cast ``visual`` to fp16 in place; every LayerNorm keeps fp32 weights and computes in fp32, and the
+    patch embedding casts its (fp32, normalised) input to half."""
+    visual.half()
+    for module in visual.modules():
+        if isinstance(module, torch.nn.LayerNorm):
+            module.float()
+            module.register_forward_pre_hook(lambda _m, args: (args[0].float(), *args[1:]))
+            module.register_forward_hook(lambda _m, _args, out: out.half())
+    visual.conv1.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))

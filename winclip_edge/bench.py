@@ -1,0 +1,583 @@
+"""Benchmarks: latency percentiles and throughput per batch size, the split into pipeline stages, cold start,
+peak memory and (for fp16 / int8) fidelity against fp32, written as Markdown + JSON with the machine,
+versions, load and exact command line (DESIGN.md: every number states what it was measured on).
+
+The timing helpers (:func:`time_calls`, :func:`latency_stats`, :func:`cold_start`, :func:`peak_rss_mib`,
+:func:`machine_info`, :func:`software_versions`, :func:`markdown_table`, :func:`write_report`) take plain
+callables and command lines, so other harnesses (``benchmarks/anomalib_compare.py``) reuse them.
+
+Stages of one benchmark iteration (sequential, so that each is timed alone; ``infer`` overlaps decoding
+with the engine): decode + resize (``inspector.decode``), engine (``Inspector.embed``), scoring and fusion
+(``Inspector.score``), resize + overlay at the original size (``heatmap.upsample_map`` / ``overlay``).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as _dt
+import json
+import os
+import platform
+import resource
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+RESULT_MARKER = "WINCLIP_BENCH_RESULT "  # a cold-start child prints this + JSON when its first result exists
+DEFAULT_OUT = "benchmarks/results"
+DEFAULT_BATCHES = (1, 4, 8)
+DEFAULT_SYNTHETIC_SIZE = (1024, 1024)  # (H, W) of generated frames: MVTec-like resolution
+DEFAULT_FIDELITY_IMAGES = 4
+COLD_START_TIMEOUT_S = 900.0
+SYNTHETIC_TEXTURE_CELL = 8  # pixels per random value of the generated texture (smooth, PNG-compressible)
+PERCENTILES = (50, 90, 99)
+# Distributions whose versions a report lists (the ones present).
+VERSIONED_PACKAGES = ("numpy", "opencv-python-headless", "opencv-python", "onnxruntime", "onnxruntime-gpu", "onnx",
+                      "torch", "open_clip_torch", "tensorrt", "anomalib")
+_KIB_PER_MIB = 1024.0
+
+
+# ---------------------------------------------------------------- timing helpers (library)
+@dataclass(frozen=True)
+class LatencyStats:
+    """Percentiles of a list of durations, in milliseconds."""
+
+    n: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    min_ms: float
+    max_ms: float
+
+
+def latency_stats(samples_ms: Sequence[float]) -> LatencyStats:
+    if len(samples_ms) == 0:
+        raise ValueError("no timing samples: run at least one iteration")
+    a = np.asarray(samples_ms, dtype=np.float64)
+    p50, p90, p99 = np.percentile(a, PERCENTILES)
+    return LatencyStats(n=int(a.size), mean_ms=float(a.mean()), p50_ms=float(p50), p90_ms=float(p90),
+                        p99_ms=float(p99), min_ms=float(a.min()), max_ms=float(a.max()))
+
+
+def time_calls(fn: Callable[[], Any], warmup: int, iters: int) -> list[float]:
+    """Call ``fn`` ``warmup`` times untimed, then ``iters`` times; returns the durations in ms.
+    ``fn`` must return only when its work is done (e.g. synchronise a GPU inside it)."""
+    for _ in range(warmup):
+        fn()
+    samples = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def interleaved(calls: dict[str, Callable[[], Any]], warmup: int, iters: int) -> dict[str, list[float]]:
+    """ms per call of each entry, calling every entry once per round: on a shared machine a change of load
+    then hits every entry alike (compare entries measured this way, not separate runs)."""
+    for _ in range(warmup):
+        for fn in calls.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(iters):
+        for name, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            samples[name].append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process so far, MiB.
+
+    Linux: VmHWM of /proc/self/status (per address space, so a child started with fork + exec reports its own
+    peak; ru_maxrss carries the parent's peak over into it). Elsewhere: ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / _KIB_PER_MIB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / _KIB_PER_MIB
+
+
+@dataclass(frozen=True)
+class ColdStart:
+    seconds: float  # from spawning the process to reading its result line
+    report: dict | None  # the JSON the child printed after the marker (its own phase timings, peak RSS)
+    returncode: int | None
+
+
+def cold_start(argv: Sequence[str], marker: str = RESULT_MARKER, timeout_s: float = COLD_START_TIMEOUT_S,
+               env: dict | None = None) -> ColdStart:
+    """Spawn ``argv`` and time it until it prints a line starting with ``marker`` (then let it finish).
+
+    The child's stdout is read line by line; what follows the marker is parsed as JSON when it is JSON.
+    Raises RuntimeError with the child's stderr tail when it exits without the marker or runs past ``timeout_s``.
+    """
+    seconds, payload = None, None
+    with tempfile.TemporaryFile(mode="w+") as stderr:  # a file, not a pipe: a chatty child cannot block on it
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        killer = threading.Timer(timeout_s, proc.kill)
+        killer.start()
+        try:
+            for line in proc.stdout:
+                if line.startswith(marker):
+                    seconds = time.perf_counter() - t0
+                    payload = line[len(marker):].strip()
+                    break
+            proc.communicate()
+        finally:
+            killer.cancel()
+        stderr.seek(0)
+        tail = stderr.read().strip().splitlines()[-5:]
+    if seconds is None:
+        raise RuntimeError(f"cold-start child {shlex.join(list(argv))[:200]} gave no {marker.strip()!r} line within "
+                           f"{timeout_s:.0f} s (exit code {proc.returncode}); its stderr ends with: "
+                           f"{' | '.join(tail) or '(empty)'}")
+    try:
+        report = json.loads(payload) if payload else None
+    except ValueError:
+        report = None
+    return ColdStart(seconds=seconds, report=report, returncode=proc.returncode)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _ram_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _gpus() -> list[str]:
+    """GPU names from nvidia-smi (no CUDA library is imported for this)."""
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return []
+    try:
+        out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
+
+
+def machine_info() -> dict:
+    """CPU model, logical cores, RAM, GPUs, OS and the current load average (the CPU may be shared)."""
+    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "gpus": _gpus(),
+            "os": platform.platform(), "python": platform.python_version(),
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
+
+
+def software_versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict:
+    """Installed versions of ``packages`` (absent ones left out); torch's CUDA version when torch is loaded."""
+    versions = {}
+    for name in packages:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch.version, "cuda", None):
+        versions["torch_cuda"] = torch.version.cuda
+    return versions
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str) -> tuple[Path, Path]:
+    """Write ``<stem>.md`` and ``<stem>.json`` under ``out_dir`` (atomically); returns both paths."""
+    from .bundle import atomic_write_bytes, atomic_write_json
+
+    out = Path(out_dir)
+    md, js = out / f"{stem}.md", out / f"{stem}.json"
+    atomic_write_bytes(md, (markdown.rstrip() + "\n").encode())
+    atomic_write_json(js, report)
+    return md, js
+
+
+def synthetic_images(count: int, size: tuple[int, int], folder: str | os.PathLike, seed: int = 0) -> list[str]:
+    """Write ``count`` smooth random-texture RGB PNGs of ``size`` (H, W) into ``folder``; returns their paths."""
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    h, w = size
+    for i in range(count):
+        cells = rng.integers(0, 256, (max(1, h // SYNTHETIC_TEXTURE_CELL), max(1, w // SYNTHETIC_TEXTURE_CELL), 3),
+                             dtype=np.uint8)
+        image = cv2.resize(cells, (w, h), interpolation=cv2.INTER_CUBIC)
+        path = folder / f"frame_{i:04d}.png"
+        if not cv2.imwrite(str(path), image):
+            raise OSError(f"cannot write the synthetic image {path}")
+        paths.append(str(path))
+    return paths
+
+
+# ---------------------------------------------------------------- the pipeline, stage by stage
+STAGES = ("decode", "engine", "scoring", "resize_overlay")
+
+
+def pipeline_once(inspector: Any, items: Sequence[Any]) -> dict[str, float]:
+    """One batch through the Inspector's building blocks, each stage timed alone: stage -> ms for the batch."""
+    from .heatmap import overlay, upsample_map
+    from .inspector import decode
+    from .preprocess import ImageError
+
+    t0 = time.perf_counter()
+    decoded = [decode(item, inspector.model_size, item if isinstance(item, str) else f"array[{i}]")
+               for i, item in enumerate(items)]
+    failed = [d.error for d in decoded if d.error is not None]
+    if failed:
+        raise ImageError(f"benchmark input unreadable: {failed[0]}; benchmark readable images only")
+    t1 = time.perf_counter()
+    outputs = inspector.embed(np.stack([d.model_input for d in decoded]))
+    t2 = time.perf_counter()
+    scores = inspector.score(outputs)
+    t3 = time.perf_counter()
+    for i, d in enumerate(decoded):
+        full = upsample_map(scores.token_map[i], d.image.shape[:2], inspector.sigma)
+        overlay(d.image, full, f"score {scores.image_score[i]:.4f}", (float(full.min()), float(full.max())))
+    t4 = time.perf_counter()
+    return {"decode": (t1 - t0) * 1e3, "engine": (t2 - t1) * 1e3, "scoring": (t3 - t2) * 1e3,
+            "resize_overlay": (t4 - t3) * 1e3}
+
+
+def bench_batch(inspector: Any, images: Sequence[Any], batch: int, warmup: int, iters: int,
+                progress: Callable[[], None] | None = None) -> dict:
+    """Latency percentiles, throughput and the stage split of ``batch``-image calls (images reused cyclically)."""
+    stages: list[dict[str, float]] = []
+    for i in range(warmup + iters):
+        items = [images[(i * batch + j) % len(images)] for j in range(batch)]
+        timing = pipeline_once(inspector, items)
+        if i >= warmup:
+            stages.append(timing)
+        if progress is not None:
+            progress()
+    totals = [sum(s.values()) for s in stages]
+    stats = latency_stats(totals)
+    return {
+        "batch": batch, "iterations": iters, "warmup": warmup,
+        "latency_ms": dataclasses.asdict(stats),  # per call = what each image of the batch waits
+        "ms_per_image": stats.mean_ms / batch,
+        "images_per_s": 1e3 * batch / stats.mean_ms,
+        "stages_ms_per_image": {k: float(np.mean([s[k] for s in stages])) / batch for k in STAGES},
+    }
+
+
+# ---------------------------------------------------------------- cold start child
+_CHILD_CODE = "import sys; from winclip_edge.bench import cold_start_child; cold_start_child(sys.argv[1], sys.argv[2])"
+
+
+def _child_args(args: argparse.Namespace) -> str:
+    """The options the Inspector is built from, as JSON (the child rebuilds the same Inspector)."""
+    plain = (str, int, float, bool, type(None), list, tuple)
+    return json.dumps({k: v for k, v in vars(args).items() if isinstance(v, plain)})
+
+
+def cold_start_child(args_json: str, image: str) -> None:
+    """Run in a fresh interpreter: build the Inspector as the CLI does, inspect one image, print the marker."""
+    from . import cli
+
+    t1 = time.perf_counter()
+    args = argparse.Namespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args_json).items()})
+    inspector = cli._inspector(args)
+    t2 = time.perf_counter()
+    (result,) = inspector.inspect([image], batch_size=1)
+    if result.error is not None:
+        raise SystemExit(f"cold start: {result.error}")
+    t3 = time.perf_counter()
+    report = {"load_s": t2 - t1, "first_image_s": t3 - t2, "peak_rss_mib": peak_rss_mib(),
+              "engine_device": inspector.engine.device}
+    print(RESULT_MARKER + json.dumps(report), flush=True)
+
+
+# ---------------------------------------------------------------- the benchmark
+def _images(spec: str, folder: Path, size: tuple[int, int]) -> tuple[list[str], str]:
+    from .cli import CliError, collect_inputs
+
+    if spec.isdigit():
+        count = int(spec)
+        if count < 1:
+            raise CliError(f"--images needs at least 1 image, got {count}")
+        return synthetic_images(count, size, folder), f"{count} synthetic {size[0]}x{size[1]} PNG frames"
+    paths = collect_inputs([spec])
+    if not paths or not Path(paths[0]).exists():
+        raise CliError(f"--images {spec!r}: no images there (give a count for synthetic frames, or a folder/glob)")
+    return paths, f"{len(paths)} image(s) from {spec}"
+
+
+def _model_inputs(inspector: Any, paths: Sequence[str], count: int) -> np.ndarray:
+    from .inspector import decode
+    from .preprocess import ImageError
+
+    decoded = [decode(p, inspector.model_size, p) for p in paths[:count]]
+    failed = [d.error for d in decoded if d.error is not None]
+    if failed:
+        raise ImageError(f"fidelity input unreadable: {failed[0]}; benchmark readable images only")
+    return np.stack([d.model_input for d in decoded])
+
+
+def _gpu_peak_mib() -> float | None:
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def run_bench(args: argparse.Namespace, command: str) -> dict:
+    """The whole benchmark of one backend / precision; returns the report (also written by :func:`cmd_bench`)."""
+    from tqdm import tqdm
+
+    from . import cli
+    from .precision import embed_and_score, fidelity, variant_metadata
+
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    report: dict = {"command": command, "cwd": os.getcwd(),
+                    "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                    "machine": machine_info(), "backend": args.backend, "precision": args.precision}
+    with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp:
+        paths, source = _images(args.images, Path(tmp) / "frames", args.synthetic_size)
+        t0 = time.perf_counter()
+        inspector = cli._inspector(args)
+        load_s = time.perf_counter() - t0
+        m = inspector.bundle.manifest
+        report.update({
+            "versions": software_versions(),
+            "bundle": {"path": str(inspector.bundle.root), "model": m.model, "weights": m.weights["source"],
+                       "image_size": list(m.image_size), "scales": list(m.scales), "stride": m.stride},
+            "product": args.product, "mode": inspector.mode, "engine": inspector.engine.name,
+            "engine_device": inspector.engine.device, "engine_load_s": load_s,
+            "images": source, "batches": [],
+        })
+        if args.backend == "onnxruntime" and args.precision != "fp32":
+            meta = variant_metadata(inspector.bundle, args.precision)
+            report["variant"] = {k: meta[k] for k in ("file", "file_sha256", "method", "calibration_images")}
+        total = len(args.batch) * (args.warmup + args.iters)
+        with tqdm(total=total, desc="bench", unit="call", disable=args.quiet, file=sys.stderr) as bar:
+            for batch in args.batch:
+                bar.set_description(f"bench batch {batch}")
+                report["batches"].append(bench_batch(inspector, paths, batch, args.warmup, args.iters, bar.update))
+        report["peak_rss_mib"] = peak_rss_mib()
+        report["gpu_peak_allocated_mib"] = _gpu_peak_mib()
+        if not args.no_cold_start:
+            try:
+                child = cold_start([sys.executable, "-c", _CHILD_CODE, _child_args(args), paths[0]])
+                report["cold_start"] = {"seconds_to_first_result": child.seconds, **(child.report or {})}
+            except RuntimeError as err:  # the rest of the report still stands
+                report["cold_start_error"] = str(err)
+                print(f"warning: {err}", file=sys.stderr)
+        if args.precision != "fp32":
+            inputs = _model_inputs(inspector, paths, args.fidelity_images)
+            batch = max(args.batch)
+            candidate = embed_and_score(inspector.embed, inspector.score, inputs, batch)
+            inspector.close()
+            reference_args = argparse.Namespace(**{**vars(args), "precision": "fp32", "cuda_graphs": False})
+            reference = cli._inspector(reference_args)
+            fid = fidelity(embed_and_score(reference.embed, reference.score, inputs, batch), candidate)
+            report["fidelity"] = {"reference": f"{reference.engine.name} fp32 ({reference.engine.device})",
+                                  **dataclasses.asdict(fid), "faithful": fid.faithful}
+            reference.close()
+        else:
+            inspector.close()
+    report["load_average_before"], report["load_average_after"] = load_before, [round(v, 2) for v in os.getloadavg()]
+    return report
+
+
+# ---------------------------------------------------------------- Markdown
+def _ms(v: float) -> str:
+    return f"{v:.1f}" if v >= 10 else f"{v:.2f}"
+
+
+def render_markdown(r: dict) -> str:
+    mach, b = r["machine"], r["bundle"]
+    lines = [
+        f"# winclip-edge bench: {b['model']} ({b['weights']} weights), {r['engine']} {r['precision']} "
+        f"on {r['engine_device']}",
+        "",
+        f"- date (UTC): {r['date']}",
+        f"- command: `{r['command']}` (in `{r['cwd']}`)",
+        f"- machine: {mach['cpu']}, {mach['cores']} logical cores, {mach['ram_gib']} GiB RAM, "
+        f"GPU: {', '.join(mach['gpus']) or 'none'}; {mach['os']}",
+        f"- load average (1/5/15 min) before: {r['load_average_before']}, after: {r['load_average_after']}"
+        + (" (the CPU was shared: numbers are pessimistic)" if r["load_average_before"][0] > 0.5 * mach["cores"] else ""),
+        f"- versions: {', '.join(f'{k} {v}' for k, v in r['versions'].items())}",
+        f"- bundle: `{b['path']}` ({b['image_size'][0]}x{b['image_size'][1]}, scales {b['scales']}, stride "
+        f"{b['stride']}), product `{r['product']}`, {r['mode']}",
+        f"- images: {r['images']}, decoded from disk every iteration; engine load {r['engine_load_s']:.1f} s",
+        *([f"- variant: `{r['variant']['file']}` (sha256 {r['variant']['file_sha256'][:12]}...): {r['variant']['method']}"]
+          if "variant" in r else []),
+        "",
+        "Latency is per engine call (what every image of the batch waits), stages are sequential (no overlap).",
+        "",
+    ]
+    rows = []
+    for x in r["batches"]:
+        lat, st = x["latency_ms"], x["stages_ms_per_image"]
+        rows.append([x["batch"], f"{_ms(lat['p50_ms'])} / {_ms(lat['p90_ms'])} / {_ms(lat['p99_ms'])}",
+                     _ms(x["ms_per_image"]), f"{x['images_per_s']:.2f}", *(_ms(st[k]) for k in STAGES),
+                     f"{x['warmup']} + {x['iterations']}"])
+    lines.append(markdown_table(
+        ["batch", "latency p50 / p90 / p99 (ms per call)", "ms per image", "images/s", "decode+resize (ms/img)",
+         "engine (ms/img)", "scoring+fusion (ms/img)", "map resize+overlay (ms/img)", "warm-up + timed calls"], rows))
+    lines.append("")
+    memory = f"- peak RSS of the benchmark process: {r['peak_rss_mib']:.0f} MiB"
+    if r.get("gpu_peak_allocated_mib") is not None:
+        memory += f"; GPU peak allocated by torch: {r['gpu_peak_allocated_mib']:.0f} MiB"
+    lines.append(memory)
+    if "cold_start" in r:
+        c = r["cold_start"]
+        total, load, first = c["seconds_to_first_result"], c["load_s"], c["first_image_s"]
+        lines.append(f"- cold start (fresh process, spawn to first result, one image): {total:.1f} s (interpreter + "
+                     f"imports {total - load - first:.1f} s, bundle check + engine load {load:.1f} s, first image "
+                     f"{first:.1f} s); its peak RSS {c['peak_rss_mib']:.0f} MiB")
+    if "cold_start_error" in r:
+        lines.append(f"- cold start: FAILED ({r['cold_start_error']})")
+    if "fidelity" in r:
+        f = r["fidelity"]
+        emb = ", ".join(f"{k} {v:.1e}" for k, v in f["embedding_max_abs"].items())
+        lines += ["", f"Fidelity against {f['reference']} on the same {f['images']} image(s) (absolute differences; "
+                      "scores and maps in [0, 1], embeddings are unit vectors):", "",
+                  markdown_table(["image score max / mean", "token map max / mean", "embeddings max", "faithful?"],
+                                 [[f"{f['score_max_abs']:.2e} / {f['score_mean_abs']:.2e}",
+                                   f"{f['map_max_abs']:.2e} / {f['map_mean_abs']:.2e}", emb,
+                                   "yes" if f["faithful"] else "NO"]])]
+    if b["weights"] == "none":
+        lines += ["", "Random weights (timing only): speed does not depend on the weights; fidelity of a low-precision "
+                      "variant may differ with pretrained weights (their activations have larger outliers)."]
+    return "\n".join(lines)
+
+
+def summary_table(reports: Sequence[dict]) -> str:
+    """One row per (report, batch size): the comparison table of several runs (e.g. benchmarks/gpu_check.sh)."""
+    rows = []
+    for r in reports:
+        fid = r.get("fidelity")
+        static = r.get("variant", {}).get("calibration_images", 0) > 0
+        for x in r["batches"]:
+            rows.append([r["bundle"]["model"], r["engine"], r["precision"] + (" static" if static else ""),
+                         r["engine_device"], x["batch"],
+                         _ms(x["latency_ms"]["p50_ms"]), _ms(x["ms_per_image"]),
+                         _ms(x["stages_ms_per_image"]["engine"]), f"{x['images_per_s']:.2f}",
+                         f"{r['cold_start']['seconds_to_first_result']:.1f}" if "cold_start" in r else "-",
+                         f"{r['peak_rss_mib']:.0f}",
+                         f"{fid['score_max_abs']:.1e} / {fid['map_max_abs']:.1e}" if fid else "(reference)",
+                         f"{r['load_average_before'][0]:.1f}"])
+    return markdown_table(["model", "backend", "precision", "device", "batch", "p50 ms/call", "ms/img",
+                           "engine ms/img", "img/s", "cold start s", "peak RSS MiB", "fidelity score / map max",
+                           "load avg"], rows)
+
+
+# ---------------------------------------------------------------- CLI
+def _stem(r: dict) -> str:
+    on_cpu = r["engine_device"].lower().startswith("cpu")  # "cpu, torch fp32", "CPUExecutionProvider"
+    device = "cpu" if on_cpu else "gpu"
+    stamp = r["date"].replace("-", "").replace(":", "")[:15]
+    return f"{Path(r['bundle']['model']).name}_{r['engine']}_{r['precision']}_{device}_{stamp}"
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from .cli import EXIT_OK, CliError
+
+    if min(args.batch, default=0) < 1 or args.iters < 1 or args.warmup < 0:
+        raise CliError(f"need batch sizes >= 1 (got {list(args.batch)}), --iters >= 1 (got {args.iters}) "
+                       f"and --warmup >= 0 (got {args.warmup})")
+    report = run_bench(args, shlex.join(sys.argv))
+    markdown = render_markdown(report)
+    md, js = write_report(args.out, _stem(report), report, markdown)
+    print(markdown)
+    print(f"\nwritten: {md} and {js}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_bench_table(args: argparse.Namespace) -> int:
+    from .bundle import atomic_write_bytes
+    from .cli import EXIT_OK, CliError
+
+    reports = []
+    for path in args.results:
+        try:
+            reports.append(json.loads(Path(path).read_text()))
+        except (OSError, ValueError) as err:
+            raise CliError(f"{path}: not a bench result JSON ({err})") from None
+    table = summary_table(reports)
+    if args.out:
+        atomic_write_bytes(args.out, (table + "\n").encode())
+    print(table)
+    return EXIT_OK
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 1024x1024, got {text!r}") from None
+    return h, w
+
+
+def add_bench_parser(sub: Any) -> None:
+    """``bench``, ``bench-table`` and ``quantize`` (precision variants are what bench compares)."""
+    from .cli import _add_runtime_options, _csv_ints
+    from .precision import add_quantize_parser
+
+    # conflict_handler="resolve": bench takes a list of batch sizes where the runtime options take one.
+    p = sub.add_parser("bench", conflict_handler="resolve",
+                       help="latency / throughput / stage split / cold start / memory (and fidelity vs fp32) of one "
+                            "backend and precision -> Markdown + JSON (ViT-B-16-plus-240 on 2 CPU cores: ~5 s per image)")
+    _add_runtime_options(p)
+    p.add_argument("--batch", type=_csv_ints, default=DEFAULT_BATCHES, help="batch sizes, e.g. 1,4,8 (default)")
+    p.add_argument("--images", default="8", help="a count of synthetic frames (default 8) or a folder/glob of images")
+    p.add_argument("--synthetic-size", type=_size, default=DEFAULT_SYNTHETIC_SIZE,
+                   help="HxW of synthetic frames (default 1024x1024)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per batch size (default 1)")
+    p.add_argument("--iters", type=int, default=5, help="timed calls per batch size (default 5)")
+    p.add_argument("--fidelity-images", type=int, default=DEFAULT_FIDELITY_IMAGES,
+                   help="images compared with fp32 when --precision is not fp32 (default 4)")
+    p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
+    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the .md/.json tables (default {DEFAULT_OUT})")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("bench-table", help="one comparison table from several bench result JSON files")
+    p.add_argument("results", nargs="+", help="bench .json files")
+    p.add_argument("--out", help="also write the table to this Markdown file")
+    p.set_defaults(func=cmd_bench_table)
+
+    add_quantize_parser(sub)
+
+
+__all__ = ["ColdStart", "LatencyStats", "RESULT_MARKER", "add_bench_parser", "bench_batch", "cold_start",
+           "interleaved", "latency_stats", "machine_info", "markdown_table", "peak_rss_mib", "pipeline_once", "render_markdown",
+           "run_bench", "software_versions", "summary_table", "synthetic_images", "time_calls", "write_report"]
