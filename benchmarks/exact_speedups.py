@@ -24,7 +24,6 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Callable
 

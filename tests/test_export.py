@@ -1,6 +1,4 @@
 """Export: ONNX agrees with torch, the bundle round-trips, damage is detected."""
-import json
-
 import numpy as np
 import pytest
 

@@ -6,7 +6,7 @@ from conftest import textured_part
 from winclip_edge import Inspector
 from winclip_edge.bundle import BundleError
 from winclip_edge.calibration import CalibrationError, calibrate, choose_threshold
-from winclip_edge.products import load_memory, load_threshold, save_memory, save_threshold
+from winclip_edge.products import save_memory, save_threshold
 
 CORNER = 64  # defect size in pixels
 

@@ -1,7 +1,4 @@
 """The windowed module against a hand-built computation with open_clip's own pieces."""
-import json
-
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

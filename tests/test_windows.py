@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from winclip_edge.windows import window_count, window_cover_mask, window_starts, window_token_index

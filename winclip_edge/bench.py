@@ -515,7 +515,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if min(args.batch, default=0) < 1 or args.iters < 1 or args.warmup < 0:
         raise CliError(f"need batch sizes >= 1 (got {list(args.batch)}), --iters >= 1 (got {args.iters}) "
                        f"and --warmup >= 0 (got {args.warmup})")
-    report = run_bench(args, shlex.join(sys.argv))
+    report = run_bench(args, args.command_line)
     markdown = render_markdown(report)
     md, js = write_report(args.out, _stem(report), report, markdown)
     print(markdown)

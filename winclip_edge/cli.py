@@ -8,11 +8,11 @@ from __future__ import annotations
 import argparse
 import glob
 import json
-import os
+import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
@@ -380,6 +380,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["winclip-edge", *(sys.argv[1:] if argv is None else argv)])  # for reports
     try:
         return args.func(args)
     except KeyboardInterrupt:

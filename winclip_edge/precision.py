@@ -179,7 +179,6 @@ def make_variant(bundle: Bundle, precision: str, calibration: np.ndarray | None 
             method = _int8_static(bundle.onnx_path, out, calibration)
         _check_contract(bundle, out)
         atomic_write_bytes(target, out.read_bytes())
-    import onnx
     import onnxruntime
 
     sha = sha256_file(target)
