@@ -274,7 +274,8 @@ def _add_runtime_options(p: argparse.ArgumentParser, inputs: bool = True) -> Non
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
     p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
                    help="fp32 (default). onnxruntime: runs the bundle's fp16/int8 variant (make it with `winclip-edge "
-                        "quantize`); torch: fp16 casts the model (LayerNorm stays fp32); tensorrt: builds at it")
+                        "quantize`); torch: fp16 casts the model (LayerNorm stays fp32); tensorrt: loads the cached "
+                        "engine of that precision (make it with `winclip-edge build-engine`)")
     p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
