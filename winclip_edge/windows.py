@@ -10,9 +10,11 @@ order the export graph uses and the scoring functions assume.
 """
 from __future__ import annotations
 
+from typing import Tuple
+
 import numpy as np
 
-Grid = tuple[int, int]  # (h, w) tokens
+Grid = Tuple[int, int]  # (h, w) tokens (typing.Tuple: the runtime also runs on JetPack 5's Python 3.8)
 
 
 def window_starts(length: int, k: int, stride: int) -> np.ndarray:
