@@ -63,10 +63,9 @@ def _scoring_options(args: argparse.Namespace):
     )
 
 
-def _inspector(args: argparse.Namespace, **overrides):
-    from .inspector import Inspector
-
-    engine_options = {}
+def engine_options(args: argparse.Namespace) -> dict:
+    """The backend's constructor options from the flags of :func:`add_engine_options`."""
+    engine_options: dict = {}
     if args.backend == "onnxruntime":
         engine_options = {"provider": args.provider, "threads": args.threads}
         if getattr(args, "precision", "fp32") != "fp32":  # a variant made by `winclip-edge quantize`, sha256-checked
@@ -77,11 +76,15 @@ def _inspector(args: argparse.Namespace, **overrides):
     elif args.backend == "torch":
         engine_options = {"device": args.device, "precision": args.precision, "cuda_graphs": args.cuda_graphs}
     elif args.backend == "tensorrt":
-        engine_options = {"precision": args.precision, "engine_dir": getattr(args, "engine_dir", None)}
-    options = _scoring_options(args)
-    inspector = Inspector(args.bundle, args.product, backend=args.backend, options=options,
-                          sigma=getattr(args, "sigma", 0.0), engine_options=engine_options, **overrides)
-    return inspector
+        engine_options = {"precision": args.precision, "engine_dir": args.engine_dir}
+    return engine_options
+
+
+def _inspector(args: argparse.Namespace, **overrides):
+    from .inspector import Inspector
+
+    return Inspector(args.bundle, args.product, backend=args.backend, options=_scoring_options(args),
+                     sigma=getattr(args, "sigma", 0.0), engine_options=engine_options(args), **overrides)
 
 
 def _report_failures(failed) -> None:
@@ -265,9 +268,8 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- parser
-def _add_runtime_options(p: argparse.ArgumentParser, inputs: bool = True) -> None:
-    p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
-    p.add_argument("--product", required=True, help="product name inside the bundle")
+def add_engine_options(p: argparse.ArgumentParser) -> None:
+    """--backend and its options (shared by every command that runs the graph)."""
     p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"),
                    help="engine (default: onnxruntime)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
@@ -279,6 +281,14 @@ def _add_runtime_options(p: argparse.ArgumentParser, inputs: bool = True) -> Non
     p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
+    p.add_argument("--engine-dir", default=None,
+                   help="--backend tensorrt: engine cache folder of build-engine (default <bundle>/engines)")
+
+
+def _add_runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
+    p.add_argument("--product", required=True, help="product name inside the bundle")
+    add_engine_options(p)
     p.add_argument("--batch", type=int, default=8, help="images per engine call (default 8)")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the bundle's, 0.07)")
     p.add_argument("--use-scales", type=_csv_ints, default=None, help="ablation: window scales to use, e.g. 2 (default all)")

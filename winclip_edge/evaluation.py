@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 
 from .bundle import Bundle, atomic_write_bytes, atomic_write_json
-from .cli import EXIT_OK, EXIT_SOME_FAILED, CliError, _csv, _csv_ints
+from .cli import EXIT_OK, EXIT_SOME_FAILED, CliError, _csv, _csv_ints, add_engine_options, engine_options
 from .datasets import (NORMAL_FOLDERS, DatasetError, Sample, mvtec_classes, read_folder, read_mvtec, read_visa,
                        split_references, textile_root, visa_classes)
 from .engines import Engine, create_engine
@@ -585,11 +585,10 @@ def _format_mean(summary: dict, shots: str) -> str:
 def cmd_eval(args: argparse.Namespace) -> int:
     from .report import ReportError
 
-    engine_options = {"provider": args.provider, "threads": args.threads} if args.backend == "onnxruntime" else {}
     config = EvalConfig(
         bundle=Path(args.bundle), dataset=args.dataset, out=Path(args.out), root=Path(args.root) if args.root else None,
         classes=args.classes, shots=args.shots, seeds=args.seeds, ablation=args.ablation, prompts=args.prompts,
-        backend=args.backend, engine_options=engine_options, batch=args.batch, limit=args.limit,
+        backend=args.backend, engine_options=engine_options(args), batch=args.batch, limit=args.limit,
         pictures=not args.no_pictures, progress=not args.quiet,
     )
     try:
@@ -626,9 +625,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="none | no_image_scale | no_scale_<k> (drop window scale k) | arithmetic (default none)")
     p.add_argument("--prompts", choices=PROMPT_STYLES, default="cpe",
                    help="cpe (default) | clip_ac | templates_only: the paper's prompt baselines")
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"))
-    p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
+    add_engine_options(p)
     p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="images per engine call (default 8)")
     p.add_argument("--limit", type=int, default=None,
                    help="at most N test images per defect type (good included), a fixed random subset: quick runs")

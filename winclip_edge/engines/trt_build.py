@@ -52,7 +52,6 @@ NODE_OUTPUT = re.compile(r"_output_\d+$")  # torch.onnx names a node's outputs '
 # TensorRT's default name of a tensor nobody named: the ONNX parser names each node's outputs after the
 # ONNX graph, so an unnamed tensor joins two layers of the same ONNX node.
 AUTO_TENSOR = "(Unnamed Layer"
-RUNTIME_COMMANDS = ("register", "calibrate", "infer", "bench")  # the commands whose engine cli._inspector creates
 
 
 class EngineBuildError(EngineError):
@@ -389,9 +388,3 @@ def add_build_engine_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"TensorRT scratch memory limit in GiB (default {DEFAULT_WORKSPACE_GIB})")
     p.add_argument("--engine-dir", default=None, help="engine cache folder (default <bundle>/engines)")
     p.set_defaults(func=cmd_build_engine)
-    for runtime in (sub.choices[c] for c in RUNTIME_COMMANDS if c in sub.choices):
-        try:
-            runtime.add_argument("--engine-dir", default=None,
-                                 help="--backend tensorrt: engine cache folder of build-engine (default <bundle>/engines)")
-        except argparse.ArgumentError:  # the command has its own --engine-dir
-            pass
