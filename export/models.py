@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,6 +128,9 @@ def load_model(
                 "nor an existing checkpoint file; pass a tag, --pretrained PATH to a local open_clip checkpoint, "
                 "or --pretrained none for random weights (tests and timing only)"
             )
+        print(f"[export] fetching pretrained weights {name}/{pretrained} (from the local hub cache, or downloaded; "
+              "offline, this fails after the hub client's retries, about a minute: set HF_HUB_OFFLINE=1 to fail at once)",
+              file=sys.stderr, flush=True)
         try:
             with _quiet_hub_logs():
                 clip = open_clip.create_model(name, pretrained=pretrained)
