@@ -26,6 +26,10 @@ DEFAULT_PRETRAINED = "laion400m_e31"
 NO_WEIGHTS = "none"
 
 
+class ModelNotFoundError(ValueError):
+    """Not an open_clip model name, nor an open_clip model-config JSON."""
+
+
 class WeightsUnavailableError(RuntimeError):
     """Pretrained weights cannot be obtained (offline, unknown tag, missing file)."""
 
@@ -84,12 +88,12 @@ def resolve_model(model: str) -> tuple[str, dict | None]:
             raise FileNotFoundError(f"model config {path} does not exist")
         config = json.loads(path.read_text())
         if "vision_cfg" not in config or "embed_dim" not in config:
-            raise ValueError(f"{path} is not an open_clip model config (needs 'embed_dim' and 'vision_cfg')")
+            raise ModelNotFoundError(f"{path} is not an open_clip model config (needs 'embed_dim' and 'vision_cfg')")
         name = f"winclip-{path.stem}"
         _register_config(name, config)
         return name, config
     if model not in open_clip.list_models():
-        raise ValueError(f"unknown open_clip model {model!r}; pass a name from open_clip.list_models() or a config JSON path")
+        raise ModelNotFoundError(f"unknown open_clip model {model!r}; pass a name from open_clip.list_models() or a config JSON path")
     return model, None
 
 

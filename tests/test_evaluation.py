@@ -144,12 +144,13 @@ def test_resume_skips_finished_units_and_embeds_each_test_image_once(textile_run
     shutil.copytree(finished, out)
     engine = CountingEngine(module_bundle)
     messages = []
-    same = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1), seeds=2)
+    cli_engine = {"provider": "auto", "threads": 0}  # what the CLI run of textile_run passed
+    same = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1), seeds=2, engine_options=cli_engine)
     result = run_evaluation(same, engine=engine, log=messages.append)
     assert (result.computed, result.skipped, engine.images) == (0, 3, 0)
     assert any("skipped 3 finished" in m for m in messages)
     # A new shot count: the 18 test images are embedded once for both of its seeds, plus 2 x 2 references.
-    more = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1, 2), seeds=2)
+    more = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1, 2), seeds=2, engine_options=cli_engine)
     result = run_evaluation(more, engine=engine, log=messages.append)
     assert (result.computed, result.skipped, engine.images) == (2, 3, 18 + 2 * 2)
     assert set(result.summary["shots"]) == {"0", "1", "2"}
@@ -161,6 +162,9 @@ def test_resume_refuses_another_configuration(textile_run, module_bundle, tmp_pa
     shutil.copytree(finished, out)
     with pytest.raises(EvaluationError, match="limit"):
         run_evaluation(config(module_bundle, out, dataset="textile", limit=5, shots=(0,), seeds=1))
+    with pytest.raises(EvaluationError, match="engine_options"):  # e.g. an int8 variant instead of fp32
+        run_evaluation(config(module_bundle, out, dataset="textile", limit=6, shots=(0,), seeds=1,
+                              engine_options={"provider": "auto", "threads": 0, "model_path": "variants/visual.int8.onnx"}))
 
 
 # ---------------------------------------------------------------- MVTec with masks

@@ -47,9 +47,13 @@ def test_fp16_variant_keeps_contract_and_layernorm_fp32(bundle_copy):
     assert all(t == onnx.TensorProto.FLOAT for name, t in types.items() if name != "images")
     fp16_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT16]
     assert fp16_weights, "no weight was converted to fp16"
-    initializers = {t.name: t.data_type for t in model.graph.initializer}
-    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
-    assert norms and all(initializers.get(n.input[1], onnx.TensorProto.FLOAT) == onnx.TensorProto.FLOAT for n in norms)
+    inferred = onnx.shape_inference.infer_shapes(model)
+    elem = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]}
+    elem.update({t.name: t.data_type for t in inferred.graph.initializer})
+    norms = [n for n in inferred.graph.node if n.op_type == "LayerNormalization"]
+    assert norms
+    for n in norms:  # data, scale and bias of every LayerNorm are fp32
+        assert [elem.get(name) for name in n.input[:3]] == [onnx.TensorProto.FLOAT] * 3, (n.name, list(n.input))
     diffs = _diffs(bundle, "fp16", _images())
     assert 0 < max(diffs.values()) < CLOSE["fp16"], diffs
 

@@ -254,11 +254,11 @@ STAGES = ("decode", "engine", "scoring", "resize_overlay")
 def pipeline_once(inspector: Any, items: Sequence[Any]) -> dict[str, float]:
     """One batch through the Inspector's building blocks, each stage timed alone: stage -> ms for the batch."""
     from .heatmap import overlay, upsample_map
-    from .inspector import decode
+    from .inspector import _name_of, decode
     from .preprocess import ImageError
 
     t0 = time.perf_counter()
-    decoded = [decode(item, inspector.model_size, item if isinstance(item, str) else f"array[{i}]")
+    decoded = [decode(item, inspector.model_size, _name_of(item, i))
                for i, item in enumerate(items)]
     failed = [d.error for d in decoded if d.error is not None]
     if failed:

@@ -23,7 +23,7 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -288,10 +288,6 @@ class Bundle:
     def products(self) -> list[str]:
         folder = self.root / PRODUCTS
         return sorted(p.name for p in folder.iterdir() if (p / TEXT).is_file()) if folder.is_dir() else []
-
-    def iter_product_files(self, product: str) -> Iterator[Path]:
-        d = self.product_dir(product)
-        return (d / name for name in (TEXT, MEMORY, THRESHOLD) if (d / name).is_file())
 
     def check_product(self, product: str) -> None:
         if not (self.product_dir(product) / TEXT).is_file():

@@ -54,6 +54,7 @@ def calibrate(inspector: Inspector, images: Sequence[ImageInput] = (), target_fa
     Returns the threshold and the error results of unreadable images (skipped).
     """
     failed: list[InspectionResult] = []
+    images = list(images)  # also accepts a stacked [N, H, W, 3] array, like Inspector.inspect
     if images:
         scores, sources = [], []
         for result in inspector.iter_inspect(images, batch_size):
@@ -76,6 +77,7 @@ def calibrate(inspector: Inspector, images: Sequence[ImageInput] = (), target_fa
         value=value, false_alarm_rate=far, target_false_alarm_rate=target_false_alarm_rate, n_images=len(scores),
         mode="zero-shot" if inspector.memory is None else "few-shot",
         memory_sha256=inspector.memory.checksum if inspector.memory is not None else "",
+        scoring=inspector.options.decision_record(),
         scores=[float(s) for s in scores], sources=sources, leave_one_out=leave_one_out,
     )
     return threshold, failed

@@ -14,8 +14,12 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from .contract import PATCH_LAYERS
+from .engines import BACKENDS
+from .prompts import PROMPT_STYLES
+from .scoring import MEANS
+
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 class CliError(Exception):
@@ -35,6 +39,8 @@ def _csv(text: str) -> tuple[str, ...]:
 
 def collect_inputs(inputs: Sequence[str]) -> list[str]:
     """Files, folders (image files below them, sorted) and globs. Unmatched names are kept, so they get an error line."""
+    from .preprocess import IMAGE_EXTENSIONS
+
     out: list[str] = []
     for item in inputs:
         path = Path(item)
@@ -80,10 +86,15 @@ def engine_options(args: argparse.Namespace) -> dict:
     return engine_options
 
 
-def _inspector(args: argparse.Namespace, **overrides):
+def _inspector(args: argparse.Namespace, zero_shot: bool = False, **overrides):
+    """The Inspector of a runtime command; ``zero_shot=True`` never reads the memory (register replaces it)."""
+    from dataclasses import replace
+
     from .inspector import Inspector
 
-    return Inspector(args.bundle, args.product, backend=args.backend, options=_scoring_options(args),
+    options = _scoring_options(args)
+    options = replace(options, use_memory=False) if zero_shot else options
+    return Inspector(args.bundle, args.product, backend=args.backend, options=options,
                      sigma=getattr(args, "sigma", 0.0), engine_options=engine_options(args), **overrides)
 
 
@@ -142,7 +153,7 @@ def cmd_add_product(args: argparse.Namespace) -> int:
 def cmd_register(args: argparse.Namespace) -> int:
     from .products import MEMORY, THRESHOLD, load_memory, save_memory
 
-    inspector = _inspector(args, with_threshold=False)
+    inspector = _inspector(args, zero_shot=True, with_threshold=False)
     images = collect_inputs(args.images)
     if not images:
         raise CliError("no reference images given")
@@ -180,10 +191,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def _unique_stem(path: str, seen: dict[str, int]) -> str:
+def _unique_stem(path: str, used: set[str]) -> str:
+    """The file stem, made unique among the outputs of this run (a/part.png, b/part.png, part-2.png)."""
     stem = Path(path).stem or "image"
-    seen[stem] = seen.get(stem, 0) + 1
-    return stem if seen[stem] == 1 else f"{stem}-{seen[stem]}"
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
 
 
 def run_infer(args: argparse.Namespace, inputs: Sequence[str]) -> dict:
@@ -194,7 +210,7 @@ def run_infer(args: argparse.Namespace, inputs: Sequence[str]) -> dict:
     out = Path(args.out)
     (out / "maps").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    seen: dict[str, int] = {}
+    used: set[str] = set()
     # running sums, not lists: one infer call may stream for weeks
     summary = {"total": 0, "failed": 0, "anomalous": 0, "engine_ms": 0.0, "total_ms": 0.0}
     print(f"inspecting {len(inputs)} input(s) with {inspector.engine.name} ({inspector.engine.device}), "
@@ -208,7 +224,7 @@ def run_infer(args: argparse.Namespace, inputs: Sequence[str]) -> dict:
                       "image_size": None, "timings_ms": None, "error": r.error}
             if r.error is None:
                 try:
-                    stem = _unique_stem(r.path, seen)
+                    stem = _unique_stem(r.path, used)
                     t0 = time.perf_counter()
                     if not args.no_maps:
                         record["map"] = str(out / "maps" / f"{stem}.npy")
@@ -252,7 +268,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .bundle import Bundle
+    from .bundle import Bundle, BundleError
     from .products import load_memory, load_threshold
 
     bundle = Bundle(args.bundle)
@@ -260,8 +276,12 @@ def cmd_info(args: argparse.Namespace) -> int:
     print(f"{bundle.root}: {m.model} ({m.weights['source']}, weights id {m.weights_id[:12]}), input {m.image_size}, "
           f"grid {m.grid}, scales {list(m.scales)} stride {m.stride}, patch layer {m.patch_layer}, D={m.embed_dim}, C={m.width}")
     for product in bundle.products():
-        memory = load_memory(bundle, product)
-        threshold = load_threshold(bundle, product, memory)
+        try:
+            memory = load_memory(bundle, product)
+            threshold = load_threshold(bundle, product, memory)
+        except BundleError as err:  # one broken product must not hide the others
+            print(f"  {product}: {err}")
+            continue
         print(f"  {product}: memory {memory.size if memory else 0} image(s), threshold "
               f"{'none' if threshold is None else f'{threshold.value:.6f} ({threshold.mode}, {threshold.n_images} images)'}")
     return EXIT_OK
@@ -270,12 +290,12 @@ def cmd_info(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------- parser
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """--backend and its options (shared by every command that runs the graph)."""
-    p.add_argument("--backend", default="onnxruntime", choices=("onnxruntime", "tensorrt", "torch"),
+    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
                    help="engine (default: onnxruntime)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp32",
-                   help="fp32 (default). onnxruntime: runs the bundle's fp16/int8 variant (make it with `winclip-edge "
+    p.add_argument("--precision", choices=("fp32", "fp16", "int8"), default=None,
+                   help="default: fp16 for tensorrt (as build-engine), fp32 otherwise. onnxruntime: runs the bundle's fp16/int8 variant (make it with `winclip-edge "
                         "quantize`); torch: fp16 casts the model (LayerNorm stays fp32); tensorrt: loads the cached "
                         "engine of that precision (make it with `winclip-edge build-engine`)")
     p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>")
@@ -293,7 +313,7 @@ def _add_runtime_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the bundle's, 0.07)")
     p.add_argument("--use-scales", type=_csv_ints, default=None, help="ablation: window scales to use, e.g. 2 (default all)")
     p.add_argument("--no-image-scale", action="store_true", help="ablation: leave s(f_img) out of the zero-shot map")
-    p.add_argument("--mean", choices=("harmonic", "arithmetic"), default="harmonic", help="ablation: averaging")
+    p.add_argument("--mean", choices=MEANS, default="harmonic", help="ablation: averaging")
     p.add_argument("--zero-shot", action="store_true", help="ignore the few-shot memory (plain WinCLIP)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -311,7 +331,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--products", type=_csv, default=(), help="comma-separated product names, e.g. bottle,metal_nut")
     p.add_argument("--scales", type=_csv_ints, default=(2, 3), help="window scales in tokens (default 2,3)")
     p.add_argument("--stride", type=int, default=1, help="window stride in tokens (default 1)")
-    p.add_argument("--patch-layer", choices=("penultimate", "last"), default="penultimate",
+    p.add_argument("--patch-layer", choices=PATCH_LAYERS, default="penultimate",
                    help="patch tokens for few-shot: penultimate block (default) or last block + ln_post")
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature stored in the bundle (0.07)")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17)")
@@ -325,7 +345,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bundle", required=True)
     p.add_argument("product", help="product name, e.g. metal_nut")
     p.add_argument("--object-name", help="text for the object (default: product name with _ -> space)")
-    p.add_argument("--prompt-style", choices=("cpe", "clip_ac", "templates_only"), default="cpe",
+    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="cpe",
                    help="cpe (paper, default), clip_ac or templates_only (the paper's baselines)")
     p.add_argument("--normal-state", action="append", default=[], help="extra normal state, '{o}' = object (repeatable)")
     p.add_argument("--anomalous-state", action="append", default=[], help="extra anomalous state (repeatable)")
@@ -375,22 +395,30 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from .bundle import BundleError
     from .calibration import CalibrationError
     from .contract import ContractError
+    from .datasets import DatasetError
     from .engines import EngineError
     from .preprocess import ImageError
+    from .prompts import PromptError
+    from .scoring import ScoringError
+    from .windows import GeometryError
 
-    errors: list[type[BaseException]] = [CliError, BundleError, CalibrationError, ContractError, EngineError, ImageError,
+    errors: list[type[BaseException]] = [CliError, BundleError, CalibrationError, ContractError, DatasetError, EngineError,
+                                         GeometryError, ImageError, PromptError, ScoringError,
                                          FileNotFoundError, FileExistsError, PermissionError]
     if "export.onnx_export" in sys.modules:  # only when the export stage was loaded (it needs torch)
-        from export.models import WeightsUnavailableError
+        from export.models import ModelNotFoundError, WeightsUnavailableError
         from export.onnx_export import BundleExistsError, ExportVerificationError
         from export.windowed_clip import UnsupportedModelError
 
-        errors += [WeightsUnavailableError, ExportVerificationError, UnsupportedModelError, BundleExistsError]
+        errors += [ModelNotFoundError, WeightsUnavailableError, ExportVerificationError, UnsupportedModelError,
+                   BundleExistsError]
     return tuple(errors)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "precision", "") is None:  # engine flags: the backend's own default (build-engine makes fp16)
+        args.precision = "fp16" if args.backend == "tensorrt" else "fp32"
     args.command_line = shlex.join(["winclip-edge", *(sys.argv[1:] if argv is None else argv)])  # for reports
     try:
         return args.func(args)

@@ -16,7 +16,8 @@ from typing import Union
 
 import numpy as np
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"})  # compared lower-case
+from .preprocess import IMAGE_EXTENSIONS
+
 GOOD = "good"  # defect type of normal samples, in every reader
 NORMAL_FOLDERS = (GOOD, "nominal")  # folder names of normal images in `read_folder`
 MASKS_FOLDER = "masks"  # `read_folder`: masks/<defect>/<stem>[_mask].<ext>

@@ -44,7 +44,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
     try:
         bundle = Bundle(bundle_dir)
         if DEMO_PRODUCT not in bundle.products():
-            cli.main(["add-product", "--bundle", str(bundle_dir), DEMO_PRODUCT, "--object-name", DEMO_OBJECT])
+            code = cli.main(["add-product", "--bundle", str(bundle_dir), DEMO_PRODUCT, "--object-name", DEMO_OBJECT])
+            if code:
+                return code
         print(f"[demo] using the existing bundle {bundle_dir} ({bundle.manifest.weights['source']} weights)")
     except BundleError:
         print(f"[demo] 1/4 export {args.model} ({args.pretrained}) -> {bundle_dir}", file=sys.stderr)

@@ -379,7 +379,8 @@ def fingerprint(bundle: Bundle, config: EvalConfig) -> dict:
     return {"weights_id": m.weights_id, "model": m.model, "image_size": list(m.image_size), "scales": list(m.scales),
             "stride": m.stride, "patch_layer": m.patch_layer, "temperature": m.temperature,
             "dataset": config.dataset, "root": str(Path(config.root).resolve()) if config.root else None,
-            "limit": config.limit}
+            "limit": config.limit, "backend": config.backend,
+            "engine_options": {k: str(v) for k, v in sorted(config.engine_options.items())}}
 
 
 def check_resume(out: Path, expected: dict) -> None:

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence, Union
 
@@ -60,6 +60,15 @@ def _name_of(item: ImageInput, index: int) -> str:
     return f"array[{index}]" if isinstance(item, np.ndarray) else str(item)
 
 
+def _flat_memory(memory: Memory | None) -> tuple[dict[int, np.ndarray] | None, np.ndarray | None]:
+    """All references' rows in one matrix per scale (``[R*W_k, D]``) and for the patches (``[R*h*w, C]``):
+    matching is position-free (WINCLIP.md section 7)."""
+    if memory is None:
+        return None, None
+    windows = {k: v.reshape(-1, v.shape[-1]) for k, v in memory.windows.items()}
+    return windows, memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
+
+
 def decode(item: ImageInput, size: tuple[int, int], name: str) -> _Decoded:
     """Read and resize one input; errors become a message, never an exception (one bad image never stops a batch)."""
     t0 = time.perf_counter()
@@ -79,19 +88,17 @@ class Inspector:
     def __init__(self, bundle: str | os.PathLike | Bundle, product: str, backend: str = "onnxruntime",
                  options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, engine: Engine | None = None,
                  engine_options: dict[str, Any] | None = None, with_threshold: bool = True):
-        """``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway)."""
+        """``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway);
+        ``options.use_memory=False`` runs zero-shot without reading the memory."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.product = product
-        if options.temperature is None:
-            options = replace(options, temperature=self.bundle.manifest.temperature)
-        self.options = options
+        self.options = options.resolved(self.bundle.manifest.scales, self.bundle.manifest.temperature)
         self.sigma = sigma  # Gaussian smoothing of the output map, in pixels of the original image (0 = off)
         self.text = load_text(self.bundle, product)
-        memory = load_memory(self.bundle, product)
-        self.memory: Memory | None = memory if options.use_memory else None
-        # A threshold belongs to the mode it was calibrated in: a few-shot threshold is not applied zero-shot.
-        self.threshold: Threshold | None = load_threshold(self.bundle, product, self.memory) \
-            if with_threshold and (memory is None or options.use_memory) else None
+        # Zero-shot runs never read the memory, so `register` can replace a damaged one.
+        self.memory: Memory | None = load_memory(self.bundle, product) if options.use_memory else None
+        self.threshold: Threshold | None = load_threshold(
+            self.bundle, product, self.memory, self.options.decision_record()) if with_threshold else None
         self.engine = engine if engine is not None else create_engine(backend, self.bundle, **(engine_options or {}))
         self._lock = threading.Lock()
         self._set_memory(self.memory)
@@ -99,9 +106,7 @@ class Inspector:
     # ------------------------------------------------------------ building blocks
     def _set_memory(self, memory: Memory | None) -> None:
         self.memory = memory
-        self._memory_windows = None if memory is None else {
-            k: v.reshape(-1, v.shape[-1]) for k, v in memory.windows.items()}  # [R*W_k, D]
-        self._memory_patches = None if memory is None else memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
+        self._memory_windows, self._memory_patches = _flat_memory(memory)
 
     @property
     def mode(self) -> str:
@@ -118,13 +123,7 @@ class Inspector:
 
     def score(self, outputs: dict[str, np.ndarray], memory: Memory | None | str = "product") -> Scores:
         """Scores and token maps of embedded images; ``memory`` = "product" (default), another Memory, or None."""
-        if isinstance(memory, str):
-            windows, patches = self._memory_windows, self._memory_patches
-        elif memory is None:
-            windows = patches = None
-        else:
-            windows = {k: v.reshape(-1, v.shape[-1]) for k, v in memory.windows.items()}
-            patches = memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
+        windows, patches = (self._memory_windows, self._memory_patches) if isinstance(memory, str) else _flat_memory(memory)
         spec = self.bundle.spec
         return score_batch(outputs, self.text.t_normal, self.text.t_anomalous, spec.grid, spec.stride, spec.scales,
                            self.options, windows, patches)

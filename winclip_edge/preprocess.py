@@ -48,6 +48,10 @@ WEBP_SIZE_MASK = (1 << WEBP_SIZE_BITS) - 1
 END_MARKERS = {"PNG": "IEND chunk", "JPEG": "end-of-image marker 0xFFD9 after the last scan"}
 
 
+# File types a folder input is searched for (infer, register, calibrate, eval), compared lower-case.
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
+
+
 class ImageError(ValueError):
     """An input cannot be turned into an RGB image; the message names the file and the reason."""
 

@@ -8,6 +8,7 @@ import numpy as np
 
 from .bundle import MEMORY, TEXT, THRESHOLD, Bundle, BundleError, atomic_write_json, json_with_checksum, \
     load_arrays, read_checked_json, save_arrays
+from .contract import PATCH_TOKENS, window_output_name
 
 
 def _now() -> str:
@@ -124,12 +125,12 @@ def load_memory(bundle: Bundle, product: str) -> Memory | None:
     windows = {}
     for k in m.scales:
         a = arrays[window_key(k)]
-        if a.ndim != 3 or a.shape[1:] != shapes[f"window_embeddings_k{k}"][1:]:
-            raise BundleError(f"{path}: {window_key(k)} has shape {a.shape}, expected [R, *{shapes[f'window_embeddings_k{k}'][1:]}]; "
+        if a.ndim != 3 or a.shape[1:] != shapes[window_output_name(k)][1:]:
+            raise BundleError(f"{path}: {window_key(k)} has shape {a.shape}, expected [R, *{shapes[window_output_name(k)][1:]}]; "
                               "re-run `winclip-edge register`")
         windows[k] = a
     patches = arrays["patch_tokens"]
-    if patches.ndim != 3 or patches.shape[1:] != shapes["patch_tokens"][1:]:
+    if patches.ndim != 3 or patches.shape[1:] != shapes[PATCH_TOKENS][1:]:
         raise BundleError(f"{path}: patch_tokens has shape {patches.shape}, expected [R, *{shapes['patch_tokens'][1:]}]; "
                           "re-run `winclip-edge register`")
     images = arrays["image_embeddings"]
@@ -151,6 +152,7 @@ class Threshold:
     n_images: int
     mode: str  # "few-shot" (with memory) or "zero-shot"
     memory_sha256: str  # the memory it was calibrated with ("" for zero-shot)
+    scoring: dict  # ScoringOptions.decision_record() of the calibration: T, scales, image scale, mean
     scores: list[float] = field(default_factory=list)  # the calibration scores
     sources: list[str] = field(default_factory=list)
     leave_one_out: bool = False
@@ -161,19 +163,24 @@ def save_threshold(bundle: Bundle, product: str, threshold: Threshold) -> None:
     atomic_write_json(bundle.product_dir(product) / THRESHOLD, json_with_checksum(body))
 
 
-def load_threshold(bundle: Bundle, product: str, memory: Memory | None) -> Threshold | None:
-    """The calibrated threshold, or None. A threshold made for another memory is refused."""
+def load_threshold(bundle: Bundle, product: str, memory: Memory | None, scoring: dict | None = None) -> Threshold | None:
+    """The calibrated threshold, or None. Refused when it was calibrated in the other mode (zero-/few-shot), with
+    another memory, or (when ``scoring`` is given) with other scoring options: its decisions would not hold."""
     path = bundle.product_dir(product) / THRESHOLD
     if not path.is_file():
         return None
-    remedy = f"re-create it with `winclip-edge calibrate --bundle {bundle.root} --product {product}`"
-    obj = read_checked_json(path, remedy)
-    bundle.check_weights(obj, path, remedy)
-    expected = memory.checksum if memory is not None else ""
-    if obj["memory_sha256"] != expected:
-        raise BundleError(
-            f"{path} was calibrated with another few-shot memory (the references changed since); "
-            f"re-run `winclip-edge calibrate --bundle {bundle.root} --product {product}`"
-        )
-    fields = {k: obj[k] for k in Threshold.__dataclass_fields__}
-    return Threshold(**fields)
+    calibrate = f"`winclip-edge calibrate --bundle {bundle.root} --product {product}`"
+    obj = read_checked_json(path, f"re-create it with {calibrate}")
+    bundle.check_weights(obj, path, f"re-create it with {calibrate}")
+    mode = "few-shot" if memory is not None else "zero-shot"
+    if obj["mode"] != mode:
+        raise BundleError(f"{path} was calibrated {obj['mode']}, this run is {mode}; re-run {calibrate} "
+                          f"{'with' if mode == 'zero-shot' else 'without'} --zero-shot")
+    if mode == "few-shot" and obj["memory_sha256"] != memory.checksum:
+        raise BundleError(f"{path} was calibrated with another few-shot memory (the references changed since); "
+                          f"re-run {calibrate}")
+    if scoring is not None and obj["scoring"] != scoring:
+        differ = {k: (obj["scoring"].get(k), v) for k, v in scoring.items() if obj["scoring"].get(k) != v}
+        raise BundleError(f"{path} was calibrated with other scoring options (calibrated, now: {differ}); "
+                          f"use the same options or re-run {calibrate} with these")
+    return Threshold(**{k: obj[k] for k in Threshold.__dataclass_fields__})

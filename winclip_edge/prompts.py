@@ -49,6 +49,10 @@ class PromptSpec:
     extra_templates: tuple[str, ...] = field(default_factory=tuple)  # user additions, "{c}" = state phrase
 
 
+class PromptError(ValueError):
+    """A prompt style or a user state/template that cannot be used."""
+
+
 def object_name_for(product: str) -> str:
     """The default object name: the product name with ``_`` -> space (``metal_nut`` -> ``metal nut``)."""
     return product.replace("_", " ").strip()
@@ -57,13 +61,13 @@ def object_name_for(product: str) -> str:
 def _check_placeholders(items: Sequence[str], placeholder: str, what: str) -> None:
     for item in items:
         if placeholder not in item:
-            raise ValueError(f"{what} {item!r} must contain the placeholder {placeholder!r}")
+            raise PromptError(f"{what} {item!r} must contain the placeholder {placeholder!r}")
 
 
 def build_prompts(spec: PromptSpec) -> tuple[list[str], list[str]]:
     """Return (normal prompts, anomalous prompts): every state phrase in every template."""
     if spec.style not in PROMPT_STYLES:
-        raise ValueError(f"prompt style {spec.style!r} unknown; choose one of {PROMPT_STYLES}")
+        raise PromptError(f"prompt style {spec.style!r} unknown; choose one of {PROMPT_STYLES}")
     _check_placeholders(spec.extra_normal_states + spec.extra_anomalous_states, OBJECT, "state")
     _check_placeholders(spec.extra_templates, STATE, "template")
     if spec.style == "cpe":

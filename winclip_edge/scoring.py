@@ -5,11 +5,12 @@ Every function here has a slow loop version in tests/test_scoring.py that it mus
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
 
+from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from .windows import Grid, window_layout
 
 DEFAULT_TEMPERATURE = 0.07
@@ -17,6 +18,10 @@ MEANS = ("harmonic", "arithmetic")
 # Harmonic means divide by scores; a score of exactly 0 (a test window identical to a reference)
 # is clamped here, which makes that token's harmonic mean ~0, its mathematical limit.
 SCORE_FLOOR = 1e-12
+
+
+class ScoringError(ValueError):
+    """Scoring options that cannot apply (unknown mean, T <= 0, a window scale the bundle lacks)."""
 
 
 def class_scores(embeddings: np.ndarray, t_normal: np.ndarray, t_anomalous: np.ndarray,
@@ -113,6 +118,27 @@ class ScoringOptions:
     mean: str = "harmonic"  # ablation: "arithmetic" instead of harmonic averaging
     use_memory: bool = True  # few-shot (WinCLIP+) when the product has a memory
 
+    def __post_init__(self):
+        if self.temperature is not None and not self.temperature > 0:
+            raise ScoringError(f"temperature must be > 0, got {self.temperature}")
+        if self.mean not in MEANS:
+            raise ScoringError(f"mean must be one of {MEANS}, got {self.mean!r}")
+        if self.scales is not None and not self.scales and not self.use_image_scale:
+            raise ScoringError("no scale left: give at least one window scale or keep the image scale")
+
+    def resolved(self, bundle_scales: tuple[int, ...], bundle_temperature: float) -> "ScoringOptions":
+        """Defaults filled in from the bundle; refuses window scales the bundle does not have."""
+        missing = set(self.scales or ()) - set(bundle_scales)
+        if missing:
+            raise ScoringError(f"window scales {sorted(missing)} are not in the bundle (it has {list(bundle_scales)})")
+        return replace(self, scales=tuple(bundle_scales) if self.scales is None else tuple(self.scales),
+                       temperature=bundle_temperature if self.temperature is None else self.temperature)
+
+    def decision_record(self) -> dict:
+        """What an image score depends on besides the memory: stored with a threshold, compared on load."""
+        return {"temperature": self.temperature, "scales": list(self.scales) if self.scales is not None else None,
+                "use_image_scale": self.use_image_scale, "mean": self.mean}
+
 
 @dataclass(frozen=True)
 class Scores:
@@ -132,22 +158,22 @@ def score_batch(outputs: Mapping[str, np.ndarray], t_normal: np.ndarray, t_anoma
     used = scales if options.scales is None else options.scales
     missing = set(used) - set(scales)
     if missing:
-        raise ValueError(f"window scales {sorted(missing)} are not in the bundle (it has {list(scales)})")
-    n = outputs["image_embedding"].shape[0]
+        raise ScoringError(f"window scales {sorted(missing)} are not in the bundle (it has {list(scales)})")
+    n = outputs[IMAGE_EMBEDDING].shape[0]
     h, w = grid
     t = DEFAULT_TEMPERATURE if options.temperature is None else options.temperature
-    s_img = class_scores(outputs["image_embedding"], t_normal, t_anomalous, t)  # [N]
+    s_img = class_scores(outputs[IMAGE_EMBEDDING], t_normal, t_anomalous, t)  # [N]
     zs_maps = [
-        aggregate_windows(class_scores(outputs[f"window_embeddings_k{k}"], t_normal, t_anomalous, t),
+        aggregate_windows(class_scores(outputs[window_output_name(k)], t_normal, t_anomalous, t),
                           grid, k, stride, options.mean)
         for k in used
     ]
     z = zero_shot_map(s_img, zs_maps, options.use_image_scale, options.mean)  # [N, h, w]
     if memory_patches is None or not options.use_memory:
         return Scores(image_score=s_img, token_map=z, zero_shot_score=s_img)
-    visual = [association(outputs["patch_tokens"], memory_patches).reshape(n, h, w)]
+    visual = [association(outputs[PATCH_TOKENS], memory_patches).reshape(n, h, w)]
     for k in used:
-        a = association(outputs[f"window_embeddings_k{k}"], memory_windows[k])  # [N, W_k]
+        a = association(outputs[window_output_name(k)], memory_windows[k])  # [N, W_k]
         visual.append(aggregate_windows(a, grid, k, stride, options.mean))
     v = np.mean(np.stack(visual), axis=0)  # V = mean(A_patch, M_2, M_3, ...)
     final = (z + v) / 2.0

@@ -14,15 +14,19 @@ from typing import Tuple
 
 import numpy as np
 
+class GeometryError(ValueError):
+    """A window scale or stride that does not fit the token grid."""
+
+
 Grid = Tuple[int, int]  # (h, w) tokens (typing.Tuple: the runtime also runs on JetPack 5's Python 3.8)
 
 
 def window_starts(length: int, k: int, stride: int) -> np.ndarray:
     """Origins along one axis: 0, stride, 2*stride, ... and always ``length - k``."""
     if not 1 <= k <= length:
-        raise ValueError(f"window scale k={k} must be in [1, {length}] for a grid side of {length}")
+        raise GeometryError(f"window scale k={k} must be in [1, {length}] for a grid side of {length}")
     if not 1 <= stride <= k:
-        raise ValueError(f"window stride must be in [1, k={k}] so that every token is covered, got {stride}")
+        raise GeometryError(f"window stride must be in [1, k={k}] so that every token is covered, got {stride}")
     starts = list(range(0, length - k + 1, stride))
     if starts[-1] != length - k:
         starts.append(length - k)

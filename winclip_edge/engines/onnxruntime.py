@@ -7,8 +7,10 @@ from ..bundle import Bundle
 from ..contract import INPUT_NAME, check_io, output_names
 from .base import EngineError
 
-# Preference order for provider="auto".
-AUTO_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+# Preference order for provider="auto". ONNX Runtime's TensorRT provider is used only when asked for: it
+# builds an engine when a session starts (minutes for ViT-B), so it needs its engine cache (below).
+AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+ORT_TRT_CACHE = "engines/onnxruntime-tensorrt"  # inside the bundle
 PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
@@ -31,6 +33,12 @@ class OnnxRuntimeEngine:
                 raise EngineError(f"ONNX Runtime provider {wanted} is not available here (available: {available}); "
                                   "install onnxruntime-gpu (desktop) or the Jetson Zoo wheel for CUDA/TensorRT")
             providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
+            if wanted == "TensorrtExecutionProvider":
+                cache = bundle.root / ORT_TRT_CACHE
+                cache.mkdir(parents=True, exist_ok=True)
+                providers[0] = (wanted, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)})
+                if "CUDAExecutionProvider" in available:  # for the nodes TensorRT does not take
+                    providers.insert(1, "CUDAExecutionProvider")
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
