@@ -172,6 +172,9 @@ def load_threshold(bundle: Bundle, product: str, memory: Memory | None, scoring:
     calibrate = f"`winclip-edge calibrate --bundle {bundle.root} --product {product}`"
     obj = read_checked_json(path, f"re-create it with {calibrate}")
     bundle.check_weights(obj, path, f"re-create it with {calibrate}")
+    missing = sorted(set(Threshold.__dataclass_fields__) - set(obj))
+    if missing:
+        raise BundleError(f"{path} lacks {missing} (written by an older winclip-edge); re-run {calibrate}")
     mode = "few-shot" if memory is not None else "zero-shot"
     if obj["mode"] != mode:
         raise BundleError(f"{path} was calibrated {obj['mode']}, this run is {mode}; re-run {calibrate} "
