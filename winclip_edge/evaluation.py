@@ -14,7 +14,6 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,7 +27,7 @@ from .datasets import (NORMAL_FOLDERS, DatasetError, Sample, mvtec_classes, read
                        split_references, textile_root, visa_classes)
 from .engines import Engine, create_engine
 from .heatmap import upsample_map
-from .inspector import Inspector, decode
+from .inspector import Inspector, iter_decoded
 from .metrics import IMAGE_KEYS, PIXEL_KEYS, MetricError, PixelMetrics, image_metrics
 from .paper import PAPER_DATASETS, PAPER_SCALES, paper_result
 from .products import Memory, load_text
@@ -275,30 +274,21 @@ class Embedded:
 def embed_images(inspector: Inspector, samples: Sequence[Sample], batch: int,
                  progress: Callable[[int], None]) -> Embedded:
     """One engine pass over ``samples``; the next batch is decoded on a worker thread meanwhile."""
-    paths = [s.path for s in samples]
-    batches = [paths[i:i + batch] for i in range(0, len(paths), batch)]
     rows: dict[str, int] = {}
     sizes: dict[str, tuple[int, int]] = {}
     parts: dict[str, list[np.ndarray]] = {}
     failed: list[str] = []
 
-    def load(chunk: list[str]):
-        return [decode(p, inspector.model_size, p) for p in chunk]
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-eval-decode") as pool:
-        pending = pool.submit(load, batches[0]) if batches else None
-        for b in range(len(batches)):
-            decoded = pending.result()
-            pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-            good = [d for d in decoded if d.error is None]
-            failed += [d.error for d in decoded if d.error is not None]
-            if good:
-                for name, value in inspector.embed(np.stack([d.model_input for d in good])).items():
-                    parts.setdefault(name, []).append(value)
-                for d in good:
-                    rows[d.name] = len(rows)
-                    sizes[d.name] = d.image.shape[:2]
-            progress(len(decoded))
+    for decoded in iter_decoded([s.path for s in samples], inspector.model_size, batch):
+        good = [d for d in decoded if d.error is None]
+        failed += [d.error for d in decoded if d.error is not None]
+        if good:
+            for name, value in inspector.embed(np.stack([d.model_input for d in good])).items():
+                parts.setdefault(name, []).append(value)
+            for d in good:
+                rows[d.name] = len(rows)
+                sizes[d.name] = d.image.shape[:2]
+        progress(len(decoded))
     return Embedded(rows, {k: np.concatenate(v) for k, v in parts.items()}, sizes, failed)
 
 

@@ -82,6 +82,21 @@ def decode(item: ImageInput, size: tuple[int, int], name: str) -> _Decoded:
     return _Decoded(name, image, model_input, (time.perf_counter() - t0) * 1e3, None)
 
 
+def iter_decoded(items: Sequence[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[_Decoded]]:
+    """Decoded batches of ``items``; the next batch is decoded on a worker thread while the caller uses this one."""
+    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+
+    def load(indices: list[int]) -> list[_Decoded]:
+        return [decode(items[i], size, _name_of(items[i], i)) for i in indices]
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-decode") as pool:
+        pending = pool.submit(load, batches[0]) if batches else None
+        for b in range(len(batches)):
+            decoded = pending.result()
+            pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
+            yield decoded
+
+
 class Inspector:
     """Bundle + product + engine. Thread-safe: concurrent callers are serialised around the engine."""
 
@@ -138,18 +153,8 @@ class Inspector:
         """Like :meth:`inspect`, yielding results as batches finish; decoding overlaps the engine."""
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        items = list(images)
-        batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
-
-        def load(indices: list[int]) -> list[_Decoded]:
-            return [decode(items[i], self.model_size, _name_of(items[i], i)) for i in indices]
-
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-decode") as pool:
-            pending = pool.submit(load, batches[0]) if batches else None
-            for b in range(len(batches)):
-                decoded = pending.result()
-                pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
-                yield from self._inspect_decoded(decoded, keep_images)
+        for decoded in iter_decoded(list(images), self.model_size, batch_size):
+            yield from self._inspect_decoded(decoded, keep_images)
 
     def _inspect_decoded(self, decoded: list[_Decoded], keep_images: bool) -> list[InspectionResult]:
         good = [d for d in decoded if d.error is None]
