@@ -15,7 +15,7 @@ needed is in docs/anomalib_comparison.md. In short:
 - Input: the same uint8 frames at model size; the anomalib tensor is normalised with the bundle's mean/std
   and the graph's arithmetic.
 - anomalib 2.7.0 feeds its window pass sequence-first into open_clip >= 2.26's batch-first transformer,
-  so every window gets the same embedding (WINCLIP.md section 4). The harness measures that as shipped,
+  so every window gets the same embedding (docs/method.md §4.4). The harness measures that as shipped,
   then corrects it in this process only (:func:`apply_window_fix`); anomalib's files are not edited.
 
 Needs anomalib 2.7.0 in a virtual environment that reuses the system torch/open_clip::
@@ -85,7 +85,7 @@ def text_prototypes_from_anomalib(text_embeddings: np.ndarray, class_name: str) 
     """anomalib's ``[2, D]`` raw prototypes (mean of raw prompt embeddings, [normal, anomalous]) -> ours.
 
     anomalib scores with cosine similarity, i.e. against ``mean / |mean|``: normalising each row gives
-    our prototypes exactly (ours are normalise-average-normalise by design, WINCLIP.md section 2).
+    our prototypes exactly (ours are normalise-average-normalise by design, docs/method.md §2).
     """
     from anomalib.models.image.winclip.prompting import create_prompt_ensemble
 
@@ -321,7 +321,7 @@ def anomalib_worker(spec: dict) -> None:
     from anomalib.models.image.winclip.torch_model import WinClipModel  # noqa: F401  (the package import cost)
 
     if spec["config"]:
-        from export.models import resolve_model
+        from winclip_edge.export.models import resolve_model
 
         resolve_model(spec["model"])  # registers the config JSON with open_clip under the bundle's name
     timeline.mark("imported")
@@ -367,7 +367,7 @@ def anomalib_worker(spec: dict) -> None:
     report["peak_rss_mib"] = peak_rss_mib()
     report["load_end"] = load_average()
     arrays["text_embeddings"] = model.text_embeddings.detach().numpy().astype(np.float32)
-    from export.models import weights_id
+    from winclip_edge.export.models import weights_id
 
     report["weights_id"] = weights_id(model.clip)
     _save_worker(Path(spec["work"]), "anomalib", arrays, report)
@@ -377,7 +377,7 @@ def ours_worker(spec: dict) -> None:
     """winclip-edge, ONNX Runtime CPU fp32 through ``Inspector``: the same phases as :func:`anomalib_worker`."""
     timeline = Timeline(spec["launched_at"])
     from winclip_edge.bundle import Bundle
-    from winclip_edge.engines import create_engine
+    from winclip_edge.engines import EngineConfig, create_engine
     from winclip_edge.inspector import Inspector
     from winclip_edge.products import save_memory
     from winclip_edge.scoring import ScoringOptions
@@ -385,7 +385,7 @@ def ours_worker(spec: dict) -> None:
     timeline.mark("imported")
     bundle = Bundle(spec["bundle"])  # verifies the graph's sha256
     options = ScoringOptions(temperature=bundle.manifest.temperature)
-    engine = RecordingEngine(create_engine("onnxruntime", bundle, provider="cpu", threads=spec["threads"]))
+    engine = RecordingEngine(create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu", threads=spec["threads"])))
     inspector = Inspector(bundle, spec["product"], options=options, engine=engine)
     timeline.mark("bundle_and_session")
     images = np.load(spec["inputs"])["images"]
@@ -449,7 +449,7 @@ def prepare_bundle(args: argparse.Namespace, bundle_dir: Path) -> tuple[Path, di
         except BundleError:
             reuse = False
     if not reuse:
-        from export.onnx_export import ExportOptions, export_bundle
+        from winclip_edge.export.onnx_export import ExportOptions, export_bundle
 
         _log(f"exporting the bundle: {export_command(args, bundle_dir)}")
         export_bundle(bundle_dir, ExportOptions(model=args.model, pretrained="none", seed=args.seed,
@@ -461,7 +461,7 @@ def prepare_bundle(args: argparse.Namespace, bundle_dir: Path) -> tuple[Path, di
             and json.loads(sidecar.read_text()).get("weights_id") == manifest.weights_id):
         import torch
 
-        from export.models import load_model
+        from winclip_edge.export.models import load_model
 
         _log("writing the same weights as an open_clip checkpoint for anomalib")
         loaded = load_model(args.model, "none", seed=args.seed)

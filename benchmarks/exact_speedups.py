@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Exact speed-ups of the export graph, measured (DESIGN.md, performance model).
+"""Exact speed-ups of the export graph, measured (docs/method.md §4.3, docs/performance.md §5).
 
 Variants of ``export.windowed_clip.WindowedVisual`` on one model (random weights: speed does not depend
 on them), each checked to give the same outputs as the shipped graph, then timed at batch 1 in torch
@@ -36,9 +36,9 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from export.models import load_model  # noqa: E402
-from export.onnx_export import export_onnx  # noqa: E402
-from export.windowed_clip import WindowedVisual  # noqa: E402
+from winclip_edge.export.models import load_model  # noqa: E402
+from winclip_edge.export.onnx_export import export_onnx  # noqa: E402
+from winclip_edge.export.windowed_clip import WindowedVisual  # noqa: E402
 from winclip_edge.bench import interleaved, latency_stats, machine_info, markdown_table, software_versions, \
     write_report  # noqa: E402
 from winclip_edge.contract import INPUT_NAME, output_names  # noqa: E402

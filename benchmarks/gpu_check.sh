@@ -101,7 +101,7 @@ if "$PYTHON" -c "import anomalib" 2>/dev/null && [ -f benchmarks/anomalib_compar
 import importlib.util, json, sys, tempfile
 from pathlib import Path
 import torch
-from export.models import load_model
+from winclip_edge.export.models import load_model
 from winclip_edge.bench import latency_stats, machine_info, markdown_table, software_versions, time_calls, write_report
 
 model_name, device, warmup, iters, out = sys.argv[1], torch.device(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5]

@@ -19,18 +19,19 @@ from typing import Any
 import numpy as np
 import torch
 
-from winclip_edge.bundle import sha256_file
+from winclip_edge.errors import WinclipError
+from winclip_edge.fileio import sha256_file
 
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
 NO_WEIGHTS = "none"
 
 
-class ModelNotFoundError(ValueError):
+class ModelNotFoundError(WinclipError, ValueError):
     """Not an open_clip model name, nor an open_clip model-config JSON."""
 
 
-class WeightsUnavailableError(RuntimeError):
+class WeightsUnavailableError(WinclipError, RuntimeError):
     """Pretrained weights cannot be obtained (offline, unknown tag, missing file)."""
 
 

@@ -22,9 +22,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from winclip_edge.bundle import DIR_MODE, FORMAT_VERSION, MANIFEST, VISUAL_ONNX, Bundle, Manifest, atomic_write_json, \
-    sha256_file
+from winclip_edge.bundle import FORMAT_VERSION, MANIFEST, VISUAL_ONNX, Bundle, Manifest
 from winclip_edge.contract import INPUT_NAME, output_names
+from winclip_edge.errors import WinclipError
+from winclip_edge.fileio import DIR_MODE, atomic_write_json, sha256_file
 from winclip_edge.preprocess import resize_to_model
 from winclip_edge.products import save_text
 from winclip_edge.prompts import PromptSpec, object_name_for
@@ -40,11 +41,11 @@ EXPORT_BATCH = 2  # dummy batch for tracing (the batch axis is dynamic)
 VERIFY_BATCH = 3  # a different batch size than the trace, so the dynamic axis is exercised
 
 
-class ExportVerificationError(RuntimeError):
+class ExportVerificationError(WinclipError, RuntimeError):
     """The exported graph does not agree with the torch module."""
 
 
-class BundleExistsError(FileExistsError):
+class BundleExistsError(WinclipError, FileExistsError):
     """The output folder exists and --force was not given."""
 
 

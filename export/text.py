@@ -1,4 +1,4 @@
-"""CPE text prototypes (WINCLIP.md section 2): encode every prompt, L2-normalise each, average per group,
+"""CPE text prototypes (docs/method.md §2): encode every prompt, L2-normalise each, average per group,
 L2-normalise again (CLIP's own prompt-ensembling practice; anomalib averages raw embeddings)."""
 from __future__ import annotations
 

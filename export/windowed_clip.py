@@ -1,4 +1,4 @@
-"""The windowed CLIP visual module (WINCLIP.md sections 0, 4, 7): one forward call returns the image,
+"""The windowed CLIP visual module (docs/method.md §0, §4, §7): one forward call returns the image,
 window and patch embeddings of a batch. Used for the ONNX export and as the torch reference/backend.
 
 Windows "mask everything outside" by *dropping* those tokens: a window's sequence is
@@ -6,7 +6,7 @@ Windows "mask everything outside" by *dropping* those tokens: a window's sequenc
 All windows of one scale and all images of the batch run through the transformer as one batch of
 short sequences. open_clip >= 2.26 builds batch-first transformers; this module calls the
 residual blocks directly on ``[batch, sequence, width]`` tensors, so windows never attend to each
-other (the flat-map bug of anomalib 2.7, WINCLIP.md section 4, cannot happen here).
+other (the flat-map bug of anomalib 2.7, docs/method.md §4.4, cannot happen here).
 """
 from __future__ import annotations
 
@@ -17,10 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from winclip_edge.contract import IMAGE_EMBEDDING, PATCH_LAYERS, PATCH_TOKENS, GraphSpec, window_output_name
+from winclip_edge.errors import WinclipError
 from winclip_edge.windows import window_token_index
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(WinclipError, ValueError):
     """The open_clip model is not a plain ViT with a CLS token and a projection."""
 
 
@@ -51,7 +52,7 @@ class CLSOnlyLastBlock(nn.Module):
     """The last residual block computing only the CLS output: queries = CLS, keys/values = all tokens.
 
     Exact (the other outputs of the last block are never used for a window or image embedding) and
-    saves about 1/L of the transformer work (DESIGN.md, performance model).
+    saves about 1/L of the transformer work (docs/method.md §4.3).
     """
 
     def __init__(self, block: nn.Module):
@@ -123,7 +124,9 @@ class WindowedVisual(nn.Module):
     def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Patch tokens with positions, after ln_pre, and the CLS token: ([N, h*w, C], [1, 1, C])."""
         v = self.visual
-        x = images.permute(0, 3, 1, 2).float()  # [N, 3, H, W]
+        # Cast before any other op: TensorRT's ONNX parser accepts uint8 only as a graph input feeding a Cast
+        # (tests/test_graph_dtypes.py checks that no other tensor of the graph is uint8).
+        x = images.float().permute(0, 3, 1, 2)  # [N, 3, H, W]
         x = (x - self.pixel_mean) / self.pixel_std
         x = v.conv1(x)  # [N, C, h, w]
         x = x.flatten(2).transpose(1, 2)  # [N, h*w, C]

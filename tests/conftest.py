@@ -30,7 +30,7 @@ def config_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def make_bundle(tmp_path_factory, config_dir):
     """``make_bundle(config="tiny240", products=("widget",), **ExportOptions)`` -> bundle path, cached per session."""
-    from export.onnx_export import ExportOptions, export_bundle
+    from winclip_edge.export.onnx_export import ExportOptions, export_bundle
 
     cache: dict = {}
 

@@ -43,7 +43,7 @@ def harness():
 @pytest.fixture(scope="module")
 def pair(harness, make_bundle, config_dir, tmp_path_factory):
     """The tiny bundle (patch layer last) with anomalib's prototypes, and anomalib's model on the same weights."""
-    from export.models import load_model
+    from winclip_edge.export.models import load_model
     from winclip_edge.bundle import Bundle
     from winclip_edge.products import save_text
 
@@ -76,7 +76,7 @@ def test_anomalib_masks_are_our_windows_transposed(harness, grid, k, stride):
 
 
 def test_same_weights_in_anomalib(pair):
-    from export.models import weights_id
+    from winclip_edge.export.models import weights_id
 
     assert weights_id(pair.model.clip) == pair.weights_id
 
@@ -103,7 +103,7 @@ def test_prototype_conversion_refuses_other_shapes(harness):
 
 
 def test_shipped_windows_are_flat_and_the_correction_gives_ours(harness, pair):
-    from winclip_edge.engines import create_engine
+    from winclip_edge.engines import EngineConfig, create_engine
 
     r = pair.recorder
     harness.remove_window_fix(pair.model)
@@ -113,7 +113,7 @@ def test_shipped_windows_are_flat_and_the_correction_gives_ours(harness, pair):
     assert float(shipped["zero_shot_token_map"].std()) < FLAT
     harness.apply_window_fix(pair.model)
     corrected = r.record(r.infer(pair.images[:1], pair.mean, pair.std))
-    ours = create_engine("onnxruntime", pair.bundle, provider="cpu").run(pair.images[:1])
+    ours = create_engine(pair.bundle, EngineConfig(backend="onnxruntime", provider="cpu")).run(pair.images[:1])
     for k in (2, 3):
         assert harness.window_spread(corrected[f"windows_k{k}"]) > 100 * FLAT
         assert harness.max_abs_diff(corrected[f"windows_k{k}"], ours[f"window_embeddings_k{k}"]) < EMBEDDING_TOLERANCE
@@ -128,11 +128,11 @@ def _assert_same_answer(harness, ours: dict, theirs: dict) -> None:
 
 
 def _inspector(harness, pair):
-    from winclip_edge.engines import create_engine
+    from winclip_edge.engines import EngineConfig, create_engine
     from winclip_edge.inspector import Inspector
     from winclip_edge.scoring import ScoringOptions
 
-    engine = harness.RecordingEngine(create_engine("onnxruntime", pair.bundle, provider="cpu"))
+    engine = harness.RecordingEngine(create_engine(pair.bundle, EngineConfig(backend="onnxruntime", provider="cpu")))
     return Inspector(pair.bundle, PRODUCT, options=ScoringOptions(temperature=pair.model.temperature), engine=engine)
 
 

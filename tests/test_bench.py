@@ -14,7 +14,7 @@ from winclip_edge.bench import RESULT_MARKER, cold_start, interleaved, latency_s
     peak_rss_mib, software_versions, synthetic_images, time_calls
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import EXIT_OK, main
-from winclip_edge.precision import make_variant
+from winclip_edge.builders.variants import make_variant
 
 GATE_TIMEOUT_S = 20.0  # only reached when decoding does NOT overlap the engine (the test then fails)
 

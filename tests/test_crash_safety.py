@@ -187,7 +187,7 @@ def _folder(path: Path, content: str) -> Path:
 
 
 def test_exchange_swaps_two_folders_atomically(tmp_path):
-    from export.onnx_export import _exchange_paths
+    from winclip_edge.export.onnx_export import _exchange_paths
 
     a, b = _folder(tmp_path / "a", "A"), _folder(tmp_path / "b", "B")
     if not _exchange_paths(a, b):
@@ -197,7 +197,7 @@ def test_exchange_swaps_two_folders_atomically(tmp_path):
 
 @pytest.mark.parametrize("atomic", [True, False])
 def test_replace_dir_leaves_only_the_new_folder(tmp_path, monkeypatch, atomic):
-    from export import onnx_export
+    from winclip_edge.export import onnx_export
 
     if not atomic:  # the two-rename fallback of other systems
         monkeypatch.setattr(onnx_export, "_exchange_paths", lambda a, b: False)

@@ -11,15 +11,21 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from conftest import textured_part
+
 from winclip_edge import Inspector
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import main
 from winclip_edge.datasets import read_mvtec, split_references
-from winclip_edge.engines import create_engine
-from winclip_edge.evaluation import (RANDOM_WEIGHTS_WARNING, EvalConfig, EvaluationError, load_classes,
-                                     run_evaluation, scoring_options)
+from winclip_edge.engines import EngineConfig, create_engine
+from winclip_edge.evaluation import (
+    RANDOM_WEIGHTS_WARNING,
+    EvalConfig,
+    EvaluationError,
+    load_classes,
+    run_evaluation,
+    scoring_options,
+)
 from winclip_edge.metrics import IMAGE_KEYS, PIXEL_KEYS, image_auroc, pixel_auroc_exact, pro_exact
 from winclip_edge.paper import paper_result
 from winclip_edge.products import load_text, save_memory
@@ -34,7 +40,7 @@ class CountingEngine:
     """The real ONNX Runtime engine, counting the images it is asked to embed."""
 
     def __init__(self, bundle_path: Path):
-        self.inner = create_engine("onnxruntime", Bundle(bundle_path))
+        self.inner = create_engine(Bundle(bundle_path), EngineConfig(backend="onnxruntime"))
         self.name, self.device = self.inner.name, self.inner.device
         self.images = 0
 
@@ -144,13 +150,13 @@ def test_resume_skips_finished_units_and_embeds_each_test_image_once(textile_run
     shutil.copytree(finished, out)
     engine = CountingEngine(module_bundle)
     messages = []
-    cli_engine = {"provider": "auto", "threads": 0}  # what the CLI run of textile_run passed
-    same = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1), seeds=2, engine_options=cli_engine)
+    cli_engine = EngineConfig()  # what the CLI run of textile_run used
+    same = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1), seeds=2, engine=cli_engine)
     result = run_evaluation(same, engine=engine, log=messages.append)
     assert (result.computed, result.skipped, engine.images) == (0, 3, 0)
     assert any("skipped 3 finished" in m for m in messages)
     # A new shot count: the 18 test images are embedded once for both of its seeds, plus 2 x 2 references.
-    more = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1, 2), seeds=2, engine_options=cli_engine)
+    more = config(module_bundle, out, dataset="textile", limit=6, shots=(0, 1, 2), seeds=2, engine=cli_engine)
     result = run_evaluation(more, engine=engine, log=messages.append)
     assert (result.computed, result.skipped, engine.images) == (2, 3, 18 + 2 * 2)
     assert set(result.summary["shots"]) == {"0", "1", "2"}
@@ -162,9 +168,9 @@ def test_resume_refuses_another_configuration(textile_run, module_bundle, tmp_pa
     shutil.copytree(finished, out)
     with pytest.raises(EvaluationError, match="limit"):
         run_evaluation(config(module_bundle, out, dataset="textile", limit=5, shots=(0,), seeds=1))
-    with pytest.raises(EvaluationError, match="engine_options"):  # e.g. an int8 variant instead of fp32
+    with pytest.raises(EvaluationError, match="engine"):  # e.g. an int8 variant instead of fp32
         run_evaluation(config(module_bundle, out, dataset="textile", limit=6, shots=(0,), seeds=1,
-                              engine_options={"provider": "auto", "threads": 0, "model_path": "variants/visual.int8.onnx"}))
+                              engine=EngineConfig(precision="int8")))
 
 
 # ---------------------------------------------------------------- MVTec with masks
@@ -274,7 +280,7 @@ def test_missing_optional_dependencies_are_named(bundle_copy, mvtec_root, tmp_pa
     with pytest.raises(ReportError, match=r"pip install matplotlib.*--no-pictures"):
         run_evaluation(EvalConfig(bundle=bundle_copy, out=tmp_path / "a", dataset="mvtec", root=mvtec_root,
                                   shots=(0,), progress=False))
-    monkeypatch.setitem(sys.modules, "export.models", None)
+    monkeypatch.setitem(sys.modules, "winclip_edge.export.models", None)
     with pytest.raises(EvaluationError, match=r"widget__clip_ac.*winclip-edge\[export\]"):
         run_evaluation(config(bundle_copy, tmp_path / "b", dataset="mvtec", root=mvtec_root, shots=(0,),
                               prompts="clip_ac"))

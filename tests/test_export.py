@@ -4,7 +4,7 @@ import pytest
 
 from winclip_edge.bundle import Bundle, BundleError
 from winclip_edge.contract import output_names
-from winclip_edge.engines import create_engine
+from winclip_edge.engines import EngineConfig, create_engine
 from winclip_edge.products import load_text
 
 
@@ -20,7 +20,7 @@ def test_bundle_is_verified_and_round_trips(make_bundle, config, scales):
     assert len(text.normal_prompts) == 154 and len(text.anomalous_prompts) == 88
     assert text.prompt_spec["object_name"] == "widget"
     # the runtime engine agrees with the shapes of the contract at another batch size
-    engine = create_engine("onnxruntime", bundle)
+    engine = create_engine(bundle, EngineConfig(backend="onnxruntime"))
     images = np.random.default_rng(0).integers(0, 256, (5, *m.image_size, 3), dtype=np.uint8)
     out = engine.run(images)
     for name, shape in m.spec.output_shapes().items():
@@ -32,8 +32,8 @@ def test_onnx_equals_torch_on_a_fresh_batch(tiny_bundle):
     """Independent of the export's own check: ORT engine vs the torch reference engine."""
     bundle = Bundle(tiny_bundle)
     images = np.random.default_rng(7).integers(0, 256, (2, 240, 240, 3), dtype=np.uint8)
-    a = create_engine("onnxruntime", bundle).run(images)
-    b = create_engine("torch", bundle).run(images)
+    a = create_engine(bundle, EngineConfig(backend="onnxruntime")).run(images)
+    b = create_engine(bundle, EngineConfig(backend="torch")).run(images)
     for name in a:
         assert np.abs(a[name] - b[name]).max() < 1e-4, name
 
@@ -62,7 +62,7 @@ def test_tampered_text_is_detected(bundle_copy):
 
 
 def test_failed_verification_leaves_no_bundle(tmp_path, config_dir):
-    from export.onnx_export import ExportOptions, ExportVerificationError, export_bundle
+    from winclip_edge.export.onnx_export import ExportOptions, ExportVerificationError, export_bundle
 
     out = tmp_path / "b"
     with pytest.raises(ExportVerificationError, match="no bundle was written"):
@@ -72,7 +72,7 @@ def test_failed_verification_leaves_no_bundle(tmp_path, config_dir):
 
 
 def test_offline_pretrained_tag_gives_clear_error(monkeypatch):
-    from export.models import WeightsUnavailableError, load_model
+    from winclip_edge.export.models import WeightsUnavailableError, load_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(WeightsUnavailableError, match="--pretrained PATH"):
@@ -85,7 +85,7 @@ def test_local_checkpoint_path(tmp_path, config_dir):
     """The offline path: --pretrained PATH loads an open_clip checkpoint and records its sha256."""
     import torch
 
-    from export.models import load_model
+    from winclip_edge.export.models import load_model
 
     source = load_model(str(config_dir / "tiny224p32.json"), "none", seed=5)
     ckpt = tmp_path / "tiny.pt"

@@ -7,13 +7,15 @@ import textwrap
 import cv2
 import numpy as np
 import pytest
-
 from conftest import textured_part
-from winclip_edge.bundle import Bundle, BundleError, atomic_write_json, json_with_checksum
+
+from winclip_edge.builders.variants import make_variant
+from winclip_edge.bundle import Bundle, BundleError, json_with_checksum
 from winclip_edge.cli import EXIT_ERROR, EXIT_OK, main
-from winclip_edge.engines import create_engine
-from winclip_edge.precision import FAITHFUL_MAP_MAX_ABS, FAITHFUL_SCORE_MAX_ABS, VariantError, fidelity, load_variant, \
-    make_variant, sidecar_path, variant_path
+from winclip_edge.engines import EngineConfig, create_engine
+from winclip_edge.engines.onnx_variants import VariantError, load_variant, sidecar_path, variant_path
+from winclip_edge.fidelity import FAITHFUL_MAP_MAX_ABS, FAITHFUL_SCORE_MAX_ABS, fidelity
+from winclip_edge.fileio import atomic_write_json
 from winclip_edge.scoring import Scores
 
 onnx = pytest.importorskip("onnx")
@@ -27,8 +29,8 @@ def _images(n: int = 2) -> np.ndarray:
 
 
 def _diffs(bundle: Bundle, precision: str, images: np.ndarray) -> dict[str, float]:
-    reference = create_engine("onnxruntime", bundle, provider="cpu").run(images)
-    variant = create_engine("onnxruntime", bundle, provider="cpu", model_path=str(load_variant(bundle, precision)))
+    reference = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu")).run(images)
+    variant = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu", precision=precision))
     out = variant.run(images)
     return {k: float(np.abs(out[k] - reference[k]).max()) for k in reference}
 
@@ -152,12 +154,12 @@ def test_variants_need_no_torch(bundle_copy):
     script = textwrap.dedent(f"""
         import sys
         from winclip_edge.bundle import Bundle
-        from winclip_edge.engines import create_engine
-        from winclip_edge.precision import load_variant, make_variant
+        from winclip_edge.engines import EngineConfig, create_engine
+        from winclip_edge.builders.variants import make_variant
         import numpy as np
         bundle = Bundle({str(bundle_copy)!r})
         make_variant(bundle, "int8")
-        out = create_engine("onnxruntime", bundle, model_path=str(load_variant(bundle, "int8"))).run(
+        out = create_engine(bundle, EngineConfig(backend="onnxruntime", precision="int8")).run(
             np.zeros((1, 240, 240, 3), np.uint8))
         assert not any(m.split(".")[0] in ("torch", "open_clip") for m in sys.modules), "torch was imported"
         print("OK")

@@ -202,7 +202,7 @@ def test_a_memory_survives_its_load(bundle_copy):
 def test_bundle_files_follow_the_umask_like_any_file(tiny_bundle, bundle_copy):
     """Temporary files are private (0600, folders 0700): the atomic writes must not carry that into the bundle,
     or a service account could not read a bundle that another account exported or registered."""
-    from winclip_edge.bundle import DIR_MODE, FILE_MODE
+    from winclip_edge.fileio import DIR_MODE, FILE_MODE
 
     assert tiny_bundle.stat().st_mode & 0o777 == DIR_MODE
     for path in (tiny_bundle / MANIFEST, tiny_bundle / VISUAL_ONNX, product_file(tiny_bundle, TEXT)):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from conftest import textured_part
-from winclip_edge import Inspector
+from winclip_edge import EngineConfig, Inspector
 from winclip_edge.bundle import BundleError
 from winclip_edge.calibration import CalibrationError, calibrate, choose_threshold
 from winclip_edge.products import save_memory, save_threshold
@@ -12,7 +12,7 @@ CORNER = 64  # defect size in pixels
 
 
 def _register(bundle_path, product, refs, backend="onnxruntime"):
-    inspector = Inspector(bundle_path, product, backend=backend)
+    inspector = Inspector(bundle_path, product, engine=EngineConfig(backend=backend))
     memory, failed = inspector.embed_references(refs)
     assert not failed
     save_memory(inspector.bundle, product, memory)
@@ -26,8 +26,8 @@ def test_onnxruntime_equals_torch_reference(bundle_copy):
         from winclip_edge.scoring import ScoringOptions
 
         options = ScoringOptions(use_memory=not zero_shot)
-        ort = Inspector(bundle_copy, "widget", "onnxruntime", options=options).inspect(tests)
-        ref = Inspector(bundle_copy, "widget", "torch", options=options).inspect(tests)
+        ort = Inspector(bundle_copy, "widget", engine=EngineConfig(backend="onnxruntime"), options=options).inspect(tests)
+        ref = Inspector(bundle_copy, "widget", engine=EngineConfig(backend="torch"), options=options).inspect(tests)
         for a, b in zip(ort, ref):
             assert a.error is None and b.error is None
             assert abs(a.score - b.score) < 1e-4

@@ -1,4 +1,4 @@
-"""Every vectorised formula of WINCLIP.md against a slow loop version."""
+"""Every vectorised formula of docs/method.md (§3, §5-§7) against a slow loop version."""
 import numpy as np
 import pytest
 

@@ -20,21 +20,35 @@ from types import SimpleNamespace
 import cv2
 import numpy as np
 import pytest
+from conftest import textured_part
 
 from winclip_edge import cli
+from winclip_edge.builders import tensorrt as trt_build
+from winclip_edge.builders.tensorrt import (
+    BuildOptions,
+    CalibrationFeed,
+    EngineBuildError,
+    build_engine,
+    calibration_batches,
+    fp32_layers,
+)
 from winclip_edge.bundle import VISUAL_ONNX, Bundle
 from winclip_edge.contract import INPUT_NAME, ContractError, output_names
-from winclip_edge.engines import EngineError, create_engine
+from winclip_edge.engines import EngineConfig, EngineError, create_engine
 from winclip_edge.engines import tensorrt as trt_backend
-from winclip_edge.engines import trt_build
-from winclip_edge.engines.engine_cache import (BatchProfile, DeviceInfo, EngineCacheError, EngineKey, default_engine_dir,
-                                               find_engine, plan_path, save_engine, slug)
+from winclip_edge.engines.engine_cache import (
+    BatchProfile,
+    DeviceInfo,
+    EngineCacheError,
+    EngineKey,
+    default_engine_dir,
+    find_engine,
+    plan_path,
+    save_engine,
+    slug,
+)
 from winclip_edge.engines.tensorrt import Cuda, TensorInfo, TensorRTEngine, check_engine_io, io_table
-from winclip_edge.engines.trt_build import (BuildOptions, CalibrationFeed, EngineBuildError, build_engine,
-                                            calibration_batches, fp32_layers)
 from winclip_edge.preprocess import read_image, resize_to_model
-
-from conftest import textured_part
 
 FAKE_GPU = b"Fake GPU 9000\x00\x00"  # CUDA pads device names with NULs
 FAKE_CC = (8, 7)
@@ -728,10 +742,10 @@ def test_engine_runs_batches_in_slices_of_the_profile_and_matches_onnxruntime(bu
     trt, cudart = fakes
     bundle = Bundle(bundle_copy)
     build_engine(bundle, BuildOptions(profile=BatchProfile(1, 2, 2)), log=_quiet)
-    engine = create_engine("tensorrt", bundle, precision="fp16")
+    engine = create_engine(bundle, EngineConfig(backend="tensorrt", precision="fp16"))
     assert isinstance(engine, TensorRTEngine) and engine.name == "tensorrt"
     assert engine.device == "Fake GPU 9000 (fp16)" and engine.max_batch == 2
-    reference = create_engine("onnxruntime", bundle, provider="cpu")
+    reference = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu"))
     images = np.stack([textured_part(bundle.spec.image_size, seed=s) for s in range(5)])
     syncs = cudart.calls["cudaStreamSynchronize"]
     out = engine.run(images)
@@ -753,7 +767,7 @@ def test_engine_runs_batches_in_slices_of_the_profile_and_matches_onnxruntime(bu
 def test_engine_refuses_a_precision_that_was_not_built(bundle_copy, fakes):
     build_engine(Bundle(bundle_copy), BuildOptions(precision="fp16"), log=_quiet)
     with pytest.raises(EngineCacheError, match="precision fp16, asked for int8.*--precision int8"):
-        TensorRTEngine(Bundle(bundle_copy), precision="int8")
+        TensorRTEngine(Bundle(bundle_copy), EngineConfig(backend="tensorrt", precision="int8"))
 
 
 def test_a_failed_allocation_frees_what_was_allocated(bundle_copy, fakes):
@@ -822,10 +836,10 @@ NO_TENSORRT = _no_tensorrt_reason()
 def test_real_tensorrt_engine_matches_onnxruntime(bundle_copy):
     bundle = Bundle(bundle_copy)
     images = np.random.default_rng(0).integers(0, 256, (3, *bundle.spec.image_size, 3), dtype=np.uint8)
-    expected = create_engine("onnxruntime", bundle, provider="cpu").run(images)
+    expected = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu")).run(images)
     for precision, tolerance in (("fp32", FP32_TOLERANCE), ("fp16", FP16_TOLERANCE)):
         build_engine(bundle, BuildOptions(precision=precision, profile=BatchProfile(1, 2, 2)), log=_quiet)
-        engine = TensorRTEngine(bundle, precision=precision)
+        engine = TensorRTEngine(bundle, EngineConfig(backend="tensorrt", precision=precision))
         out = engine.run(images)
         engine.close()
         for name, value in expected.items():

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from winclip_edge.bundle import Bundle
-from winclip_edge.engines import EngineError, create_engine
+from winclip_edge.engines import EngineConfig, EngineError, create_engine
 from winclip_edge.engines.torch import graph_batch_size
 
 torch = pytest.importorskip("torch")
@@ -26,7 +26,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def reference(tiny_bundle):
     """ONNX Runtime (CPU) outputs of a fixed batch: the bundle's verified graph."""
     bundle = Bundle(tiny_bundle)
-    engine = create_engine("onnxruntime", bundle, provider="cpu")
+    engine = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu"))
     images = _images(3)
     return bundle, images, engine.run(images)
 
@@ -34,7 +34,7 @@ def reference(tiny_bundle):
 @pytest.mark.parametrize("mha_fastpath", [True, False])
 def test_cpu_fp32_equals_onnxruntime(reference, mha_fastpath):
     bundle, images, expected = reference
-    engine = create_engine("torch", bundle, device="cpu", mha_fastpath=mha_fastpath)
+    engine = create_engine(bundle, EngineConfig(backend="torch", device="cpu", mha_fastpath=mha_fastpath))
     assert engine.device == "cpu, torch fp32"
     assert _max_diff(engine.run(images), expected) < FP32_TOLERANCE
 
@@ -42,13 +42,13 @@ def test_cpu_fp32_equals_onnxruntime(reference, mha_fastpath):
 def test_mha_fastpath_switch_is_restored(reference):
     bundle, images, _ = reference
     before = torch.backends.mha.get_fastpath_enabled()
-    create_engine("torch", bundle, device="cpu", mha_fastpath=not before).run(images[:1])
+    create_engine(bundle, EngineConfig(backend="torch", device="cpu", mha_fastpath=not before)).run(images[:1])
     assert torch.backends.mha.get_fastpath_enabled() == before
 
 
 def test_fp16_keeps_layernorm_fp32_and_stays_close(reference):
     bundle, images, expected = reference
-    engine = create_engine("torch", bundle, device="cpu", precision="fp16")
+    engine = create_engine(bundle, EngineConfig(backend="torch", device="cpu", precision="fp16"))
     visual = engine.module.visual
     norms = [m for m in visual.modules() if isinstance(m, torch.nn.LayerNorm)]
     linears = [m for m in visual.modules() if isinstance(m, torch.nn.Linear)]
@@ -68,7 +68,7 @@ def test_fp16_keeps_layernorm_fp32_and_stays_close(reference):
 ])
 def test_bad_options_are_refused(tiny_bundle, options, message):
     with pytest.raises(EngineError, match=message):
-        create_engine("torch", Bundle(tiny_bundle), **options)
+        create_engine(Bundle(tiny_bundle), EngineConfig(backend="torch", **options))
 
 
 def test_graph_batch_size_pads_to_the_smallest_captured_size():
@@ -82,7 +82,7 @@ def test_graph_batch_size_pads_to_the_smallest_captured_size():
 @pytest.mark.cuda
 def test_cuda_fp32_equals_onnxruntime(reference):
     bundle, images, expected = reference
-    engine = create_engine("torch", bundle, device="cuda")
+    engine = create_engine(bundle, EngineConfig(backend="torch", device="cuda"))
     assert _max_diff(engine.run(images), expected) < FP32_TOLERANCE
 
 
@@ -91,8 +91,8 @@ def test_cuda_fp32_equals_onnxruntime(reference):
 @pytest.mark.parametrize("precision", ["fp32", "fp16"])
 def test_cuda_graphs_equal_eager_and_pad_smaller_batches(reference, precision):
     bundle, images, _ = reference
-    eager = create_engine("torch", bundle, device="cuda", precision=precision)
-    graphs = create_engine("torch", bundle, device="cuda", precision=precision, cuda_graphs=True)
+    eager = create_engine(bundle, EngineConfig(backend="torch", device="cuda", precision=precision))
+    graphs = create_engine(bundle, EngineConfig(backend="torch", device="cuda", precision=precision, cuda_graphs=True))
     more = _images(5, seed=1)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE  # padded shapes may pick other kernels
     for batch in (images, images[:2], more, images[:1]):  # capture 3, pad 2 -> 3, capture 5, pad 1 -> 3
@@ -104,4 +104,4 @@ def test_cuda_graphs_equal_eager_and_pad_smaller_batches(reference, precision):
 @pytest.mark.cuda
 def test_cuda_fp16_stays_close(reference):
     bundle, images, expected = reference
-    assert _max_diff(create_engine("torch", bundle, device="cuda", precision="fp16").run(images), expected) < FP16_TOLERANCE
+    assert _max_diff(create_engine(bundle, EngineConfig(backend="torch", device="cuda", precision="fp16")).run(images), expected) < FP16_TOLERANCE

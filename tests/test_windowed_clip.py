@@ -3,8 +3,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from export.models import load_model
-from export.windowed_clip import FullLastBlock, WindowedVisual
+from winclip_edge.export.models import load_model
+from winclip_edge.export.windowed_clip import FullLastBlock, WindowedVisual
 from winclip_edge.windows import window_token_index
 
 

@@ -1,6 +1,6 @@
 """Benchmarks: latency percentiles and throughput per batch size, the split into pipeline stages, cold start,
 peak memory and (for fp16 / int8) fidelity against fp32, written as Markdown + JSON with the machine,
-versions, load and exact command line (DESIGN.md: every number states what it was measured on).
+versions, load and exact command line (docs/architecture.md, Conventions: every number states what it was measured on).
 
 The timing helpers (:func:`time_calls`, :func:`latency_stats`, :func:`cold_start`, :func:`peak_rss_mib`,
 :func:`machine_info`, :func:`software_versions`, :func:`markdown_table`, :func:`write_report`) take plain
@@ -12,7 +12,6 @@ with the engine): decode + resize (``inspector.decode``), engine (``Inspector.em
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime as _dt
 import json
@@ -33,6 +32,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from .engines.config import EngineConfig
+from .errors import WinclipError
+from .scoring import ScoringOptions
+
 RESULT_MARKER = "WINCLIP_BENCH_RESULT "  # a cold-start child prints this + JSON when its first result exists
 DEFAULT_OUT = "benchmarks/results"
 DEFAULT_BATCHES = (1, 4, 8)
@@ -45,6 +48,35 @@ PERCENTILES = (50, 90, 99)
 VERSIONED_PACKAGES = ("numpy", "opencv-python-headless", "opencv-python", "onnxruntime", "onnxruntime-gpu", "onnx",
                       "torch", "open_clip_torch", "tensorrt", "anomalib")
 _KIB_PER_MIB = 1024.0
+
+
+class BenchError(WinclipError, ValueError):
+    """A benchmark that cannot run as asked (no images, bad counts)."""
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run: one bundle, product, engine and scoring setup, several batch sizes."""
+
+    bundle: Path
+    product: str
+    engine: EngineConfig = EngineConfig()
+    options: ScoringOptions = ScoringOptions()
+    sigma: float = 0.0
+    batches: tuple[int, ...] = DEFAULT_BATCHES
+    images: str = "8"  # a count of synthetic frames, or a folder / glob of images
+    synthetic_size: tuple[int, int] = DEFAULT_SYNTHETIC_SIZE
+    warmup: int = 1
+    iters: int = 5
+    fidelity_images: int = DEFAULT_FIDELITY_IMAGES
+    cold_start: bool = True
+    progress: bool = True
+    command: str = ""  # the command line that asked for it, for the report
+
+    def check(self) -> None:
+        if min(self.batches, default=0) < 1 or self.iters < 1 or self.warmup < 0:
+            raise BenchError(f"need batch sizes >= 1 (got {list(self.batches)}), --iters >= 1 (got {self.iters}) "
+                             f"and --warmup >= 0 (got {self.warmup})")
 
 
 # ---------------------------------------------------------------- timing helpers (library)
@@ -218,7 +250,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json`` under ``out_dir`` (atomically); returns both paths."""
-    from .bundle import atomic_write_bytes, atomic_write_json
+    from .fileio import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     md, js = out / f"{stem}.md", out / f"{stem}.json"
@@ -254,11 +286,11 @@ STAGES = ("decode", "engine", "scoring", "resize_overlay")
 def pipeline_once(inspector: Any, items: Sequence[Any]) -> dict[str, float]:
     """One batch through the Inspector's building blocks, each stage timed alone: stage -> ms for the batch."""
     from .heatmap import overlay, upsample_map
-    from .inspector import _name_of, decode
+    from .inspector import decode, name_of
     from .preprocess import ImageError
 
     t0 = time.perf_counter()
-    decoded = [decode(item, inspector.model_size, _name_of(item, i))
+    decoded = [decode(item, inspector.model_size, name_of(item, i))
                for i, item in enumerate(items)]
     failed = [d.error for d in decoded if d.error is not None]
     if failed:
@@ -302,19 +334,32 @@ def bench_batch(inspector: Any, images: Sequence[Any], batch: int, warmup: int, 
 _CHILD_CODE = "import sys; from winclip_edge.bench import cold_start_child; cold_start_child(sys.argv[1], sys.argv[2])"
 
 
-def _child_args(args: argparse.Namespace) -> str:
-    """The options the Inspector is built from, as JSON (the child rebuilds the same Inspector)."""
-    plain = (str, int, float, bool, type(None), list, tuple)
-    return json.dumps({k: v for k, v in vars(args).items() if isinstance(v, plain)})
+def _inspector(config: BenchConfig, engine: EngineConfig | None = None) -> Any:
+    from .inspector import Inspector
+
+    return Inspector(config.bundle, config.product, engine=engine or config.engine, options=config.options,
+                     sigma=config.sigma)
+
+
+def _child_args(config: BenchConfig) -> str:
+    """The Inspector's inputs as JSON (the child rebuilds the same Inspector)."""
+    return json.dumps({"bundle": str(config.bundle), "product": config.product, "sigma": config.sigma,
+                       "engine": {k: None if v is None else (str(v) if isinstance(v, Path) else v)
+                                  for k, v in dataclasses.asdict(config.engine).items()},
+                       "options": dataclasses.asdict(config.options)})
 
 
 def cold_start_child(args_json: str, image: str) -> None:
-    """Run in a fresh interpreter: build the Inspector as the CLI does, inspect one image, print the marker."""
-    from . import cli
+    """Run in a fresh interpreter: build the Inspector as the benchmark did, inspect one image, print the marker."""
+    from .inspector import Inspector
+    from .scoring import ScoringOptions
 
     t1 = time.perf_counter()
-    args = argparse.Namespace(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(args_json).items()})
-    inspector = cli._inspector(args)
+    spec = json.loads(args_json)
+    options = spec["options"]
+    options["scales"] = tuple(options["scales"]) if options["scales"] is not None else None
+    inspector = Inspector(spec["bundle"], spec["product"], engine=EngineConfig(**spec["engine"]),
+                          options=ScoringOptions(**options), sigma=spec["sigma"])
     t2 = time.perf_counter()
     (result,) = inspector.inspect([image], batch_size=1)
     if result.error is not None:
@@ -327,16 +372,16 @@ def cold_start_child(args_json: str, image: str) -> None:
 
 # ---------------------------------------------------------------- the benchmark
 def _images(spec: str, folder: Path, size: tuple[int, int]) -> tuple[list[str], str]:
-    from .cli import CliError, collect_inputs
+    from .inputs import collect_inputs
 
     if spec.isdigit():
         count = int(spec)
         if count < 1:
-            raise CliError(f"--images needs at least 1 image, got {count}")
+            raise BenchError(f"--images needs at least 1 image, got {count}")
         return synthetic_images(count, size, folder), f"{count} synthetic {size[0]}x{size[1]} PNG frames"
     paths = collect_inputs([spec])
     if not paths or not Path(paths[0]).exists():
-        raise CliError(f"--images {spec!r}: no images there (give a count for synthetic frames, or a folder/glob)")
+        raise BenchError(f"--images {spec!r}: no images there (give a count for synthetic frames, or a folder/glob)")
     return paths, f"{len(paths)} image(s) from {spec}"
 
 
@@ -358,55 +403,56 @@ def _gpu_peak_mib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-def run_bench(args: argparse.Namespace, command: str) -> dict:
-    """The whole benchmark of one backend / precision; returns the report (also written by :func:`cmd_bench`)."""
+def run_bench(config: BenchConfig) -> dict:
+    """The whole benchmark of one backend / precision; returns the report (write it with :func:`write_report`)."""
     from tqdm import tqdm
 
-    from . import cli
-    from .precision import embed_and_score, fidelity, variant_metadata
+    from .engines.onnx_variants import variant_metadata
+    from .fidelity import embed_and_score, fidelity
 
+    config.check()
+    engine = config.engine.resolved()
     load_before = [round(v, 2) for v in os.getloadavg()]
-    report: dict = {"command": command, "cwd": os.getcwd(),
+    report: dict = {"command": config.command, "cwd": os.getcwd(),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": machine_info(), "backend": args.backend, "precision": args.precision}
+                    "machine": machine_info(), "backend": engine.backend, "precision": engine.precision}
     with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp:
-        paths, source = _images(args.images, Path(tmp) / "frames", args.synthetic_size)
+        paths, source = _images(config.images, Path(tmp) / "frames", config.synthetic_size)
         t0 = time.perf_counter()
-        inspector = cli._inspector(args)
+        inspector = _inspector(config)
         load_s = time.perf_counter() - t0
         m = inspector.bundle.manifest
         report.update({
             "versions": software_versions(),
             "bundle": {"path": str(inspector.bundle.root), "model": m.model, "weights": m.weights["source"],
                        "image_size": list(m.image_size), "scales": list(m.scales), "stride": m.stride},
-            "product": args.product, "mode": inspector.mode, "engine": inspector.engine.name,
+            "product": config.product, "mode": inspector.mode, "engine": inspector.engine.name,
             "engine_device": inspector.engine.device, "engine_load_s": load_s,
             "images": source, "batches": [],
         })
-        if args.backend == "onnxruntime" and args.precision != "fp32":
-            meta = variant_metadata(inspector.bundle, args.precision)
+        if engine.backend == "onnxruntime" and engine.precision != "fp32":
+            meta = variant_metadata(inspector.bundle, engine.precision)
             report["variant"] = {k: meta[k] for k in ("file", "file_sha256", "method", "calibration_images")}
-        total = len(args.batch) * (args.warmup + args.iters)
-        with tqdm(total=total, desc="bench", unit="call", disable=args.quiet, file=sys.stderr) as bar:
-            for batch in args.batch:
+        total = len(config.batches) * (config.warmup + config.iters)
+        with tqdm(total=total, desc="bench", unit="call", disable=not config.progress, file=sys.stderr) as bar:
+            for batch in config.batches:
                 bar.set_description(f"bench batch {batch}")
-                report["batches"].append(bench_batch(inspector, paths, batch, args.warmup, args.iters, bar.update))
+                report["batches"].append(bench_batch(inspector, paths, batch, config.warmup, config.iters, bar.update))
         report["peak_rss_mib"] = peak_rss_mib()
         report["gpu_peak_allocated_mib"] = _gpu_peak_mib()
-        if not args.no_cold_start:
+        if config.cold_start:
             try:
-                child = cold_start([sys.executable, "-c", _CHILD_CODE, _child_args(args), paths[0]])
+                child = cold_start([sys.executable, "-c", _CHILD_CODE, _child_args(config), paths[0]])
                 report["cold_start"] = {"seconds_to_first_result": child.seconds, **(child.report or {})}
             except RuntimeError as err:  # the rest of the report still stands
                 report["cold_start_error"] = str(err)
                 print(f"warning: {err}", file=sys.stderr)
-        if args.precision != "fp32":
-            inputs = _model_inputs(inspector, paths, args.fidelity_images)
-            batch = max(args.batch)
+        if engine.precision != "fp32":
+            inputs = _model_inputs(inspector, paths, config.fidelity_images)
+            batch = max(config.batches)
             candidate = embed_and_score(inspector.embed, inspector.score, inputs, batch)
             inspector.close()
-            reference_args = argparse.Namespace(**{**vars(args), "precision": "fp32", "cuda_graphs": False})
-            reference = cli._inspector(reference_args)
+            reference = _inspector(config, dataclasses.replace(engine, precision="fp32", cuda_graphs=False))
             fid = fidelity(embed_and_score(reference.embed, reference.score, inputs, batch), candidate)
             report["fidelity"] = {"reference": f"{reference.engine.name} fp32 ({reference.engine.device})",
                                   **dataclasses.asdict(fid), "faithful": fid.faithful}
@@ -501,83 +547,15 @@ def summary_table(reports: Sequence[dict]) -> str:
                            "load avg"], rows)
 
 
-# ---------------------------------------------------------------- CLI
-def _stem(r: dict) -> str:
+# ---------------------------------------------------------------- file names
+def report_stem(r: dict) -> str:
+    """File name (without suffix) of a report: model, engine, precision, cpu/gpu, UTC time."""
     on_cpu = r["engine_device"].lower().startswith("cpu")  # "cpu, torch fp32", "CPUExecutionProvider"
     device = "cpu" if on_cpu else "gpu"
     stamp = r["date"].replace("-", "").replace(":", "")[:15]
     return f"{Path(r['bundle']['model']).name}_{r['engine']}_{r['precision']}_{device}_{stamp}"
 
 
-def cmd_bench(args: argparse.Namespace) -> int:
-    from .cli import EXIT_OK, CliError
-
-    if min(args.batch, default=0) < 1 or args.iters < 1 or args.warmup < 0:
-        raise CliError(f"need batch sizes >= 1 (got {list(args.batch)}), --iters >= 1 (got {args.iters}) "
-                       f"and --warmup >= 0 (got {args.warmup})")
-    report = run_bench(args, args.command_line)
-    markdown = render_markdown(report)
-    md, js = write_report(args.out, _stem(report), report, markdown)
-    print(markdown)
-    print(f"\nwritten: {md} and {js}", file=sys.stderr)
-    return EXIT_OK
-
-
-def cmd_bench_table(args: argparse.Namespace) -> int:
-    from .bundle import atomic_write_bytes
-    from .cli import EXIT_OK, CliError
-
-    reports = []
-    for path in args.results:
-        try:
-            reports.append(json.loads(Path(path).read_text()))
-        except (OSError, ValueError) as err:
-            raise CliError(f"{path}: not a bench result JSON ({err})") from None
-    table = summary_table(reports)
-    if args.out:
-        atomic_write_bytes(args.out, (table + "\n").encode())
-    print(table)
-    return EXIT_OK
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected HxW in pixels, e.g. 1024x1024, got {text!r}") from None
-    return h, w
-
-
-def add_bench_parser(sub: Any) -> None:
-    """``bench``, ``bench-table`` and ``quantize`` (precision variants are what bench compares)."""
-    from .cli import _add_runtime_options, _csv_ints
-    from .precision import add_quantize_parser
-
-    # conflict_handler="resolve": bench takes a list of batch sizes where the runtime options take one.
-    p = sub.add_parser("bench", conflict_handler="resolve",
-                       help="latency / throughput / stage split / cold start / memory (and fidelity vs fp32) of one "
-                            "backend and precision -> Markdown + JSON (ViT-B-16-plus-240 on 2 CPU cores: ~5 s per image)")
-    _add_runtime_options(p)
-    p.add_argument("--batch", type=_csv_ints, default=DEFAULT_BATCHES, help="batch sizes, e.g. 1,4,8 (default)")
-    p.add_argument("--images", default="8", help="a count of synthetic frames (default 8) or a folder/glob of images")
-    p.add_argument("--synthetic-size", type=_size, default=DEFAULT_SYNTHETIC_SIZE,
-                   help="HxW of synthetic frames (default 1024x1024)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls per batch size (default 1)")
-    p.add_argument("--iters", type=int, default=5, help="timed calls per batch size (default 5)")
-    p.add_argument("--fidelity-images", type=int, default=DEFAULT_FIDELITY_IMAGES,
-                   help="images compared with fp32 when --precision is not fp32 (default 4)")
-    p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
-    p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the .md/.json tables (default {DEFAULT_OUT})")
-    p.set_defaults(func=cmd_bench)
-
-    p = sub.add_parser("bench-table", help="one comparison table from several bench result JSON files")
-    p.add_argument("results", nargs="+", help="bench .json files")
-    p.add_argument("--out", help="also write the table to this Markdown file")
-    p.set_defaults(func=cmd_bench_table)
-
-    add_quantize_parser(sub)
-
-
-__all__ = ["ColdStart", "LatencyStats", "RESULT_MARKER", "add_bench_parser", "bench_batch", "cold_start",
+__all__ = ["BenchConfig", "BenchError", "ColdStart", "LatencyStats", "RESULT_MARKER", "bench_batch", "cold_start",
            "interleaved", "latency_stats", "machine_info", "markdown_table", "peak_rss_mib", "pipeline_once", "render_markdown",
-           "run_bench", "software_versions", "summary_table", "synthetic_images", "time_calls", "write_report"]
+           "report_stem", "run_bench", "software_versions", "summary_table", "synthetic_images", "time_calls", "write_report"]

@@ -1,4 +1,4 @@
-"""Bundle I/O: the manifest, atomic writes, checksums, and the per-product files.
+"""Bundle I/O: the manifest, self-verifying array/JSON files, and the per-product folders.
 
 Layout (documented in models/README.md)::
 
@@ -20,14 +20,14 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from .contract import PATCH_LAYERS, GraphSpec
+from .errors import WinclipError
+from .fileio import atomic_write_bytes, sha256_file
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -38,60 +38,10 @@ MEMORY = "memory.npz"
 THRESHOLD = "threshold.json"
 _CHECKSUM_KEY = "__sha256__"
 _META_KEY = "__meta__"
-_CHUNK = 1 << 20
 
 
-_UMASK = os.umask(0o022)  # the only way to read the umask is to set it: set it back at once (once, at import)
-os.umask(_UMASK)
-# tempfile makes private (0600 / 0700) files and folders; a bundle is shared with the service user that runs it.
-FILE_MODE = 0o666 & ~_UMASK  # what open() would give
-DIR_MODE = 0o777 & ~_UMASK  # what mkdir() would give
-
-
-class BundleError(ValueError):
+class BundleError(WinclipError, ValueError):
     """A bundle or one of its files is missing, damaged or made for something else."""
-
-
-# ---------------------------------------------------------------- atomic files and checksums
-def sha256_file(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, FILE_MODE)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # not possible on every platform; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
 def _arrays_digest(arrays: dict[str, np.ndarray], meta_json: str) -> str:

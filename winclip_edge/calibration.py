@@ -6,13 +6,14 @@ from typing import Any, Sequence
 import numpy as np
 
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
+from .errors import WinclipError
 from .inspector import ImageInput, InspectionResult, Inspector
 from .products import Threshold
 
 DEFAULT_FALSE_ALARM_RATE = 0.0  # target: no calibration image above the threshold
 
 
-class CalibrationError(ValueError):
+class CalibrationError(WinclipError, ValueError):
     """Not enough normal images to calibrate."""
 
 

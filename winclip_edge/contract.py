@@ -1,7 +1,7 @@
 """The graph contract: the one place that says what the exported visual graph takes and returns.
 
 The export builds ``input_names`` / ``output_names`` / ``dynamic_axes`` from here, and every
-runtime engine checks a loaded graph against it (segment-anything's export split, STYLE.md).
+runtime engine checks a loaded graph against it (docs/architecture.md, "The graph contract").
 
 Input
     ``images``: uint8 ``[N, H, W, 3]``, RGB frames already resized to the model input
@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+from .errors import WinclipError
 from .windows import window_count
 
 INPUT_NAME = "images"
@@ -61,7 +62,7 @@ class GraphSpec:
         return {name: {0: BATCH_AXIS} for name in [INPUT_NAME, *self.output_shapes()]}
 
 
-class ContractError(ValueError):
+class ContractError(WinclipError, ValueError):
     """A graph or engine does not match the contract of its bundle."""
 
 

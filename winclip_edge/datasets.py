@@ -14,8 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Union
 
+import cv2
 import numpy as np
 
+from .errors import WinclipError
 from .preprocess import IMAGE_EXTENSIONS
 
 GOOD = "good"  # defect type of normal samples, in every reader
@@ -33,7 +35,7 @@ TEXTILE_SUBDIR = Path("data") / "textile_images" / "simulated"  # inside the pac
 PathLike = Union[str, Path]
 
 
-class DatasetError(ValueError):
+class DatasetError(WinclipError, ValueError):
     """A data set folder or split file that does not have the expected layout."""
 
 
@@ -240,3 +242,11 @@ def textile_root() -> Path:
             f"(try: {TEXTILE_PIP} --upgrade)"
         )
     return root
+
+
+def read_mask(path: str) -> np.ndarray:
+    """Ground-truth mask as uint8 [H, W]; any non-zero value is anomalous."""
+    mask = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
+    if mask is None:
+        raise DatasetError(f"{path}: expected a ground-truth mask image; cannot decode it")
+    return mask

@@ -1,85 +1,110 @@
-"""``winclip-edge demo``: the whole flow on the embedded textile images (PyPI ``conformal-clip-data``).
+"""The whole flow on the embedded textile images (PyPI ``conformal-clip-data``), as library calls:
 
 export (if the bundle is missing) -> register K nominal images -> calibrate on other nominal images ->
-inspect a mix of nominal / local-defect / global-defect images -> print where the results are.
+inspect a mix of nominal / local-defect / global-defect images -> results under ``out``.
 """
 from __future__ import annotations
 
-import argparse
-import sys
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+
+from .bundle import Bundle, BundleError
+from .calibration import calibrate
+from .engines import EngineConfig
+from .inspector import Inspector
+from .products import save_threshold
+from .prompts import PromptSpec
+from .registration import register
+from .results import ResultWriter, Summary, inspect_into
+from .scoring import ScoringOptions
 
 DEMO_PRODUCT = "textile"
 DEMO_OBJECT = "textile"
 
+Log = Callable[[str], None]
 
-def _textile_dirs() -> dict[str, Path]:
-    from .datasets import textile_root
 
-    root = textile_root()
-    return {name: root / name for name in ("nominal", "local", "global")}
+@dataclass(frozen=True)
+class DemoConfig:
+    model: str = "ViT-B-16-plus-240"
+    pretrained: str = "laion400m_e31"  # tag, local checkpoint path, or "none" (random weights)
+    bundle: Path = Path("models/demo-b16p")
+    out: Path = Path("runs/demo")
+    shots: int = 4  # nominal reference images
+    calibration: int = 8  # nominal images for the threshold
+    per_class: int = 4  # test images per class nominal / local / global
+    batch: int = 8
+    seed: int = 0  # which images are drawn
+    engine: EngineConfig = EngineConfig()
+    progress: bool = True
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    summary: Summary
+    results: Path
+    random_weights: bool
+    failed_references: int
+    failed_calibration: int
 
 
 def _images(folder: Path) -> list[str]:
     return sorted(str(p) for p in folder.glob("*.jpg"))
 
 
-def cmd_demo(args: argparse.Namespace) -> int:
-    from . import cli
-    from .bundle import Bundle, BundleError
+def pick_images(seed: int, shots: int, calibration: int, per_class: int) -> tuple[list[str], list[str], list[str]]:
+    """(references, calibration images, test images): disjoint nominal draws + local and global defects."""
+    from .datasets import textile_root
 
-    dirs = _textile_dirs()
-    nominal = _images(dirs["nominal"])
-    rng = np.random.default_rng(args.seed)
-    picked = [nominal[i] for i in rng.permutation(len(nominal))[: args.shots + args.calibration + args.per_class]]
-    references = picked[: args.shots]
-    calibration = picked[args.shots: args.shots + args.calibration]
-    test_nominal = picked[args.shots + args.calibration:]
-    tests = test_nominal + [p for name in ("local", "global")
-                            for p in list(np.random.default_rng(args.seed).choice(_images(dirs[name]), args.per_class, replace=False))]
+    root = textile_root()
+    nominal = _images(root / "nominal")
+    picked = [nominal[i] for i in np.random.default_rng(seed).permutation(len(nominal))[: shots + calibration + per_class]]
+    tests = picked[shots + calibration:] + [
+        p for name in ("local", "global")
+        for p in list(np.random.default_rng(seed).choice(_images(root / name), per_class, replace=False))]
+    return picked[:shots], picked[shots: shots + calibration], tests
 
-    bundle_dir = Path(args.bundle)
+
+def ensure_bundle(config: DemoConfig, log: Log) -> Bundle:
+    """The demo bundle with the textile product: exported when missing (needs the export extra)."""
+    from .export import onnx_export
+    from .export.models import load_from_manifest
+
     try:
-        bundle = Bundle(bundle_dir)
-        if DEMO_PRODUCT not in bundle.products():
-            code = cli.main(["add-product", "--bundle", str(bundle_dir), DEMO_PRODUCT, "--object-name", DEMO_OBJECT])
-            if code:
-                return code
-        print(f"[demo] using the existing bundle {bundle_dir} ({bundle.manifest.weights['source']} weights)")
+        bundle = Bundle(config.bundle)
     except BundleError:
-        print(f"[demo] 1/4 export {args.model} ({args.pretrained}) -> {bundle_dir}", file=sys.stderr)
-        code = cli.main(["export", "--model", args.model, "--pretrained", args.pretrained, "--products", DEMO_PRODUCT,
-                         "--out", str(bundle_dir), "--force"])
-        if code:
-            return code
-    common = ["--bundle", str(bundle_dir), "--product", DEMO_PRODUCT, "--batch", str(args.batch)]
-    print(f"[demo] 2/4 register {len(references)} nominal reference image(s)", file=sys.stderr)
-    if cli.main(["register", *common, *references]):
-        return cli.EXIT_ERROR
-    print(f"[demo] 3/4 calibrate on {len(calibration)} other nominal image(s)", file=sys.stderr)
-    if cli.main(["calibrate", *common, *calibration]):
-        return cli.EXIT_ERROR
-    print(f"[demo] 4/4 inspect {len(tests)} images ({args.per_class} nominal, {args.per_class} local, "
-          f"{args.per_class} global defects)", file=sys.stderr)
-    code = cli.main(["infer", *common, "--out", args.out, *tests])
-    if Bundle(bundle_dir).manifest.weights["source"] == "none":
-        print("[demo] note: random weights (--pretrained none): the pipeline runs end to end, the scores mean nothing")
-    print(f"[demo] results: {Path(args.out) / 'results.jsonl'}; overlays: {Path(args.out) / 'overlays'}; "
-          f"maps: {Path(args.out) / 'maps'}")
-    return code
+        log(f"[demo] 1/4 export {config.model} ({config.pretrained}) -> {config.bundle}")
+        options = onnx_export.ExportOptions(model=config.model, pretrained=config.pretrained, products=(DEMO_PRODUCT,),
+                                            force=True)
+        return onnx_export.export_bundle(config.bundle, options, show_progress=config.progress)
+    if DEMO_PRODUCT not in bundle.products():
+        onnx_export.add_product(bundle, DEMO_PRODUCT, load_from_manifest(bundle.manifest),
+                                spec=PromptSpec(object_name=DEMO_OBJECT), show_progress=config.progress)
+    log(f"[demo] using the existing bundle {config.bundle} ({bundle.manifest.weights['source']} weights)")
+    return bundle
 
 
-def add_demo_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="the whole flow on the embedded textile images (export, register, calibrate, infer)")
-    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model (default ViT-B-16-plus-240)")
-    p.add_argument("--pretrained", default="laion400m_e31", help="tag, checkpoint PATH, or none (offline, random weights)")
-    p.add_argument("--bundle", default="models/demo-b16p", help="bundle folder (exported when missing)")
-    p.add_argument("--out", default="runs/demo", help="output folder")
-    p.add_argument("--shots", type=int, default=4, help="nominal reference images (default 4)")
-    p.add_argument("--calibration", type=int, default=8, help="nominal images for the threshold (default 8)")
-    p.add_argument("--per-class", type=int, default=4, help="test images per class nominal/local/global (default 4)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0, help="which images are drawn")
-    p.set_defaults(func=cmd_demo)
+def run_demo(config: DemoConfig, log: Log = print) -> DemoResult:
+    references, calibration, tests = pick_images(config.seed, config.shots, config.calibration, config.per_class)
+    bundle = ensure_bundle(config, log)
+    log(f"[demo] 2/4 register {len(references)} nominal reference image(s)")
+    zero_shot = Inspector(bundle, DEMO_PRODUCT, engine=config.engine, options=ScoringOptions(use_memory=False),
+                          with_threshold=False)
+    _, failed_refs = register(zero_shot, references, config.batch)
+    engine = zero_shot.engine  # one engine for the whole flow
+    log(f"[demo] 3/4 calibrate on {len(calibration)} other nominal image(s)")
+    few_shot = Inspector(bundle, DEMO_PRODUCT, engine=engine, with_threshold=False)
+    threshold, failed_cal = calibrate(few_shot, calibration, batch_size=config.batch)
+    save_threshold(bundle, DEMO_PRODUCT, threshold)
+    log(f"[demo] 4/4 inspect {len(tests)} images ({config.per_class} nominal, {config.per_class} local, "
+        f"{config.per_class} global defects)")
+    inspector = Inspector(bundle, DEMO_PRODUCT, engine=engine)
+    with ResultWriter(config.out) as writer:
+        summary = inspect_into(writer, inspector, tests, config.batch)
+    engine.close()
+    return DemoResult(summary=replace(summary), results=writer.path,
+                      random_weights=bundle.manifest.weights["source"] == "none",
+                      failed_references=len(failed_refs), failed_calibration=len(failed_cal))

@@ -1,4 +1,4 @@
-"""``winclip-edge eval``: the paper's protocol (WINCLIP.md section 9) on MVTec-AD, VisA or a folder.
+"""``winclip-edge eval``: the paper's protocol (docs/method.md §9, docs/evaluation.md) on MVTec-AD, VisA or a folder.
 
 Cost model: the engine is the expensive call, so every test image of a class is embedded ONCE and
 kept (the outputs live on the token grid: ~2 MB per image for ViT-B-16-plus-240); every
@@ -10,22 +10,32 @@ atomically to ``out/partial/`` and is not recomputed when eval is re-run with th
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 
-from .bundle import Bundle, atomic_write_bytes, atomic_write_json
-from .cli import EXIT_OK, EXIT_SOME_FAILED, CliError, _csv, _csv_ints, add_engine_options, engine_options
-from .datasets import (NORMAL_FOLDERS, DatasetError, Sample, mvtec_classes, read_folder, read_mvtec, read_visa,
-                       split_references, textile_root, visa_classes)
-from .engines import Engine, create_engine
+from .bundle import Bundle
+from .datasets import (
+    NORMAL_FOLDERS,
+    DatasetError,
+    Sample,
+    mvtec_classes,
+    read_folder,
+    read_mask,
+    read_mvtec,
+    read_visa,
+    split_references,
+    textile_root,
+    visa_classes,
+)
+from .engines import Engine, EngineConfig, create_engine
+from .errors import WinclipError
+from .fileio import atomic_write_bytes, atomic_write_json
 from .heatmap import upsample_map
 from .inspector import Inspector, iter_decoded
 from .metrics import IMAGE_KEYS, PIXEL_KEYS, MetricError, PixelMetrics, image_metrics
@@ -55,7 +65,7 @@ CASE_ROLES = (("highest-scored anomalous", 1, True), ("lowest-scored anomalous",
 Log = Callable[[str], None]
 
 
-class EvaluationError(ValueError):
+class EvaluationError(WinclipError, ValueError):
     """An evaluation that cannot run as asked (bad option, missing prompts, undefined metric)."""
 
 
@@ -71,10 +81,9 @@ class EvalConfig:
     classes: tuple[str, ...] = ()  # empty = every class found
     shots: tuple[int, ...] = DEFAULT_SHOTS  # 0 = zero-shot WinCLIP, K > 0 = WinCLIP+ with K references
     seeds: int = DEFAULT_SEEDS  # random reference draws per K > 0 (zero-shot is deterministic: one run)
-    ablation: str = "none"  # none | no_image_scale | no_scale_<k> | arithmetic (WINCLIP.md section 6)
+    ablation: str = "none"  # none | no_image_scale | no_scale_<k> | arithmetic (docs/method.md §6)
     prompts: str = "cpe"  # cpe | clip_ac | templates_only (the paper's prompt baselines)
-    backend: str = "onnxruntime"
-    engine_options: dict = field(default_factory=dict)
+    engine: EngineConfig = EngineConfig()  # what runs the graph (a resumed run must use the same)
     batch: int = DEFAULT_BATCH  # images per engine call
     limit: int | None = None  # at most this many test images per defect type (incl. good), drawn with LIMIT_SEED
     pictures: bool = True  # ROC curves, AUROC bars, example grids (needs matplotlib)
@@ -101,7 +110,7 @@ def _check_config(config: EvalConfig) -> None:
 
 
 def scoring_options(ablation: str, scales: Sequence[int]) -> ScoringOptions:
-    """Map an ablation name onto ScoringOptions (WINCLIP.md section 6); ``scales`` are the bundle's.
+    """Map an ablation name onto ScoringOptions (docs/method.md §6); ``scales`` are the bundle's.
     The temperature stays the bundle's."""
     if ablation == "none":
         return ScoringOptions()
@@ -218,14 +227,6 @@ def load_classes(config: EvalConfig) -> list[ClassData]:
     return classes
 
 
-def read_mask(path: str) -> np.ndarray:
-    """Ground-truth mask as uint8 [H, W]; any non-zero value is anomalous."""
-    mask = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_GRAYSCALE)
-    if mask is None:
-        raise EvaluationError(f"{path}: expected a ground-truth mask image; cannot decode it")
-    return mask
-
-
 # ---------------------------------------------------------------- text prototypes
 def ensure_products(bundle: Bundle, class_names: Sequence[str], prompts: str, show_progress: bool, log: Log) -> None:
     """Every class needs text prototypes of the asked prompt style; missing ones are encoded (export stage)."""
@@ -245,8 +246,8 @@ def ensure_products(bundle: Bundle, class_names: Sequence[str], prompts: str, sh
     if not missing:
         return
     try:
-        from export.models import load_from_manifest
-        from export.onnx_export import add_product
+        from winclip_edge.export.models import load_from_manifest
+        from winclip_edge.export.onnx_export import add_product
     except ImportError as err:
         raise EvaluationError(
             f"bundle {bundle.root} has no text prototypes for {[p for _, p in missing]}; encoding them needs the "
@@ -369,8 +370,8 @@ def fingerprint(bundle: Bundle, config: EvalConfig) -> dict:
     return {"weights_id": m.weights_id, "model": m.model, "image_size": list(m.image_size), "scales": list(m.scales),
             "stride": m.stride, "patch_layer": m.patch_layer, "temperature": m.temperature,
             "dataset": config.dataset, "root": str(Path(config.root).resolve()) if config.root else None,
-            "limit": config.limit, "backend": config.backend,
-            "engine_options": {k: str(v) for k, v in sorted(config.engine_options.items())}}
+            "limit": config.limit,
+            "engine": {k: None if v is None else str(v) for k, v in sorted(asdict(config.engine.resolved()).items())}}
 
 
 def check_resume(out: Path, expected: dict) -> None:
@@ -506,7 +507,7 @@ def run_evaluation(config: EvalConfig, engine: Engine | None = None, log: Log | 
         todo_classes = [c for c in classes if any(u.data is c for u in todo)]
         ensure_products(bundle, [c.name for c in todo_classes], config.prompts, config.progress, log)
         own_engine = engine is None
-        engine = engine or create_engine(config.backend, bundle, **config.engine_options)
+        engine = engine or create_engine(bundle, config.engine)
         info.update(engine=engine.name, device=engine.device)
         total = sum(len(c.test) for c in todo_classes) + sum(len(u.references) + len(u.test) for u in todo)
         try:
@@ -559,68 +560,3 @@ def _evaluate_class(config: EvalConfig, bundle: Bundle, options: ScoringOptions,
                   "engine": f"{engine.name} ({engine.device})", "seconds": seconds}
         atomic_write_bytes(unit.path(out, config), json.dumps(record).encode())
         records[(data.name, unit.shots, unit.seed)] = record
-
-
-# ---------------------------------------------------------------- CLI
-def _format_mean(summary: dict, shots: str) -> str:
-    s = summary["shots"][shots]
-    parts = []
-    for key in summary["metric_keys"]:
-        value = s["mean"][key]
-        paper = (s["paper"] or {}).get("values", {}).get(key)
-        text = "n/a" if value is None else f"{100 * value:.1f}"
-        parts.append(f"{key} {text}" + (f" (paper {100 * paper['mean']:.1f})" if paper else ""))
-    return ", ".join(parts)
-
-
-def cmd_eval(args: argparse.Namespace) -> int:
-    from .report import ReportError
-
-    config = EvalConfig(
-        bundle=Path(args.bundle), dataset=args.dataset, out=Path(args.out), root=Path(args.root) if args.root else None,
-        classes=args.classes, shots=args.shots, seeds=args.seeds, ablation=args.ablation, prompts=args.prompts,
-        backend=args.backend, engine_options=engine_options(args), batch=args.batch, limit=args.limit,
-        pictures=not args.no_pictures, progress=not args.quiet,
-    )
-    try:
-        result = run_evaluation(config)
-    except (DatasetError, EvaluationError, ReportError) as err:
-        raise CliError(str(err)) from None
-    summary = result.summary
-    if summary["warning"]:
-        print(summary["warning"])
-    for shots in summary["shots"]:
-        print(f"{shots}-shot, mean over {len(summary['dataset']['classes'])} class(es) (%): {_format_mean(summary, shots)}")
-    run = summary["run"]
-    per_image = f", engine {1e3 * run['embed_seconds'] / run['images_embedded']:.1f} ms/test image" \
-        if run["images_embedded"] else ""
-    print(f"{result.computed} unit(s) computed, {result.skipped} skipped (finished before){per_image}; "
-          f"{run['wall_seconds']:.1f} s; report: {Path(args.out) / 'report.md'}")
-    for message in result.failed_images:
-        print(f"error: {message}", file=sys.stderr)
-    return EXIT_SOME_FAILED if result.failed_images else EXIT_OK
-
-
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="the paper's evaluation (image/pixel AUROC, AUPR, PRO, F1-max) on MVTec-AD, VisA, "
-                                    "a folder or the textile set; cost: one engine pass per test image and reference")
-    p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
-    p.add_argument("--dataset", required=True, choices=DATASETS,
-                   help="mvtec | visa (official split_csv/1cls.csv) | folder (good/ or nominal/ + defect folders, "
-                        "optional masks/) | textile (conformal-clip-data, no masks)")
-    p.add_argument("--root", help="data set root (optional for textile)")
-    p.add_argument("--classes", type=_csv, default=(), help="comma-separated classes (default: all)")
-    p.add_argument("--shots", type=_csv_ints, default=DEFAULT_SHOTS, help="shot counts, e.g. 0,1,2,4 (default)")
-    p.add_argument("--seeds", type=int, default=DEFAULT_SEEDS, help="reference draws per shot count > 0 (default 5)")
-    p.add_argument("--ablation", default="none",
-                   help="none | no_image_scale | no_scale_<k> (drop window scale k) | arithmetic (default none)")
-    p.add_argument("--prompts", choices=PROMPT_STYLES, default="cpe",
-                   help="cpe (default) | clip_ac | templates_only: the paper's prompt baselines")
-    add_engine_options(p)
-    p.add_argument("--batch", type=int, default=DEFAULT_BATCH, help="images per engine call (default 8)")
-    p.add_argument("--limit", type=int, default=None,
-                   help="at most N test images per defect type (good included), a fixed random subset: quick runs")
-    p.add_argument("--no-pictures", action="store_true", help="tables only (no matplotlib needed)")
-    p.add_argument("--out", required=True, help="output folder; re-running with the same folder resumes")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=cmd_eval)

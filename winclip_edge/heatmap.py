@@ -1,4 +1,4 @@
-"""Output maps (WINCLIP.md section 8): token map -> original image size, optional smoothing, overlays."""
+"""Output maps (docs/method.md §8): token map -> original image size, optional smoothing, overlays."""
 from __future__ import annotations
 
 import os
@@ -6,7 +6,7 @@ import os
 import cv2
 import numpy as np
 
-from .bundle import atomic_write_bytes
+from .fileio import atomic_write_bytes
 
 OVERLAY_ALPHA = 0.45  # heatmap weight over the image
 BANNER_HEIGHT_FRACTION = 0.06  # banner height as a fraction of the image height (at least 18 px)

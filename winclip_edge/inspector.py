@@ -22,7 +22,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
-from .engines import Engine, create_engine
+from .engines import Engine, EngineConfig, create_engine
 from .heatmap import upsample_map
 from .preprocess import ImageError, as_rgb, read_image, resize_to_model
 from .products import Memory, Threshold, load_memory, load_text, load_threshold
@@ -48,7 +48,7 @@ class InspectionResult:
 
 
 @dataclass
-class _Decoded:
+class Decoded:
     name: str
     image: np.ndarray | None  # RGB at original size
     model_input: np.ndarray | None  # RGB at model size
@@ -56,38 +56,38 @@ class _Decoded:
     error: str | None
 
 
-def _name_of(item: ImageInput, index: int) -> str:
+def name_of(item: ImageInput, index: int) -> str:
     return f"array[{index}]" if isinstance(item, np.ndarray) else str(item)
 
 
 def _flat_memory(memory: Memory | None) -> tuple[dict[int, np.ndarray] | None, np.ndarray | None]:
     """All references' rows in one matrix per scale (``[R*W_k, D]``) and for the patches (``[R*h*w, C]``):
-    matching is position-free (WINCLIP.md section 7)."""
+    matching is position-free (docs/method.md §7.2)."""
     if memory is None:
         return None, None
     windows = {k: v.reshape(-1, v.shape[-1]) for k, v in memory.windows.items()}
     return windows, memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
 
 
-def decode(item: ImageInput, size: tuple[int, int], name: str) -> _Decoded:
+def decode(item: ImageInput, size: tuple[int, int], name: str) -> Decoded:
     """Read and resize one input; errors become a message, never an exception (one bad image never stops a batch)."""
     t0 = time.perf_counter()
     try:
         image = as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item)
         model_input = resize_to_model(image, size)
     except ImageError as err:
-        return _Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, str(err))
+        return Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, str(err))
     except Exception as err:  # cv2.error, MemoryError ...: still one input's problem, not the batch's
-        return _Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, f"{name}: {type(err).__name__}: {err}")
-    return _Decoded(name, image, model_input, (time.perf_counter() - t0) * 1e3, None)
+        return Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, f"{name}: {type(err).__name__}: {err}")
+    return Decoded(name, image, model_input, (time.perf_counter() - t0) * 1e3, None)
 
 
-def iter_decoded(items: Sequence[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[_Decoded]]:
+def iter_decoded(items: Sequence[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[Decoded]]:
     """Decoded batches of ``items``; the next batch is decoded on a worker thread while the caller uses this one."""
     batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
 
-    def load(indices: list[int]) -> list[_Decoded]:
-        return [decode(items[i], size, _name_of(items[i], i)) for i in indices]
+    def load(indices: list[int]) -> list[Decoded]:
+        return [decode(items[i], size, name_of(items[i], i)) for i in indices]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-decode") as pool:
         pending = pool.submit(load, batches[0]) if batches else None
@@ -100,11 +100,11 @@ def iter_decoded(items: Sequence[ImageInput], size: tuple[int, int], batch_size:
 class Inspector:
     """Bundle + product + engine. Thread-safe: concurrent callers are serialised around the engine."""
 
-    def __init__(self, bundle: str | os.PathLike | Bundle, product: str, backend: str = "onnxruntime",
-                 options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, engine: Engine | None = None,
-                 engine_options: dict[str, Any] | None = None, with_threshold: bool = True):
-        """``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway);
-        ``options.use_memory=False`` runs zero-shot without reading the memory."""
+    def __init__(self, bundle: str | os.PathLike | Bundle, product: str, engine: EngineConfig | Engine = EngineConfig(),
+                 options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, with_threshold: bool = True):
+        """``engine``: what to run (an EngineConfig), or an engine already made for this bundle (shared between
+        Inspectors, or a test double). ``with_threshold=False`` skips the product's threshold (register and calibrate
+        replace it anyway); ``options.use_memory=False`` runs zero-shot without reading the memory."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.product = product
         self.options = options.resolved(self.bundle.manifest.scales, self.bundle.manifest.temperature)
@@ -114,7 +114,7 @@ class Inspector:
         self.memory: Memory | None = load_memory(self.bundle, product) if options.use_memory else None
         self.threshold: Threshold | None = load_threshold(
             self.bundle, product, self.memory, self.options.decision_record()) if with_threshold else None
-        self.engine = engine if engine is not None else create_engine(backend, self.bundle, **(engine_options or {}))
+        self.engine = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
         self._lock = threading.Lock()
         self._set_memory(self.memory)
 
@@ -154,9 +154,9 @@ class Inspector:
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
         for decoded in iter_decoded(list(images), self.model_size, batch_size):
-            yield from self._inspect_decoded(decoded, keep_images)
+            yield from self.inspect_decoded(decoded, keep_images)
 
-    def _inspect_decoded(self, decoded: list[_Decoded], keep_images: bool) -> list[InspectionResult]:
+    def inspect_decoded(self, decoded: list[Decoded], keep_images: bool) -> list[InspectionResult]:
         good = [d for d in decoded if d.error is None]
         results = {}
         if good:
@@ -185,13 +185,13 @@ class Inspector:
     def embed_references(self, images: Sequence[ImageInput], batch_size: int = DEFAULT_BATCH,
                          progress: Any = None) -> tuple[Memory | None, list[InspectionResult]]:
         """Embed normal reference images into a Memory; unreadable ones are returned as error results."""
-        from .bundle import sha256_file
+        from .fileio import sha256_file
 
         items = list(images)
         parts: dict[str, list[np.ndarray]] = {}
         sources, hashes, failed = [], [], []
         for start in range(0, len(items), batch_size):
-            decoded = [decode(items[i], self.model_size, _name_of(items[i], i)) for i in range(start, min(start + batch_size, len(items)))]
+            decoded = [decode(items[i], self.model_size, name_of(items[i], i)) for i in range(start, min(start + batch_size, len(items)))]
             good = [d for d in decoded if d.error is None]
             failed += [InspectionResult(path=d.name, error=d.error) for d in decoded if d.error is not None]
             if good:

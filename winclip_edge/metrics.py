@@ -1,4 +1,4 @@
-"""Evaluation metrics of the WinCLIP protocol (docs/WINCLIP.md section 9).
+"""Evaluation metrics of the WinCLIP protocol (docs/method.md §9, docs/evaluation.md).
 
 Image level: AUROC, AUPR (average precision), F1-max. Pixel level: AUROC, PRO (AUPRO up to
 FPR 0.3), F1-max. Pure numpy (+ cv2 for connected components) so the runtime can score itself
@@ -16,6 +16,8 @@ from typing import Union
 import cv2
 import numpy as np
 
+from .errors import WinclipError
+
 PRO_FPR_LIMIT = 0.3  # PRO is integrated over FPR in [0, 0.3], then divided by 0.3 (MVTec-AD)
 DEFAULT_BINS = 10_000  # binning error ~1e-4 for scores spread over the range (PixelMetrics)
 DEFAULT_SCORE_RANGE = (0.0, 1.0)  # WinCLIP anomaly maps are probabilities
@@ -27,7 +29,7 @@ PIXEL_KEYS = ("pixel_auroc", "pixel_pro", "pixel_f1max")
 MapStack = Union[Sequence[np.ndarray], np.ndarray]  # [N][H, W] per-image maps or masks
 
 
-class MetricError(ValueError):
+class MetricError(WinclipError, ValueError):
     """Inputs for which a metric is undefined: one class only, NaN scores, mismatched shapes."""
 
 

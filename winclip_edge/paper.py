@@ -1,8 +1,7 @@
-"""The WinCLIP paper's published numbers (WINCLIP.md section 9), as data for side-by-side reports.
+"""The WinCLIP paper's published numbers (docs/method.md §9), as data for side-by-side reports.
 
-Sources: the table of WINCLIP.md section 9 and, for the values it leaves out (VisA AUPR / F1-max /
-PRO, the standard deviations, the prompt baselines and the segmentation ablations), the paper's
-tables as quoted in the seed notes that WINCLIP.md is written from (`seed/000_*.txt`). Only means
+Source: the paper's tables (Jeong et al., CVPR 2023): image- and pixel-level results on MVTec-AD and VisA,
+the few-shot standard deviations, the prompt baselines and the segmentation ablations. Only means
 over classes are published there, no per-class values. Numbers are stored as printed (percent) and
 returned as fractions in [0, 1], the unit of `winclip_edge.metrics`.
 """

@@ -1,4 +1,4 @@
-"""Pre-processing (WINCLIP.md section 1), OpenCV only, shared by the runtime, the export verification
+"""Pre-processing (docs/method.md §1), OpenCV only, shared by the runtime, the export verification
 and the evaluation so that every path scores the same tensor.
 
 Decode -> RGB uint8 -> resize the *whole* frame to the model input (no centre crop: the map must cover
@@ -24,6 +24,8 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+
+from .errors import WinclipError
 
 # cv2.INTER_AREA averages the source pixels (anti-aliased) when shrinking; bilinear when enlarging.
 SHRINK_INTERPOLATION = cv2.INTER_AREA
@@ -52,7 +54,7 @@ END_MARKERS = {"PNG": "IEND chunk", "JPEG": "end-of-image marker 0xFFD9 after th
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
 
-class ImageError(ValueError):
+class ImageError(WinclipError, ValueError):
     """An input cannot be turned into an RGB image; the message names the file and the reason."""
 
 

@@ -6,9 +6,19 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .bundle import MEMORY, TEXT, THRESHOLD, Bundle, BundleError, atomic_write_json, json_with_checksum, \
-    load_arrays, read_checked_json, save_arrays
+from .bundle import (
+    MEMORY,
+    TEXT,
+    THRESHOLD,
+    Bundle,
+    BundleError,
+    json_with_checksum,
+    load_arrays,
+    read_checked_json,
+    save_arrays,
+)
 from .contract import PATCH_TOKENS, window_output_name
+from .fileio import atomic_write_json
 
 
 def _now() -> str:
@@ -62,7 +72,7 @@ def window_key(k: int) -> str:
 
 @dataclass
 class Memory:
-    """Embeddings of K normal reference images (WINCLIP.md section 7), kept per reference so that
+    """Embeddings of K normal reference images (docs/method.md §7.1), kept per reference so that
     calibration can leave one out and ``--append`` can add."""
 
     image_embeddings: np.ndarray  # [R, D] float32 (lets calibration score references leave-one-out)

@@ -1,4 +1,4 @@
-"""Compositional prompt ensemble (WINCLIP.md section 2) and the paper's prompt baselines.
+"""Compositional prompt ensemble (docs/method.md §2) and the paper's prompt baselines.
 
 Pure text: the export stage encodes these with the CLIP text tower; the runtime only stores them.
 """
@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Sequence
+
+from .errors import WinclipError
 
 OBJECT = "{o}"  # placeholder for the object name inside a state phrase
 STATE = "{c}"  # placeholder for the state phrase inside a template
@@ -49,7 +51,7 @@ class PromptSpec:
     extra_templates: tuple[str, ...] = field(default_factory=tuple)  # user additions, "{c}" = state phrase
 
 
-class PromptError(ValueError):
+class PromptError(WinclipError, ValueError):
     """A prompt style or a user state/template that cannot be used."""
 
 

@@ -13,7 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .bundle import atomic_write_bytes, atomic_write_json
+from .errors import WinclipError
+from .fileio import atomic_write_bytes, atomic_write_json
 from .heatmap import upsample_map
 
 SUMMARY_JSON = "summary.json"
@@ -36,7 +37,7 @@ HEATMAP_ALPHA = 0.5
 MATPLOTLIB_PIP = "pip install matplotlib (or: pip install 'winclip-edge[eval]')"
 
 
-class ReportError(RuntimeError):
+class ReportError(WinclipError, RuntimeError):
     """A report part cannot be produced (matplotlib missing)."""
 
 
@@ -131,7 +132,7 @@ def _markdown(summary: dict) -> str:
     pictures = ", pictures `roc_curves.png`, `auroc_bars.png`, `cases/`" if st["pictures"] else ""
     lines += ["", "Files: `summary.json` (everything above, fractions in [0, 1]), `metrics.csv` (per class, shot "
               f"count and seed, and their mean / std), `scores.csv` (per image){pictures}. Paper: mean over classes "
-              "only (WINCLIP.md section 9 quotes no per-class values); – = not published for this setting."]
+              "only (the paper publishes no per-class values); – = not published for this setting."]
     return "\n".join(lines) + "\n"
 
 
@@ -244,7 +245,7 @@ def _bars_figure(summary: dict, path: Path) -> Path:
 
 
 def _cases_figure(summary: dict, record: dict, path: Path) -> Path:
-    from .evaluation import read_mask
+    from .datasets import read_mask
     from .preprocess import read_image
 
     cases = record["cases"]

@@ -1,4 +1,4 @@
-"""The numbers of WINCLIP.md sections 3, 5, 6 and 7 as pure, vectorised numpy functions.
+"""The numbers of docs/method.md §3, §5, §6 and §7 as pure, vectorised numpy functions.
 
 Shapes: ``N`` images, ``W`` windows of one scale, ``D`` embedding dim, ``h x w`` token grid.
 Every function here has a slow loop version in tests/test_scoring.py that it must equal.
@@ -11,6 +11,7 @@ from typing import Mapping
 import numpy as np
 
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
+from .errors import WinclipError
 from .windows import Grid, window_layout
 
 DEFAULT_TEMPERATURE = 0.07
@@ -20,7 +21,7 @@ MEANS = ("harmonic", "arithmetic")
 SCORE_FLOOR = 1e-12
 
 
-class ScoringError(ValueError):
+class ScoringError(WinclipError, ValueError):
     """Scoring options that cannot apply (unknown mean, T <= 0, a window scale the bundle lacks)."""
 
 

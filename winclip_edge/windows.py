@@ -1,4 +1,4 @@
-"""Window geometry on the ViT token grid (WINCLIP.md section 4).
+"""Window geometry on the ViT token grid (docs/method.md §4.1).
 
 A window of scale ``k`` is a ``k x k`` block of patch tokens. Windows are laid with a stride;
 the last window of every row/column is always included so that every token is covered by at
@@ -14,7 +14,10 @@ from typing import Tuple
 
 import numpy as np
 
-class GeometryError(ValueError):
+from .errors import WinclipError
+
+
+class GeometryError(WinclipError, ValueError):
     """A window scale or stride that does not fit the token grid."""
 
 

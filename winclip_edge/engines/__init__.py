@@ -1,29 +1,28 @@
 """Engine backends. Each imports its own library lazily, so the runtime never needs torch."""
 from __future__ import annotations
 
-from typing import Any
-
 from ..bundle import Bundle
 from .base import Engine, EngineError
+from .config import PRECISIONS, EngineConfig
 
 BACKENDS = ("onnxruntime", "tensorrt", "torch")
 
 
-def create_engine(backend: str, bundle: Bundle, **options: Any) -> Engine:
-    """Create the engine ``backend`` for ``bundle``; ``options`` go to that backend's constructor."""
-    if backend == "onnxruntime":
+def create_engine(bundle: Bundle, config: EngineConfig = EngineConfig()) -> Engine:
+    """The engine ``config.backend`` for ``bundle``; the backend reads the fields of ``config`` it understands."""
+    if config.backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(bundle, **options)
-    if backend == "tensorrt":
+        return OnnxRuntimeEngine(bundle, config)
+    if config.backend == "tensorrt":
         from .tensorrt import TensorRTEngine
 
-        return TensorRTEngine(bundle, **options)
-    if backend == "torch":
+        return TensorRTEngine(bundle, config)
+    if config.backend == "torch":
         from .torch import TorchEngine
 
-        return TorchEngine(bundle, **options)
-    raise EngineError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        return TorchEngine(bundle, config)
+    raise EngineError(f"unknown backend {config.backend!r}; choose one of {BACKENDS}")
 
 
-__all__ = ["BACKENDS", "Engine", "EngineError", "create_engine"]
+__all__ = ["BACKENDS", "PRECISIONS", "Engine", "EngineConfig", "EngineError", "create_engine"]

@@ -5,8 +5,10 @@ from typing import Protocol
 
 import numpy as np
 
+from ..errors import WinclipError
 
-class EngineError(RuntimeError):
+
+class EngineError(WinclipError, RuntimeError):
     """An engine cannot be created or run (missing library, wrong device, mismatched graph)."""
 
 

@@ -20,14 +20,14 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..bundle import atomic_write_bytes, atomic_write_json, sha256_file
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from .base import EngineError
+from .config import PRECISIONS
 
 ENGINE_DIR = "engines"  # default folder under the bundle
 PLAN_SUFFIX = ".plan"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = 1
-PRECISIONS = ("fp32", "fp16", "int8")
 SHORT_SHA = 8  # hex digits of the ONNX sha256 in a file name
 
 

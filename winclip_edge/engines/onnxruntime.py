@@ -1,11 +1,15 @@
 """ONNX Runtime backend: CPU everywhere; CUDA / TensorRT execution providers with onnxruntime-gpu."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from ..bundle import Bundle
 from ..contract import INPUT_NAME, check_io, output_names
 from .base import EngineError
+from .config import EngineConfig
+from .onnx_variants import load_variant
 
 # Preference order for provider="auto". ONNX Runtime's TensorRT provider is used only when asked for: it
 # builds an engine when a session starts (minutes for ViT-B), so it needs its engine cache (below).
@@ -17,9 +21,13 @@ PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvide
 class OnnxRuntimeEngine:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, provider: str = "auto", threads: int = 0, model_path: str | None = None):
-        """``provider``: auto | cpu | cuda | tensorrt (or a full EP name); ``threads``: intra-op threads, 0 = ORT's default.
-        ``model_path``: another ONNX file with the same contract (e.g. a quantised copy)."""
+    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(), model_path: str | Path | None = None):
+        """``config.provider``: auto | cpu | cuda | tensorrt (or a full EP name); ``config.threads``: intra-op
+        threads, 0 = ORT's default; ``config.precision`` fp16/int8 runs the bundle's ``quantize`` variant
+        (sha256-checked). ``model_path``: another ONNX file with the same contract (a variant being made)."""
+        provider, threads = config.provider, config.threads
+        if model_path is None and config.resolved_precision != "fp32":
+            model_path = load_variant(bundle, config.resolved_precision)
         try:
             import onnxruntime as ort
         except ImportError as err:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import ctypes
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ import numpy as np
 from ..bundle import VISUAL_ONNX, Bundle
 from ..contract import INPUT_DTYPE, INPUT_NAME, ContractError, GraphSpec, check_io
 from .base import EngineError
+from .config import EngineConfig
 from .engine_cache import DeviceInfo, default_engine_dir, find_engine
 
 OUTPUT_DTYPE = np.float32  # every output of the contract
@@ -158,8 +158,8 @@ class TensorRTEngine:
 
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, precision: str = "fp16", engine_dir: str | Path | None = None,
-                 max_batch: int | None = None):
+    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="tensorrt")):
+        precision, engine_dir, max_batch = config.resolved_precision, config.engine_dir, config.max_batch
         trt = load_tensorrt()
         self.cuda = Cuda(load_cudart())
         self.spec = bundle.spec

@@ -6,7 +6,7 @@ from the bundle manifest (same weights id, checked), so its fp32 outputs are the
 
 fp16: the vision tower's weights are cast to half, except every LayerNorm, which keeps fp32 weights
 and computes in fp32 (its input is cast up and its output back down by forward hooks): LayerNorm's
-variance overflows easily in half (DESIGN.md). The pixel normalisation also stays fp32; the patch
+variance overflows easily in half (docs/method.md §11). The pixel normalisation also stays fp32; the patch
 embedding's input is cast to half. Autocast is not used: it would re-cast the fp32 weights on every
 call and it disables nn.MultiheadAttention's fused inference path.
 
@@ -24,8 +24,9 @@ import numpy as np
 
 from ..bundle import Bundle
 from .base import EngineError
+from .config import PRECISIONS, EngineConfig
 
-PRECISIONS = ("fp32", "fp16")
+TORCH_PRECISIONS = PRECISIONS[:2]  # int8 is an ONNX Runtime variant
 # Eager passes on a side stream before a capture: cuBLAS/cuDNN allocate their workspaces and pick
 # their kernels there, not inside the graph (the PyTorch CUDA-graphs documentation asks for this).
 GRAPH_WARMUP_ITERS = 3
@@ -51,19 +52,20 @@ class _Graph:
 class TorchEngine:
     name = "torch"
 
-    def __init__(self, bundle: Bundle, device: str = "auto", precision: str = "fp32", cuda_graphs: bool = False,
-                 mha_fastpath: bool = True):
-        """``device``: auto (cuda when available) | cpu | cuda | cuda:<i>; ``precision``: fp32 | fp16 (LayerNorm stays fp32);
-        ``cuda_graphs``: capture the forward pass per batch size (CUDA only);
-        ``mha_fastpath``: nn.MultiheadAttention's fused inference kernel (torch.backends.mha; on by default)."""
-        if precision not in PRECISIONS:
-            raise EngineError(f"the torch backend runs precision {PRECISIONS}, got {precision!r}; "
+    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="torch")):
+        """``config.device``: auto (cuda when available) | cpu | cuda | cuda:<i>; ``config.precision``: fp32 | fp16
+        (LayerNorm stays fp32); ``config.cuda_graphs``: capture the forward pass per batch size (CUDA only);
+        ``config.mha_fastpath``: nn.MultiheadAttention's fused inference kernel (torch.backends.mha; on by default)."""
+        device, precision, cuda_graphs = config.device, config.resolved_precision, config.cuda_graphs
+        mha_fastpath = config.mha_fastpath
+        if precision not in TORCH_PRECISIONS:
+            raise EngineError(f"the torch backend runs precision {TORCH_PRECISIONS}, got {precision!r}; "
                               "int8 is an ONNX Runtime variant (`winclip-edge quantize`, then --backend onnxruntime)")
         try:
             import torch
 
-            from export.models import load_from_manifest
-            from export.windowed_clip import WindowedVisual
+            from ..export.models import load_from_manifest
+            from ..export.windowed_clip import WindowedVisual
         except ImportError as err:
             raise EngineError(f"the torch backend needs the export extra ({err}); pip install 'winclip-edge[export]'") from None
         if device == "auto":

@@ -20,7 +20,6 @@ only); there only fp32 is built, and fp16/int8 are refused with that explanation
 """
 from __future__ import annotations
 
-import argparse
 import re
 import sys
 import time
@@ -30,13 +29,22 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from ..bundle import VISUAL_ONNX, Bundle, atomic_write_bytes
+from ..bundle import VISUAL_ONNX, Bundle
 from ..contract import INPUT_NAME, GraphSpec
+from ..engines.base import EngineError
+from ..engines.engine_cache import (
+    SHORT_SHA,
+    BatchProfile,
+    CachedEngine,
+    DeviceInfo,
+    EngineKey,
+    default_engine_dir,
+    save_engine,
+    slug,
+)
+from ..engines.tensorrt import Cuda, TensorInfo, check_engine_io, load_cudart, load_tensorrt, stderr_logger
+from ..fileio import atomic_write_bytes
 from ..preprocess import ImageError, read_image, resize_to_model
-from .base import EngineError
-from .engine_cache import (PRECISIONS, SHORT_SHA, BatchProfile, CachedEngine, DeviceInfo, EngineKey, default_engine_dir,
-                           save_engine, slug)
-from .tensorrt import Cuda, TensorInfo, check_engine_io, load_cudart, load_tensorrt, stderr_logger
 
 DEFAULT_MAX_BATCH = 8  # the runtime's default --batch
 DEFAULT_WORKSPACE_GIB = 2.0  # fits the 8 GB Jetson Orin Nano next to the runtime; desktops may give more
@@ -342,49 +350,3 @@ def build_engine(bundle: Bundle, options: BuildOptions, log: Callable[[str], Non
     path = save_engine(engine_dir, key, bytes(plan), build)
     log(f"built in {seconds:.0f} s -> {path}")
     return CachedEngine(plan=path, key=key, build=build)
-
-
-# ---------------------------------------------------------------- CLI
-def cmd_build_engine(args: argparse.Namespace) -> int:
-    from ..cli import EXIT_OK, CliError, collect_inputs
-
-    images: tuple[str, ...] = ()
-    if args.calibration_images is not None:
-        if not Path(args.calibration_images).is_dir():
-            raise CliError(f"--calibration-images {args.calibration_images} is not a folder")
-        if args.precision != "int8":
-            raise CliError(f"--calibration-images is for --precision int8 (got {args.precision}); leave it out")
-        images = tuple(collect_inputs([args.calibration_images]))
-        if not images:
-            raise CliError(f"no images in {args.calibration_images}")
-    bundle = Bundle(args.bundle)
-    profile = BatchProfile(min=1, opt=args.opt_batch if args.opt_batch is not None else args.max_batch,
-                           max=args.max_batch)
-    cached = build_engine(bundle, BuildOptions(precision=args.precision, profile=profile,
-                                               workspace_gib=args.workspace_gib, calibration_images=images,
-                                               engine_dir=args.engine_dir))
-    d = cached.key.device
-    print(f"engine {cached.plan}: {d.gpu} ({d.sm}), TensorRT {d.trt_version}, {cached.key.precision}, batch "
-          f"1..{profile.max} (opt {profile.opt}), {cached.build['fp32_layers']} layer(s) kept FP32; "
-          f"built in {cached.build['seconds']:.0f} s")
-    return EXIT_OK
-
-
-def add_build_engine_parser(sub: argparse._SubParsersAction) -> None:
-    """The ``build-engine`` command, and ``--engine-dir`` of ``--backend tensorrt`` on the runtime commands whose
-    engine ``cli._inspector`` creates (their shared ``--precision`` picks the cached plan)."""
-    p = sub.add_parser("build-engine", help="build the TensorRT engine of a bundle for this GPU (needs TensorRT; takes "
-                                            "minutes, once per device, TensorRT version and precision)")
-    p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
-                   help="fp32 (reference, no TF32), fp16 (default; LayerNorm and L2 norm stay FP32) or int8 (calibrated)")
-    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
-                   help=f"largest batch the engine runs (default {DEFAULT_MAX_BATCH}); larger runtime batches are split")
-    p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default: --max-batch)")
-    p.add_argument("--calibration-images", default=None,
-                   help="int8: folder of normal images of the product (a few hundred); without it the calibration "
-                        "cache of an earlier int8 build is reused")
-    p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB,
-                   help=f"TensorRT scratch memory limit in GiB (default {DEFAULT_WORKSPACE_GIB})")
-    p.add_argument("--engine-dir", default=None, help="engine cache folder (default <bundle>/engines)")
-    p.set_defaults(func=cmd_build_engine)

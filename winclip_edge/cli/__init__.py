@@ -1,0 +1,44 @@
+"""``winclip-edge``: argparse mapped onto one library call per command.
+
+The only place that imports argparse or knows exit codes: 0 = all fine, 1 = some inputs failed (the others were
+processed), 2 = nothing could be done. Library code raises typed errors (all WinclipError); main() prints them as
+one line. A command group is a module here with ``register(subparsers)``; each command sets ``run(args) -> int``.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from typing import Sequence
+
+from . import bench, builders, demo, eval, export, runtime
+from .common import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError
+from ..errors import WinclipError
+
+# A new command group = one module with register(subparsers), listed here (help lists them in this order).
+COMMAND_MODULES = (export, runtime, builders, bench, eval, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="winclip-edge",
+                                     description="Zero-/few-shot visual anomaly detection (WinCLIP/WinCLIP+).")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for module in COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.command_line = shlex.join(["winclip-edge", *(sys.argv[1:] if argv is None else argv)])  # for reports
+    try:
+        return args.run(args)
+    except KeyboardInterrupt:
+        print("winclip-edge: interrupted", file=sys.stderr)
+        return EXIT_ERROR
+    except (WinclipError, OSError) as err:
+        print(f"winclip-edge {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+__all__ = ["COMMAND_MODULES", "EXIT_ERROR", "EXIT_OK", "EXIT_SOME_FAILED", "CliError", "build_parser", "main"]

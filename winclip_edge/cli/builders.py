@@ -1,0 +1,103 @@
+"""``quantize`` and ``build-engine``: artefacts built from a bundle on the machine that runs it."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from ..builders.tensorrt import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
+from ..engines.config import PRECISIONS
+from ..inputs import collect_inputs
+from .common import EXIT_OK, CliError
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from ..builders.variants import make_variant
+    from ..bundle import Bundle
+    from ..inspector import decode
+
+    bundle = Bundle(args.bundle)
+    calibration = None
+    if args.calibration_images:
+        if args.precision != "int8":
+            raise CliError("--calibration-images is for --precision int8 (static quantisation)")
+        paths = collect_inputs(args.calibration_images)
+        decoded = [decode(p, bundle.spec.image_size, p) for p in paths]
+        for d in decoded:
+            if d.error is not None:
+                print(f"error: {d.error}", file=sys.stderr)
+        good = [d.model_input for d in decoded if d.error is None]
+        if not good:
+            raise CliError(f"none of the {len(paths)} calibration image(s) could be read")
+        calibration = np.stack(good)
+    print(f"[quantize] making the {args.precision} variant of {bundle.onnx_path} "
+         f"({'static, ' + str(len(calibration)) + ' calibration images' if calibration is not None else 'no calibration'}) ...", file=sys.stderr)
+    info = make_variant(bundle, args.precision, calibration)
+    print(f"{info.precision} variant {info.path} ({info.size_mib:.0f} MiB, sha256 {info.sha256[:12]}...) in "
+          f"{info.seconds:.1f} s; {info.method}. Use it with --precision {info.precision}; measure its fidelity with "
+          f"`winclip-edge bench --bundle {args.bundle} --product P --precision {info.precision}`")
+    return EXIT_OK
+
+
+def _register_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="make an fp16 or int8 variant of the bundle's visual graph (needs onnx; "
+                                        "ViT-B-16-plus-240: ~1 min, static int8 ~1 min per calibration image on 2 cores)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--precision", required=True, choices=PRECISIONS[1:],
+                   help="fp16 (GPU execution providers) or int8 (CPU; dynamic unless calibration images are given)")
+    p.add_argument("--calibration-images", action="append", default=[], metavar="PATH",
+                   help="int8 only: normal images (files, folders, globs; repeatable) for static QDQ quantisation")
+    p.set_defaults(run=run_quantize)
+
+
+def run_build_engine(args: argparse.Namespace) -> int:
+    from ..builders.tensorrt import BuildOptions, build_engine
+    from ..bundle import Bundle
+    from ..engines.engine_cache import BatchProfile
+
+    images: tuple[str, ...] = ()
+    if args.calibration_images is not None:
+        if not Path(args.calibration_images).is_dir():
+            raise CliError(f"--calibration-images {args.calibration_images} is not a folder")
+        if args.precision != "int8":
+            raise CliError(f"--calibration-images is for --precision int8 (got {args.precision}); leave it out")
+        images = tuple(collect_inputs([args.calibration_images]))
+        if not images:
+            raise CliError(f"no images in {args.calibration_images}")
+    bundle = Bundle(args.bundle)
+    profile = BatchProfile(min=1, opt=args.opt_batch if args.opt_batch is not None else args.max_batch,
+                           max=args.max_batch)
+    cached = build_engine(bundle, BuildOptions(precision=args.precision, profile=profile,
+                                               workspace_gib=args.workspace_gib, calibration_images=images,
+                                               engine_dir=args.engine_dir))
+    d = cached.key.device
+    print(f"engine {cached.plan}: {d.gpu} ({d.sm}), TensorRT {d.trt_version}, {cached.key.precision}, batch "
+          f"1..{profile.max} (opt {profile.opt}), {cached.build['fp32_layers']} layer(s) kept FP32; "
+          f"built in {cached.build['seconds']:.0f} s")
+    return EXIT_OK
+
+
+def _register_build_engine(sub: argparse._SubParsersAction) -> None:
+    """``build-engine``; the runtime commands' ``--backend tensorrt --precision P`` then load the cached plan."""
+    p = sub.add_parser("build-engine", help="build the TensorRT engine of a bundle for this GPU (needs TensorRT; takes "
+                                            "minutes, once per device, TensorRT version and precision)")
+    p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                   help="fp32 (reference, no TF32), fp16 (default; LayerNorm and L2 norm stay FP32) or int8 (calibrated)")
+    p.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH,
+                   help=f"largest batch the engine runs (default {DEFAULT_MAX_BATCH}); larger runtime batches are split")
+    p.add_argument("--opt-batch", type=int, default=None, help="batch size TensorRT tunes for (default: --max-batch)")
+    p.add_argument("--calibration-images", default=None,
+                   help="int8: folder of normal images of the product (a few hundred); without it the calibration "
+                        "cache of an earlier int8 build is reused")
+    p.add_argument("--workspace-gib", type=float, default=DEFAULT_WORKSPACE_GIB,
+                   help=f"TensorRT scratch memory limit in GiB (default {DEFAULT_WORKSPACE_GIB})")
+    p.add_argument("--engine-dir", default=None, help="engine cache folder (default <bundle>/engines)")
+    p.set_defaults(run=run_build_engine)
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    _register_quantize(sub)
+    _register_build_engine(sub)

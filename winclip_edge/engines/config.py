@@ -1,0 +1,39 @@
+"""What engine to run, as data: the one object the faces (CLI, service, Python callers) hand to the library.
+
+Each backend reads the fields it understands and resolves its own precision (the ONNX Runtime backend finds the
+``quantize`` variant, the TensorRT backend the cached plan of that precision), so a Python caller writes
+``Inspector(bundle, product, engine=EngineConfig(precision="int8"))`` and gets what ``--precision int8`` gives.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Optional
+
+PRECISIONS = ("fp32", "fp16", "int8")
+# What build-engine makes by default, so --backend tensorrt without --precision finds it.
+DEFAULT_PRECISION = {"tensorrt": "fp16"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    backend: str = "onnxruntime"  # onnxruntime | torch | tensorrt
+    precision: Optional[str] = None  # fp32 | fp16 | int8; None = the backend's default (fp16 for tensorrt, else fp32)
+    provider: str = "auto"  # onnxruntime: auto | cpu | cuda | tensorrt (or a full execution-provider name)
+    threads: int = 0  # onnxruntime intra-op threads; 0 = its default
+    device: str = "auto"  # torch: auto | cpu | cuda | cuda:<i>
+    cuda_graphs: bool = False  # torch on CUDA: capture the forward pass per batch size
+    mha_fastpath: bool = True  # torch: nn.MultiheadAttention's fused inference kernel
+    engine_dir: Optional[Path] = None  # tensorrt / ORT TensorRT provider: engine cache folder (default <bundle>/engines)
+    max_batch: Optional[int] = None  # tensorrt: pick the plan with this profile maximum (default: the largest)
+
+    @property
+    def resolved_precision(self) -> str:
+        return self.precision or DEFAULT_PRECISION.get(self.backend, "fp32")
+
+    def resolved(self) -> "EngineConfig":
+        """The same config with the backend's default precision filled in (for records and comparisons)."""
+        return replace(self, precision=self.resolved_precision)
+
+    def describe(self) -> str:
+        return f"{self.backend} {self.resolved_precision}"

@@ -1,0 +1,66 @@
+"""Where the ONNX Runtime backend finds a lower-precision copy of the visual graph, and how it trusts it.
+
+    bundle/variants/visual.<p>.onnx    made by ``winclip-edge quantize`` (winclip_edge/builders/variants.py)
+    bundle/variants/visual.<p>.json    how it was made, its sha256 and the sha256 of the visual.onnx it came from
+
+A variant is verified by sha256 on load and refused when the bundle's visual.onnx has changed since.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..bundle import VISUAL_ONNX, Bundle, BundleError, read_checked_json
+from ..fileio import sha256_file
+from .config import PRECISIONS
+
+VARIANTS = "variants"
+
+
+class VariantError(BundleError):
+    """A precision variant is missing, damaged, stale or cannot be made."""
+
+
+def check_precision(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise VariantError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
+
+
+def variant_path(bundle: Bundle, precision: str) -> Path:
+    check_precision(precision)
+    return bundle.onnx_path if precision == "fp32" else bundle.root / VARIANTS / f"visual.{precision}.onnx"
+
+
+def sidecar_path(bundle: Bundle, precision: str) -> Path:
+    return variant_path(bundle, precision).with_suffix(".json")
+
+
+def load_variant(bundle: Bundle, precision: str) -> Path:
+    """The verified graph file of ``precision`` (fp32 = the bundle's own visual.onnx)."""
+    path = variant_path(bundle, precision)
+    if precision == "fp32":
+        return path
+    make = f"`winclip-edge quantize --bundle {bundle.root} --precision {precision}`"
+    side = sidecar_path(bundle, precision)
+    if not side.is_file() or not path.is_file():
+        raise VariantError(f"bundle {bundle.root} has no {precision} variant ({path} missing); create it with {make}")
+    meta = read_checked_json(side)
+    source = bundle.manifest.files[VISUAL_ONNX]
+    if meta.get("source_sha256") != source:
+        raise VariantError(f"{path} was made from another visual.onnx (sha256 {str(meta.get('source_sha256'))[:12]}..., "
+                           f"the bundle's is {source[:12]}...); re-create it with {make}")
+    actual = sha256_file(path)
+    if actual != meta.get("file_sha256"):
+        raise VariantError(f"{path} fails its sha256 check (expected {str(meta.get('file_sha256'))[:12]}..., got "
+                           f"{actual[:12]}...): damaged or partly copied; re-create it with {make}")
+    return path
+
+
+def variant_metadata(bundle: Bundle, precision: str) -> dict:
+    """The sidecar of a variant (how it was made, checksums), verified; ``{}`` for fp32."""
+    if precision == "fp32":
+        return {}
+    load_variant(bundle, precision)
+    return read_checked_json(sidecar_path(bundle, precision))
+
+
+# ---------------------------------------------------------------- making variants

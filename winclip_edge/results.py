@@ -1,0 +1,138 @@
+"""What an inspection leaves on disk: ``results.jsonl`` (one JSON object per input, flushed as it comes),
+``maps/<stem>.npy`` and ``overlays/<stem>.png``, with stems made unique within one run.
+
+Shared by ``infer``, ``demo``, the soak benchmark and the line service, so every face writes the same rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, TextIO
+
+from .heatmap import overlay, write_npy, write_png
+from .inspector import InspectionResult
+
+RESULTS_JSONL = "results.jsonl"
+MAPS = "maps"
+OVERLAYS = "overlays"
+
+
+@dataclass
+class Summary:
+    """Running sums, not lists: one run may stream for weeks."""
+
+    total: int = 0
+    failed: int = 0
+    anomalous: int = 0
+    engine_ms: float = 0.0
+    total_ms: float = 0.0
+
+    @property
+    def inspected(self) -> int:
+        return self.total - self.failed
+
+
+def unique_stem(path: str, used: set[str]) -> str:
+    """The file stem, made unique among the outputs of this run (a/part.png, b/part.png -> part, part-2)."""
+    stem = Path(path).stem or "image"
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}-{n}"
+    used.add(name)
+    return name
+
+
+def decision_text(anomalous: bool | None) -> str:
+    return {None: "no threshold", True: "ANOMALOUS", False: "normal"}[anomalous]
+
+
+def write_overlay(path: str | os.PathLike, result: InspectionResult) -> None:
+    """Heatmap over the image with score and decision. Colours run from the map's minimum to
+    max(map maximum, threshold), so a normal part does not turn red."""
+    hi = max(float(result.anomaly_map.max()), result.threshold or 0.0)
+    write_png(path, overlay(result.image, result.anomaly_map, f"score {result.score:.4f}  {decision_text(result.anomalous)}",
+                            (float(result.anomaly_map.min()), hi)))
+
+
+class ResultWriter:
+    """Writes one row per result under ``out``; maps and overlays only for inspected inputs and only when asked.
+
+    The Inspector must keep the decoded images (``keep_images=True``) when ``overlays`` is on."""
+
+    def __init__(self, out: str | os.PathLike, maps: bool = True, overlays: bool = True, append: bool = False):
+        self.out = Path(out)
+        self.maps, self.overlays = maps, overlays
+        for wanted, folder in ((maps, MAPS), (overlays, OVERLAYS)):
+            if wanted:
+                (self.out / folder).mkdir(parents=True, exist_ok=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.path = self.out / RESULTS_JSONL
+        self._jsonl: TextIO = open(self.path, "a" if append else "w", encoding="utf-8")
+        self._used: set[str] = set()
+        self.summary = Summary()
+
+    def record(self, r: InspectionResult, mode: str, save_outputs: bool = True) -> dict[str, Any]:
+        """The row of ``r`` (writing its map / overlay when ``save_outputs``); a failed write is the row's error."""
+        record: dict[str, Any] = {
+            "path": r.path, "score": r.score, "anomalous": r.anomalous, "threshold": r.threshold,
+            "zero_shot_score": r.zero_shot_score, "mode": mode, "map": None, "overlay": None,
+            "image_size": None, "timings_ms": None, "error": r.error}
+        if r.error is None:
+            try:
+                t0 = time.perf_counter()
+                if save_outputs and (self.maps or self.overlays):
+                    stem = unique_stem(r.path, self._used)
+                    if self.maps:
+                        record["map"] = str(self.out / MAPS / f"{stem}.npy")
+                        write_npy(record["map"], r.anomaly_map)
+                    if self.overlays:
+                        record["overlay"] = str(self.out / OVERLAYS / f"{stem}.png")
+                        write_overlay(record["overlay"], r)
+                r.timings_ms["write"] = (time.perf_counter() - t0) * 1e3
+                record["image_size"] = list(r.anomaly_map.shape)
+            except OSError as err:
+                record["error"] = f"{r.path}: cannot write outputs ({err})"
+            record["timings_ms"] = {k: round(v, 3) for k, v in r.timings_ms.items()}
+        return record
+
+    def write(self, r: InspectionResult, mode: str, extra: dict[str, Any] | None = None,
+              save_outputs: bool = True) -> dict[str, Any]:
+        """Record ``r``, append the row (plus ``extra`` fields) to results.jsonl, update the summary; returns the row."""
+        record = {**self.record(r, mode, save_outputs), **(extra or {})}
+        self.append_row(record)
+        s = self.summary
+        s.total += 1
+        if record["error"] is not None:
+            s.failed += 1
+        else:
+            s.anomalous += bool(r.anomalous)
+            s.engine_ms += r.timings_ms.get("engine", 0.0)
+            s.total_ms += sum(r.timings_ms.values())
+        return record
+
+    def append_row(self, record: dict[str, Any]) -> None:
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+
+    def close(self) -> None:
+        self._jsonl.close()
+
+    def __enter__(self) -> "ResultWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def inspect_into(writer: ResultWriter, inspector: Any, inputs: Iterable[Any], batch_size: int,
+                 on_row: Callable[[dict[str, Any]], None] | None = None) -> Summary:
+    """Inspect ``inputs`` with ``inspector`` and write every result with ``writer``; ``on_row`` sees each row."""
+    for r in inspector.iter_inspect(inputs, batch_size, keep_images=writer.overlays):
+        row = writer.write(r, inspector.mode)
+        if on_row is not None:
+            on_row(row)
+    return writer.summary
