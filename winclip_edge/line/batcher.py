@@ -3,9 +3,10 @@
 A single worker thread owns the engine. ``submit`` decodes the job in the caller's thread (so decoding of
 many sources runs in parallel with the engine) and queues it; the worker closes a batch when it is full
 (``max_batch``) or when its oldest job has waited ``max_wait_ms``, runs the Inspector's own batch path
-(the same engine call and scoring as ``Inspector.inspect``, so scores are identical) and resolves each
-job's future. Nothing raises out of a job: an unreadable image or a failing engine call becomes an error
-result for the jobs concerned, and the worker goes on with the next batch.
+(``Inspector.inspect_decoded``: the engine call and scoring of ``Inspector.inspect``, so the scores are those
+of ``inspect`` on the same batch) and resolves each job's future. Nothing raises out of a job: an unreadable
+image or a failing engine call becomes an error result for the jobs concerned, and the worker goes on with
+the next batch.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from ..errors import WinclipError
 from ..inspector import InspectionResult, decode
 
 if TYPE_CHECKING:
-    from ..inspector import Inspector, _Decoded
+    from ..inspector import Inspector, Decoded
 
 
 class BatcherClosed(WinclipError, RuntimeError):
@@ -63,7 +64,7 @@ class BatcherStats:
 @dataclass
 class _Pending:
     job: Job
-    decoded: "_Decoded"
+    decoded: "Decoded"
     future: Future
     enqueued: float  # time.monotonic() at submit
 
@@ -95,7 +96,8 @@ class Batcher:
 
     # ------------------------------------------------------------ callers
     def submit(self, job: Job, block: bool = True, timeout: float | None = None) -> Future:
-        """Queue ``job``; the future's result is its :class:`InspectionResult` (``path`` = ``job.name``).
+        """Queue ``job``; the future's result is its :class:`InspectionResult` (``path`` = ``job.name``). Assign
+        ``batcher.inspector`` to swap products (a reload): it is read once per batch.
 
         Raises :class:`BatcherClosed` after ``close`` and :class:`BatcherFull` when the queue is full and
         ``block`` is False or ``timeout`` (seconds) passed."""
@@ -172,8 +174,8 @@ class Batcher:
     def _process(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         try:
-            results = self.inspector._inspect_decoded([p.decoded for p in batch],
-                                                      keep_images=any(p.job.keep_image for p in batch))
+            results = self.inspector.inspect_decoded([p.decoded for p in batch],
+                                                     keep_images=any(p.job.keep_image for p in batch))
         except Exception as err:  # the engine failed: these jobs get error results, the next batch still runs
             results = [InspectionResult(path=p.job.name, error=f"{p.job.name}: engine failed: {type(err).__name__}: {err}")
                        for p in batch]
