@@ -22,7 +22,7 @@ import numpy as np
 
 from .bundle import Bundle
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
-from .engines import Engine, EngineConfig, create_engine
+from .engines import Engine, EngineConfig, EngineError, create_engine
 from .heatmap import upsample_map
 from .preprocess import ImageError, as_rgb, read_image, resize_to_model
 from .products import Memory, Threshold, load_memory, load_text, load_threshold
@@ -161,7 +161,11 @@ class Inspector:
         results = {}
         if good:
             t0 = time.perf_counter()
-            outputs = self.embed(np.stack([d.model_input for d in good]))
+            try:
+                outputs = self.embed(np.stack([d.model_input for d in good]))
+            except EngineError as err:  # e.g. a Triton server that is down: this batch fails, later ones still run
+                return [InspectionResult(path=d.name, error=d.error or f"{d.name}: {err}",
+                                         timings_ms={"decode": d.decode_ms}) for d in decoded]
             t1 = time.perf_counter()
             scores = self.score(outputs)
             t2 = time.perf_counter()

@@ -59,13 +59,21 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                    help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
     p.add_argument("--engine-dir", default=None,
                    help="--backend tensorrt: engine cache folder of build-engine (default <bundle>/engines)")
+    p.add_argument("--triton-url", default=None,
+                   help="--backend triton: HOST:PORT of the Triton server (default 127.0.0.1:8001 gRPC, :8000 HTTP)")
+    p.add_argument("--triton-protocol", choices=("grpc", "http"), default="grpc", help="--backend triton (default grpc)")
+    p.add_argument("--triton-model", default="winclip_visual", help="--backend triton: model name (default winclip_visual)")
+    p.add_argument("--triton-timeout", type=float, default=30.0,
+                   help="--backend triton: seconds per request before it is retried (default 30)")
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     """The EngineConfig of the flags of :func:`add_engine_options`."""
     return EngineConfig(backend=args.backend, precision=args.precision, provider=args.provider, threads=args.threads,
                         device=args.device, cuda_graphs=args.cuda_graphs,
-                        engine_dir=Path(args.engine_dir) if args.engine_dir else None)
+                        engine_dir=Path(args.engine_dir) if args.engine_dir else None,
+                        triton_url=args.triton_url, triton_protocol=args.triton_protocol,
+                        triton_model=args.triton_model, triton_timeout=args.triton_timeout)
 
 
 # ---------------------------------------------------------------- runtime flags

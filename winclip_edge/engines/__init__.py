@@ -5,7 +5,7 @@ from ..bundle import Bundle
 from .base import Engine, EngineError
 from .config import PRECISIONS, EngineConfig
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch")
+BACKENDS = ("onnxruntime", "tensorrt", "torch", "triton")
 
 
 def create_engine(bundle: Bundle, config: EngineConfig = EngineConfig()) -> Engine:
@@ -22,6 +22,10 @@ def create_engine(bundle: Bundle, config: EngineConfig = EngineConfig()) -> Engi
         from .torch import TorchEngine
 
         return TorchEngine(bundle, config)
+    if config.backend == "triton":
+        from .triton import TritonEngine
+
+        return TritonEngine(bundle, config)
     raise EngineError(f"unknown backend {config.backend!r}; choose one of {BACKENDS}")
 
 

@@ -26,6 +26,10 @@ class EngineConfig:
     mha_fastpath: bool = True  # torch: nn.MultiheadAttention's fused inference kernel
     engine_dir: Optional[Path] = None  # tensorrt / ORT TensorRT provider: engine cache folder (default <bundle>/engines)
     max_batch: Optional[int] = None  # tensorrt: pick the plan with this profile maximum (default: the largest)
+    triton_url: Optional[str] = None  # triton: HOST:PORT (default 127.0.0.1:8001 gRPC / 127.0.0.1:8000 HTTP)
+    triton_protocol: str = "grpc"  # triton: grpc | http
+    triton_model: str = "winclip_visual"  # triton: model name in the server's repository
+    triton_timeout: float = 30.0  # triton: seconds per request (then retries with back-off)
 
     @property
     def resolved_precision(self) -> str:

@@ -1,0 +1,311 @@
+"""Triton: the exported repository's config against the contract, and a real Triton server (PyTriton's bundled
+tritonserver, started with `winclip-edge triton-serve` as a user starts it) on loopback ports, against local ONNX
+Runtime on the same inputs."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import textured_part
+
+pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'winclip-edge[triton]')")
+
+from winclip_edge.bundle import Bundle  # noqa: E402
+from winclip_edge.cli import main  # noqa: E402
+from winclip_edge.contract import ContractError, output_names  # noqa: E402
+from winclip_edge.engines import EngineConfig, create_engine  # noqa: E402
+from winclip_edge.triton.identity import WEIGHTS_ID, model_parameters  # noqa: E402
+from winclip_edge.triton.repository import (RepositoryConfig, check_config, read_config,  # noqa: E402
+                                            write_repository)
+
+try:
+    import pytriton  # noqa: F401
+
+    NO_PYTRITON = ""
+except ImportError as err:  # the wheel exists for Linux x86_64/aarch64 with glibc >= 2.35 only
+    NO_PYTRITON = f"nvidia-pytriton cannot be imported here ({err}); the real-server tests need its tritonserver"
+needs_server = pytest.mark.skipif(bool(NO_PYTRITON), reason=NO_PYTRITON or "-")
+
+
+def free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class ServerProcess:
+    """`winclip-edge triton-serve` in its own process group on free loopback ports."""
+
+    def __init__(self, bundle: Path, *extra: str):
+        self.http, self.grpc, self.metrics = free_ports(3)
+        cmd = [sys.executable, "-m", "winclip_edge.cli", "triton-serve", "--bundle", str(bundle), "--http-port",
+               str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--threads", "1",
+               *extra]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=True)
+        self.lines: list[str] = []
+        ready = threading.Event()
+
+        def read() -> None:
+            for line in self.proc.stdout:
+                self.lines.append(line)
+                if line.startswith("ready:"):
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = time.monotonic() + 120
+        while not ready.is_set() and self.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if not ready.is_set():
+            self.kill()
+            raise AssertionError("triton-serve did not become ready:\n" + "".join(self.lines[-20:]))
+
+    def url(self, protocol: str) -> str:
+        return f"127.0.0.1:{self.grpc if protocol == 'grpc' else self.http}"
+
+    def metric(self, name: str) -> float:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{self.metrics}/metrics", timeout=10).read().decode()
+        return sum(float(m) for m in re.findall(rf"^{name}{{[^}}]*}} (\S+)$", text, re.M))
+
+    def kill(self) -> None:
+        """SIGKILL the whole group: the CLI process, tritonserver and the Python backend stub."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_bundle):
+    if NO_PYTRITON:
+        pytest.skip(NO_PYTRITON)
+    s = ServerProcess(tiny_bundle, "--queue-delay-us", "20000")
+    yield s
+    s.stop()
+
+
+def triton_config(server: ServerProcess, protocol: str = "grpc") -> EngineConfig:
+    return EngineConfig(backend="triton", triton_url=server.url(protocol), triton_protocol=protocol, triton_timeout=20)
+
+
+def textile_files(n: int, folder: str = "nominal") -> list[str]:
+    from winclip_edge.datasets import textile_root
+
+    return [str(p) for p in sorted((textile_root() / folder).glob("*"))[:n]]
+
+
+# ---------------------------------------------------------------- the repository (no server)
+def test_repository_config_parses_and_matches_contract(tiny_bundle, tmp_path):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    bundle = Bundle(tiny_bundle)
+    cfg = RepositoryConfig(max_batch=16, preferred_batch=(4, 8, 64), queue_delay_us=500, instances=2)
+    folder = write_repository(bundle, tmp_path / "repo", cfg)
+    config = read_config(folder / "config.pbtxt")  # Triton's own ModelConfig protobuf
+    assert isinstance(config, pb.ModelConfig)
+    assert config.name == "winclip_visual" and config.platform == "onnxruntime_onnx"
+    assert config.max_batch_size == 16
+    spec = bundle.spec
+    assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.input] == \
+        [("images", "TYPE_UINT8", [*spec.image_size, 3])]
+    shapes = spec.output_shapes()
+    assert [(t.name, pb.DataType.Name(t.data_type), list(t.dims)) for t in config.output] == \
+        [(n, "TYPE_FP32", list(shapes[n][1:])) for n in output_names(spec.scales)]
+    assert list(config.dynamic_batching.preferred_batch_size) == [4, 8]  # 64 > max batch: dropped
+    assert config.dynamic_batching.max_queue_delay_microseconds == 500
+    assert [(g.count, pb.ModelInstanceGroup.Kind.Name(g.kind)) for g in config.instance_group] == [(2, "KIND_GPU")]
+    assert config.version_policy.latest.num_versions == 1
+    assert {k: v.string_value for k, v in config.parameters.items()} == model_parameters(bundle)
+    from winclip_edge.fileio import sha256_file
+
+    assert sha256_file(folder / "1" / "model.onnx") == bundle.manifest.files["visual.onnx"]
+
+    # a config that does not match the bundle is refused
+    text = (folder / "config.pbtxt").read_text().replace(bundle.manifest.weights_id, "0" * 64)
+    (folder / "config.pbtxt").write_text(text)
+    with pytest.raises(ContractError, match="other weights"):
+        check_config(bundle, read_config(folder / "config.pbtxt"), "edited")
+    config.output[0].dims[0] += 1
+    with pytest.raises(ContractError, match="outputs"):
+        check_config(bundle, config, "edited")
+
+
+def test_fp16_output_graph_matches_fp32(tiny_bundle, tmp_path):
+    import onnxruntime as ort
+
+    bundle = Bundle(tiny_bundle)
+    folder = write_repository(bundle, tmp_path / "repo", RepositoryConfig(outputs_fp16=True, name="m16"))
+    assert "TYPE_FP16" in (folder / "config.pbtxt").read_text()
+    images = np.stack([textured_part(seed=i) for i in range(2)])
+    ref = dict(zip(output_names(bundle.spec.scales), ort.InferenceSession(str(bundle.onnx_path)).run(
+        output_names(bundle.spec.scales), {"images": images})))
+    got = ort.InferenceSession(str(folder / "1" / "model.onnx")).run(list(ref), {"images": images})
+    for (name, r), g in zip(ref.items(), got):
+        assert g.dtype == np.float16, name
+        assert np.abs(g.astype(np.float32) - r).max() < 2e-3, name
+
+
+def test_python_library_env_puts_this_libpython_first():
+    import sysconfig
+
+    from winclip_edge.triton.server import python_library_env
+
+    env = python_library_env({"LD_LIBRARY_PATH": "/opt/x"})
+    if sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        assert env["LD_LIBRARY_PATH"].split(":") == [sysconfig.get_config_var("LIBDIR"), "/opt/x"]
+    else:
+        assert env == {"LD_LIBRARY_PATH": "/opt/x"}
+
+
+# ---------------------------------------------------------------- a real server
+@needs_server
+@pytest.mark.parametrize("protocol", ["grpc", "http"])
+def test_triton_equals_local_onnxruntime(server, tiny_bundle, protocol):
+    from winclip_edge.inspector import Inspector
+
+    images = [textured_part(seed=i, defect=(40, 60, 30, 30) if i % 2 else None) for i in range(5)]
+    remote = Inspector(tiny_bundle, "widget", engine=triton_config(server, protocol))
+    local = Inspector(tiny_bundle, "widget")
+    assert remote.engine.name == "triton" and "FP32 outputs" in remote.engine.device
+    batch = np.stack(images)
+    got, ref = remote.embed(batch), local.embed(batch)
+    assert set(got) == set(ref)
+    for name in ref:
+        assert got[name].dtype == np.float32 and got[name].shape == ref[name].shape
+        assert np.abs(got[name] - ref[name]).max() <= 1e-5, name
+    r_remote, r_local = remote.inspect(images, batch_size=3), local.inspect(images, batch_size=3)
+    for a, b in zip(r_remote, r_local):
+        assert a.error is None and abs(a.score - b.score) <= 1e-5
+        assert np.abs(a.anomaly_map - b.anomaly_map).max() <= 1e-5
+    remote.close()
+
+
+@needs_server
+def test_infer_on_textile_images_equals_local(server, tiny_bundle, tmp_path):
+    files = textile_files(3, "nominal") + textile_files(3, "local")
+    rows = {}
+    for backend, flags in (("onnxruntime", []), ("triton", ["--triton-url", server.url("grpc")])):
+        out = tmp_path / backend
+        code = main(["infer", "--bundle", str(tiny_bundle), "--product", "widget", "--backend", backend, *flags,
+                     "--out", str(out), "--no-overlays", "--quiet", "--batch", "4", *files])
+        assert code == 0
+        rows[backend] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows["triton"]) == len(files)
+    for a, b in zip(rows["triton"], rows["onnxruntime"]):
+        assert a["error"] is None and abs(a["score"] - b["score"]) <= 1e-5
+
+
+@needs_server
+def test_concurrent_clients_are_batched_by_the_server(server, tiny_bundle):
+    bundle = Bundle(tiny_bundle)
+    clients, rounds = 12, 3
+    engines = [create_engine(bundle, triton_config(server)) for _ in range(clients)]
+    image = textured_part(seed=3)[None]
+    before = server.metric("nv_inference_request_success"), server.metric("nv_inference_exec_count")
+    barrier, errors = threading.Barrier(clients), []
+
+    def client(engine) -> None:
+        try:
+            for _ in range(rounds):
+                barrier.wait(timeout=60)
+                engine.run(image)
+        except Exception as err:  # reported below
+            errors.append(err)
+
+    threads = [threading.Thread(target=client, args=(e,)) for e in engines]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    for e in engines:
+        e.close()
+    assert not errors
+    requests = server.metric("nv_inference_request_success") - before[0]
+    executions = server.metric("nv_inference_exec_count") - before[1]
+    assert requests == clients * rounds
+    assert executions < requests, f"{executions} executions for {requests} requests: the server batched nothing"
+
+
+@needs_server
+def test_server_model_from_other_weights_is_refused(server, make_bundle, tmp_path, capsys):
+    other = make_bundle("tiny240", seed=1)  # same contract, other weights
+    assert Bundle(other).manifest.weights_id != model_parameters(Bundle(server_bundle(server)))[WEIGHTS_ID]
+    capsys.readouterr()  # the export's log
+    code = main(["infer", "--bundle", str(other), "--product", "widget", "--backend", "triton", "--triton-url",
+                 server.url("grpc"), "--out", str(tmp_path / "out"), "--quiet", str(Path(textile_files(1)[0]))])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "other weights" in err[0] and "Traceback" not in err[0]
+
+
+def server_bundle(server: ServerProcess) -> Path:
+    return Path(server.proc.args[server.proc.args.index("--bundle") + 1])
+
+
+def test_unreachable_server_is_one_line(tiny_bundle, tmp_path, capsys):
+    port = free_ports(1)[0]
+    code = main(["infer", "--bundle", str(tiny_bundle), "--product", "widget", "--backend", "triton",
+                 "--triton-url", f"127.0.0.1:{port}", "--triton-timeout", "2", "--out", str(tmp_path / "o"),
+                 "--quiet", textile_files(1)[0]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "not reachable" in err[0], err
+
+
+@needs_server
+def test_server_killed_mid_run_gives_error_rows_and_exit_1(tiny_bundle, tmp_path):
+    files = textile_files(150)
+    victim = ServerProcess(tiny_bundle)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "winclip_edge.cli", "infer", "--bundle", str(tiny_bundle), "--product", "widget",
+           "--backend", "triton", "--triton-url", victim.url("grpc"), "--triton-timeout", "5", "--batch", "1",
+           "--out", str(out), "--no-maps", "--no-overlays", "--quiet", *files]
+    client = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        results = out / "results.jsonl"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and client.poll() is None:
+            if results.is_file() and results.read_text().count("\n") >= 3:
+                break
+            time.sleep(0.01)
+        victim.kill()
+        stdout, stderr = client.communicate(timeout=120)
+    finally:
+        victim.stop()
+        if client.poll() is None:
+            client.kill()
+    rows = [json.loads(line) for line in results.read_text().splitlines()]
+    assert client.returncode == 1, stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert [r["path"] for r in rows] == files  # every input has its row, in order
+    ok = [r for r in rows if r["error"] is None]
+    failed = [r for r in rows if r["error"] is not None]
+    assert len(ok) >= 3 and failed, (len(ok), len(failed))
+    print(f"killed after {len(ok)} ok rows, {len(failed)} error rows")
+    assert all("triton model 'winclip_visual'" in r["error"] for r in failed)
+    assert f"{len(ok)}/{len(files)} inspected" in stdout

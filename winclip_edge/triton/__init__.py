@@ -1,0 +1,1 @@
+"""Triton Inference Server: the model repository a GPU server runs, and a CPU trial server (PyTriton's tritonserver)."""
