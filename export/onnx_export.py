@@ -33,6 +33,7 @@ from winclip_edge.scoring import DEFAULT_TEMPERATURE
 
 from .models import DEFAULT_MODEL, DEFAULT_PRETRAINED, LoadedModel, load_model
 from .text import text_prototypes
+from .text_encoder import write_text_encoder
 from .windowed_clip import WindowedVisual
 
 DEFAULT_OPSET = 17
@@ -64,6 +65,7 @@ class ExportOptions:
     cls_only_last_block: bool = True  # exact speed-up (see windowed_clip.CLSOnlyLastBlock)
     force: bool = False  # replace an existing bundle
     object_names: dict = field(default_factory=dict)  # product -> object name override
+    with_text_encoder: bool = False  # also text.onnx + tokenizer.json: add-product without torch (text_encoder.py)
 
 
 def _log(message: str) -> None:
@@ -197,6 +199,7 @@ def export_bundle(out: str | Path, options: ExportOptions, show_progress: bool =
             format_version=FORMAT_VERSION, created=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             versions=_versions(),
             verification={"max_abs_diff": diffs, "tolerance": options.tolerance, "batch": VERIFY_BATCH},
+            text_encoder=write_text_encoder(tmp, loaded, options.opset) if options.with_text_encoder else {},
         )
         atomic_write_json(tmp / MANIFEST, manifest.to_dict())
         bundle = Bundle(tmp, verify=False)

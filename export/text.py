@@ -42,4 +42,5 @@ def text_prototypes(model: torch.nn.Module, tokenizer: Any, spec: PromptSpec, sh
         t_n = prototype(encode_prompts(model, tokenizer, normal, bar.update))
         t_a = prototype(encode_prompts(model, tokenizer, anomalous, bar.update))
     return TextPrototypes(t_normal=t_n, t_anomalous=t_a, normal_prompts=tuple(normal),
-                          anomalous_prompts=tuple(anomalous), prompt_spec=asdict(spec))
+                          anomalous_prompts=tuple(anomalous), prompt_spec=asdict(spec),
+                          encoder={"source": "torch", "precision": "fp32"})

@@ -103,7 +103,7 @@ def read_checked_json(path: str | os.PathLike, remedy: str = "re-create it") -> 
 # ---------------------------------------------------------------- manifest
 # JSON types of the fields the runtime computes with: a hand-edited or damaged manifest is refused by name.
 _SCALAR_FIELDS = {"model": str, "weights": dict, "stride": int, "temperature": (int, float), "patch_layer": str,
-                  "embed_dim": int, "width": int, "opset": int, "files": dict}
+                  "embed_dim": int, "width": int, "opset": int, "files": dict, "text_encoder": dict}
 _LIST_FIELDS = {"image_size": (int, 2), "patch_size": (int, 2), "grid": (int, 2), "scales": (int, None),
                 "mean": ((int, float), 3), "std": ((int, float), 3)}  # field -> (item type, length or None)
 
@@ -145,6 +145,7 @@ class Manifest:
     created: str = ""
     versions: dict = field(default_factory=dict)  # torch, open_clip, onnx, onnxruntime used for the export
     verification: dict = field(default_factory=dict)  # max abs difference ONNX vs torch per output
+    text_encoder: dict = field(default_factory=dict)  # text.onnx + tokenizer.json, their sha256 (winclip_edge/text_encoder.py)
     extra: dict = field(default_factory=dict)  # unknown fields of a same-version manifest
 
     @property

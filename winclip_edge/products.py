@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as _dt
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,6 +20,9 @@ from .bundle import (
 )
 from .contract import PATCH_TOKENS, window_output_name
 from .fileio import atomic_write_json
+from .tiling import TilingConfig
+
+TILING = "tiling.json"  # the product's tiling setting (docs/tiling.md)
 
 
 def _now() -> str:
@@ -33,6 +37,7 @@ class TextPrototypes:
     normal_prompts: tuple[str, ...]
     anomalous_prompts: tuple[str, ...]
     prompt_spec: dict  # PromptSpec as a dict: object_name, style, extra states/templates
+    encoder: dict = field(default_factory=dict)  # what encoded the prompts: source (torch | text.onnx), precision
 
 
 def save_text(bundle: Bundle, product: str, text: TextPrototypes) -> None:
@@ -42,7 +47,8 @@ def save_text(bundle: Bundle, product: str, text: TextPrototypes) -> None:
         "normal_prompts": np.array(text.normal_prompts, dtype=np.str_),
         "anomalous_prompts": np.array(text.anomalous_prompts, dtype=np.str_),
     }
-    meta = {"weights_id": bundle.manifest.weights_id, "prompt_spec": text.prompt_spec, "created": _now()}
+    meta = {"weights_id": bundle.manifest.weights_id, "prompt_spec": text.prompt_spec, "encoder": text.encoder,
+            "created": _now()}
     save_arrays(bundle.product_dir(product) / TEXT, arrays, meta)
 
 
@@ -62,6 +68,7 @@ def load_text(bundle: Bundle, product: str) -> TextPrototypes:
         normal_prompts=tuple(arrays["normal_prompts"].tolist()),
         anomalous_prompts=tuple(arrays["anomalous_prompts"].tolist()),
         prompt_spec=meta["prompt_spec"],
+        encoder=meta.get("encoder", {}),  # absent in files written before it was recorded
     )
 
 
@@ -81,6 +88,7 @@ class Memory:
     sources: list[str]  # where each reference came from (path)
     source_sha256: list[str]  # sha256 of each reference file ("" for in-memory arrays)
     checksum: str = ""  # the file's sha256 once saved/loaded (thresholds record it)
+    tiles: Any = None  # TileMemory of the same references when registered with tiling (winclip_edge/tile_memory.py)
 
     @property
     def size(self) -> int:
@@ -193,7 +201,26 @@ def load_threshold(bundle: Bundle, product: str, memory: Memory | None, scoring:
         raise BundleError(f"{path} was calibrated with another few-shot memory (the references changed since); "
                           f"re-run {calibrate}")
     if scoring is not None and obj["scoring"] != scoring:
-        differ = {k: (obj["scoring"].get(k), v) for k, v in scoring.items() if obj["scoring"].get(k) != v}
+        differ = {k: (obj["scoring"].get(k), scoring.get(k)) for k in {**obj["scoring"], **scoring}
+                  if obj["scoring"].get(k) != scoring.get(k)}
         raise BundleError(f"{path} was calibrated with other scoring options (calibrated, now: {differ}); "
                           f"use the same options or re-run {calibrate} with these")
     return Threshold(**{k: obj[k] for k in Threshold.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------- tiling setting
+def save_tiling(bundle: Bundle, product: str, tiling: TilingConfig) -> None:
+    """Record the tiling the product's tile memory / threshold were made with; runs use it unless flags override."""
+    body = {**tiling.to_dict(), "weights_id": bundle.manifest.weights_id, "created": _now()}
+    atomic_write_json(bundle.product_dir(product) / TILING, json_with_checksum(body))
+
+
+def load_tiling(bundle: Bundle, product: str) -> TilingConfig | None:
+    """The product's tiling setting, or None (whole-frame inspection)."""
+    bundle.check_product(product)
+    path = bundle.product_dir(product) / TILING
+    if not path.is_file():
+        return None
+    obj = read_checked_json(path, f"record it again with `winclip-edge register --bundle {bundle.root} --product "
+                                  f"{product} --tile ...`")
+    return TilingConfig.from_dict(obj)

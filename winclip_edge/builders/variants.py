@@ -5,6 +5,7 @@
     bundle/variants/visual.int8.onnx   int8 MatMul/Gemm weights: dynamic activation quantisation, or static
                                         (QDQ) with calibration images; for CPUs with int8 dot products
     bundle/variants/visual.<p>.json    how it was made, its sha256 and the sha256 of the visual.onnx it came from
+    bundle/variants/text.<p>.onnx|json the same for the text encoder's text.onnx (fp16; dynamic int8 only)
 
 A variant is an opt-in trade-off (docs/method.md §11): it is written atomically, verified by sha256 on load and
 refused when the bundle's visual.onnx has changed since. Whether it is faithful enough is measured, not
@@ -23,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..bundle import VISUAL_ONNX, Bundle, json_with_checksum
+from ..bundle import Bundle, json_with_checksum
 from ..contract import INPUT_NAME
-from ..engines.onnx_variants import VariantError, check_precision, sidecar_path, variant_path
+from ..engines.onnx_variants import VariantError, check_precision, sidecar_path, source_graph, variant_path
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 # Kept in fp32 in the fp16 graph: LayerNorm's variance and ReduceL2's sum of squares overflow in half.
@@ -94,14 +95,19 @@ def _int8_static(source: Path, out: Path, calibration: np.ndarray) -> str:
            f"int8 weights and uint8 activations of {list(INT8_OP_TYPES)} with constant weights"
 
 
-def make_variant(bundle: Bundle, precision: str, calibration: np.ndarray | None = None) -> VariantInfo:
-    """Create ``variants/visual.<precision>.onnx`` (atomically) and its sidecar from the bundle's fp32 graph.
+def make_variant(bundle: Bundle, precision: str, calibration: np.ndarray | None = None,
+                 graph: str = "visual") -> VariantInfo:
+    """Create ``variants/<graph>.<precision>.onnx`` (atomically) and its sidecar from the bundle's fp32 graph.
 
     ``calibration``: uint8 ``[N, H, W, 3]`` model-size images for static int8; None = dynamic int8.
+    ``graph``: ``visual`` (visual.onnx) or ``text`` (the text encoder's text.onnx; dynamic int8 only).
     """
     check_precision(precision)
+    source, source_sha256 = source_graph(bundle, graph)
     if precision == "fp32":
-        raise VariantError("fp32 is the bundle's own visual.onnx; choose fp16 or int8")
+        raise VariantError(f"fp32 is the bundle's own {source.name}; choose fp16 or int8")
+    if calibration is not None and graph != "visual":
+        raise VariantError("calibration images are for the visual graph; the text graph's int8 variant is dynamic")
     if calibration is not None and precision != "int8":
         raise VariantError(f"calibration images are for int8 only (precision {precision!r} needs none)")
     if calibration is not None and len(calibration) == 0:
@@ -112,24 +118,24 @@ def make_variant(bundle: Bundle, precision: str, calibration: np.ndarray | None 
         raise VariantError(f"making a {precision} variant needs the onnx package ({err}); "
                            "pip install 'winclip-edge[export]'") from None
     t0 = time.perf_counter()
-    target = variant_path(bundle, precision)
+    target = variant_path(bundle, precision, graph)
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".quantize-", dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         if precision == "fp16":
-            method = _fp16(bundle.onnx_path, out)
+            method = _fp16(source, out)
         elif calibration is None:
-            method = _int8_dynamic(bundle.onnx_path, out)
+            method = _int8_dynamic(source, out)
         else:
-            method = _int8_static(bundle.onnx_path, out, calibration)
-        _check_contract(bundle, out)
+            method = _int8_static(source, out, calibration)
+        _check_contract(bundle, out, graph)
         atomic_write_bytes(target, out.read_bytes())
     import onnxruntime
 
     sha = sha256_file(target)
-    atomic_write_json(sidecar_path(bundle, precision), json_with_checksum({
+    atomic_write_json(sidecar_path(bundle, precision, graph), json_with_checksum({
         "precision": precision, "file": str(target.relative_to(bundle.root)), "file_sha256": sha,
-        "source": VISUAL_ONNX, "source_sha256": bundle.manifest.files[VISUAL_ONNX], "method": method,
+        "source": source.name, "source_sha256": source_sha256, "method": method,
         "calibration_images": 0 if calibration is None else int(len(calibration)),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "versions": {"onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__},
@@ -138,8 +144,13 @@ def make_variant(bundle: Bundle, precision: str, calibration: np.ndarray | None 
                        size_mib=target.stat().st_size / 2**20, seconds=time.perf_counter() - t0)
 
 
-def _check_contract(bundle: Bundle, path: Path) -> None:
+def _check_contract(bundle: Bundle, path: Path, graph: str = "visual") -> None:
     """The variant must load in ONNX Runtime (CPU) with the bundle's input and output names and shapes."""
+    if graph == "text":
+        from ..text_encoder import TextEncoder
+
+        TextEncoder(bundle, model_path=path).close()
+        return
     from ..engines.config import EngineConfig
     from ..engines.onnxruntime import OnnxRuntimeEngine
 

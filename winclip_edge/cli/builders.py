@@ -9,20 +9,26 @@ import numpy as np
 
 from ..builders.tensorrt import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
 from ..engines.config import PRECISIONS
+from ..engines.onnx_variants import GRAPHS
 from ..inputs import collect_inputs
 from .common import EXIT_OK, CliError
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from ..builders.variants import make_variant
+    from ..engines.onnx_variants import source_graph
     from ..bundle import Bundle
     from ..inspector import decode
 
     bundle = Bundle(args.bundle)
+    if args.backend == "openvino":
+        return _quantize_openvino(args, bundle)
     calibration = None
     if args.calibration_images:
         if args.precision != "int8":
             raise CliError("--calibration-images is for --precision int8 (static quantisation)")
+        if args.graph != "visual":
+            raise CliError("--calibration-images is for the visual graph; the text graph's int8 variant is dynamic")
         paths = collect_inputs(args.calibration_images)
         decoded = [decode(p, bundle.spec.image_size, p) for p in paths]
         for d in decoded:
@@ -32,12 +38,29 @@ def run_quantize(args: argparse.Namespace) -> int:
         if not good:
             raise CliError(f"none of the {len(paths)} calibration image(s) could be read")
         calibration = np.stack(good)
-    print(f"[quantize] making the {args.precision} variant of {bundle.onnx_path} "
+    print(f"[quantize] making the {args.precision} variant of {source_graph(bundle, args.graph)[0]} "
          f"({'static, ' + str(len(calibration)) + ' calibration images' if calibration is not None else 'no calibration'}) ...", file=sys.stderr)
-    info = make_variant(bundle, args.precision, calibration)
+    info = make_variant(bundle, args.precision, calibration, graph=args.graph)
+    if args.graph == "text":
+        print(f"{info.precision} text variant {info.path} ({info.size_mib:.0f} MiB) in {info.seconds:.1f} s; {info.method}. "
+              f"Use it with `winclip-edge add-product --bundle {args.bundle} --text-precision {info.precision} NAME`")
+        return EXIT_OK
     print(f"{info.precision} variant {info.path} ({info.size_mib:.0f} MiB, sha256 {info.sha256[:12]}...) in "
           f"{info.seconds:.1f} s; {info.method}. Use it with --precision {info.precision}; measure its fidelity with "
           f"`winclip-edge bench --bundle {args.bundle} --product P --precision {info.precision}`")
+    return EXIT_OK
+
+
+def _quantize_openvino(args: argparse.Namespace, bundle) -> int:
+    from ..builders.openvino import calibration_images, make_int8
+
+    if args.precision != "int8" or args.graph != "visual":
+        raise CliError("--backend openvino makes the int8 model of the visual graph (fp32/bf16/fp16 need none: "
+                       "they are OpenVINO precision hints)")
+    frames, described = calibration_images(bundle, paths=collect_inputs(args.calibration_images))
+    info = make_int8(bundle, frames, described)
+    print(f"OpenVINO int8 model {info.path} (weights sha256 {info.sha256[:12]}...) in {info.seconds:.1f} s; "
+          f"{info.method}. Use it with --backend openvino --precision int8; `winclip-edge tune` measures its fidelity")
     return EXIT_OK
 
 
@@ -47,6 +70,11 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--precision", required=True, choices=PRECISIONS[1:],
                    help="fp16 (GPU execution providers) or int8 (CPU; dynamic unless calibration images are given)")
+    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                   help="onnxruntime: an ONNX variant (default); openvino: NNCF int8 IR (calibration images: the given "
+                        "ones, else the products' registered references, else the textile normals)")
+    p.add_argument("--graph", choices=GRAPHS, default="visual",
+                   help="visual (default) or text: the text encoder's text.onnx (add-product --text-precision)")
     p.add_argument("--calibration-images", action="append", default=[], metavar="PATH",
                    help="int8 only: normal images (files, folders, globs; repeatable) for static QDQ quantisation")
     p.set_defaults(run=run_quantize)

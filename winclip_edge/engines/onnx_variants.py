@@ -1,7 +1,9 @@
-"""Where the ONNX Runtime backend finds a lower-precision copy of the visual graph, and how it trusts it.
+"""Where the ONNX Runtime backend finds a lower-precision copy of the visual graph (or of the text encoder's
+graph, winclip_edge/text_encoder.py), and how it trusts it.
 
     bundle/variants/visual.<p>.onnx    made by ``winclip-edge quantize`` (winclip_edge/builders/variants.py)
     bundle/variants/visual.<p>.json    how it was made, its sha256 and the sha256 of the visual.onnx it came from
+    bundle/variants/text.<p>.onnx|json the same for text.onnx
 
 A variant is verified by sha256 on load and refused when the bundle's visual.onnx has changed since.
 """
@@ -14,6 +16,7 @@ from ..fileio import sha256_file
 from .config import PRECISIONS
 
 VARIANTS = "variants"
+GRAPHS = ("visual", "text")  # visual.onnx; text.onnx of the text encoder (manifest section text_encoder)
 
 
 class VariantError(BundleError):
@@ -25,28 +28,47 @@ def check_precision(precision: str) -> None:
         raise VariantError(f"unknown precision {precision!r}; choose one of {PRECISIONS}")
 
 
-def variant_path(bundle: Bundle, precision: str) -> Path:
+def source_graph(bundle: Bundle, graph: str = "visual") -> tuple[Path, str]:
+    """The fp32 graph that ``graph``'s variants are made from, and its sha256 in the manifest."""
+    if graph == "visual":
+        return bundle.onnx_path, bundle.manifest.files[VISUAL_ONNX]
+    if graph != "text":
+        raise VariantError(f"unknown graph {graph!r}; choose one of {GRAPHS}")
+    section = bundle.manifest.text_encoder
+    if not section:
+        raise VariantError(f"bundle {bundle.root} has no text encoder; add it with "
+                           f"`winclip-edge add-text-encoder --bundle {bundle.root}`")
+    try:
+        return bundle.root / section["onnx"], section["files"][section["onnx"]]
+    except (KeyError, TypeError) as err:
+        raise VariantError(f"the manifest's text_encoder section is malformed ({err!r}); re-create it with "
+                           f"`winclip-edge add-text-encoder --bundle {bundle.root} --force`") from None
+
+
+def variant_path(bundle: Bundle, precision: str, graph: str = "visual") -> Path:
     check_precision(precision)
-    return bundle.onnx_path if precision == "fp32" else bundle.root / VARIANTS / f"visual.{precision}.onnx"
+    source = source_graph(bundle, graph)[0]
+    return source if precision == "fp32" else bundle.root / VARIANTS / f"{graph}.{precision}.onnx"
 
 
-def sidecar_path(bundle: Bundle, precision: str) -> Path:
-    return variant_path(bundle, precision).with_suffix(".json")
+def sidecar_path(bundle: Bundle, precision: str, graph: str = "visual") -> Path:
+    return variant_path(bundle, precision, graph).with_suffix(".json")
 
 
-def load_variant(bundle: Bundle, precision: str) -> Path:
-    """The verified graph file of ``precision`` (fp32 = the bundle's own visual.onnx)."""
-    path = variant_path(bundle, precision)
+def load_variant(bundle: Bundle, precision: str, graph: str = "visual") -> Path:
+    """The verified graph file of ``precision`` (fp32 = the bundle's own graph, checked where it is loaded)."""
+    path = variant_path(bundle, precision, graph)
     if precision == "fp32":
         return path
-    make = f"`winclip-edge quantize --bundle {bundle.root} --precision {precision}`"
-    side = sidecar_path(bundle, precision)
+    option = "" if graph == "visual" else f" --graph {graph}"
+    make = f"`winclip-edge quantize --bundle {bundle.root}{option} --precision {precision}`"
+    side = sidecar_path(bundle, precision, graph)
     if not side.is_file() or not path.is_file():
         raise VariantError(f"bundle {bundle.root} has no {precision} variant ({path} missing); create it with {make}")
     meta = read_checked_json(side)
-    source = bundle.manifest.files[VISUAL_ONNX]
+    source_path, source = source_graph(bundle, graph)
     if meta.get("source_sha256") != source:
-        raise VariantError(f"{path} was made from another visual.onnx (sha256 {str(meta.get('source_sha256'))[:12]}..., "
+        raise VariantError(f"{path} was made from another {source_path.name} (sha256 {str(meta.get('source_sha256'))[:12]}..., "
                            f"the bundle's is {source[:12]}...); re-create it with {make}")
     actual = sha256_file(path)
     if actual != meta.get("file_sha256"):
