@@ -40,6 +40,11 @@ def leave_one_out_scores(inspector: Inspector) -> list[float]:
             "leave-one-out calibration needs a few-shot memory of at least 2 references; "
             "register more normal images or pass normal images to calibrate"
         )
+    if inspector.tiling is not None:  # through the tiles, ROI and maximum of an inspected frame
+        return inspector.leave_one_out_scores()
+    if inspector.roi is not None:
+        raise CalibrationError("leave-one-out calibration with an ROI but no tiling does not know the references' "
+                               "frame sizes; pass normal images to calibrate")
     scores = []
     for r in range(memory.size):
         outputs = {IMAGE_EMBEDDING: memory.image_embeddings[r:r + 1], PATCH_TOKENS: memory.patch_tokens[r:r + 1]}
@@ -78,7 +83,7 @@ def calibrate(inspector: Inspector, images: Sequence[ImageInput] = (), target_fa
         value=value, false_alarm_rate=far, target_false_alarm_rate=target_false_alarm_rate, n_images=len(scores),
         mode="zero-shot" if inspector.memory is None else "few-shot",
         memory_sha256=inspector.memory.checksum if inspector.memory is not None else "",
-        scoring=inspector.options.decision_record(),
+        scoring=inspector.decision_record(),
         scores=[float(s) for s in scores], sources=sources, leave_one_out=leave_one_out,
     )
     return threshold, failed

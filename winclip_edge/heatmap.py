@@ -7,6 +7,7 @@ import cv2
 import numpy as np
 
 from .fileio import atomic_write_bytes
+from .roi import draw_outline
 
 OVERLAY_ALPHA = 0.45  # heatmap weight over the image
 BANNER_HEIGHT_FRACTION = 0.06  # banner height as a fraction of the image height (at least 18 px)
@@ -21,13 +22,17 @@ def upsample_map(token_map: np.ndarray, size: tuple[int, int], sigma: float = 0.
     return out
 
 
-def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, label: str, value_range: tuple[float, float]) -> np.ndarray:
-    """A BGR picture: the map (scaled from ``value_range`` to the JET colours) over the image, and a banner."""
+def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, label: str, value_range: tuple[float, float],
+            roi: np.ndarray | None = None) -> np.ndarray:
+    """A BGR picture: the map (scaled from ``value_range`` to the JET colours) over the image, and a banner;
+    ``roi`` (bool, image size) is outlined."""
     lo, hi = value_range
     scaled = np.clip((anomaly_map - lo) / max(hi - lo, 1e-6), 0.0, 1.0)
     colours = cv2.applyColorMap((scaled * 255).astype(np.uint8), cv2.COLORMAP_JET)
     bgr = cv2.cvtColor(image_rgb, cv2.COLOR_RGB2BGR)
     blended = cv2.addWeighted(bgr, 1.0 - OVERLAY_ALPHA, colours, OVERLAY_ALPHA, 0.0)
+    if roi is not None:
+        blended = draw_outline(blended, roi)
     banner_h = max(18, int(round(blended.shape[0] * BANNER_HEIGHT_FRACTION)))
     banner = np.zeros((banner_h, blended.shape[1], 3), np.uint8)
     scale = banner_h / 30.0

@@ -10,6 +10,7 @@ decoded and resized on a worker thread while the engine runs the current one.
 """
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -20,13 +21,19 @@ from typing import Any, Iterable, Iterator, Sequence, Union
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import Bundle, BundleError
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from .engines import Engine, EngineConfig, EngineError, create_engine
+from .errors import WinclipError
 from .heatmap import upsample_map
 from .preprocess import ImageError, as_rgb, read_image, resize_to_model
-from .products import Memory, Threshold, load_memory, load_text, load_threshold
+from .products import Memory, Threshold, load_memory, load_text, load_threshold, load_tiling
+from .roi import Roi, load_roi
 from .scoring import Scores, ScoringOptions, score_batch
+from .tile_memory import TileMemory, load_tile_memory
+from .tiled import GLOBAL, POOLED, FramePlan, UnitScores, frame_map, frame_score, plan_frame, reference_plan, \
+    score_units, token_masks, unit_inputs
+from .tiling import TilingConfig
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 DEFAULT_BATCH = 8
@@ -43,6 +50,7 @@ class InspectionResult:
     anomaly_map: np.ndarray | None = None  # float32 [H, W] at the original image size, values in [0, 1]
     zero_shot_score: float | None = None  # s(f_img), the text-only image score
     image: np.ndarray | None = None  # the decoded RGB image (kept only when asked for, for overlays)
+    roi: np.ndarray | None = None  # bool [H, W]: the inspected region when the product has an ROI (overlays outline it)
     timings_ms: dict = field(default_factory=dict)  # decode, engine (per image share), scoring, resize
     error: str | None = None
 
@@ -82,18 +90,22 @@ def decode(item: ImageInput, size: tuple[int, int], name: str) -> Decoded:
     return Decoded(name, image, model_input, (time.perf_counter() - t0) * 1e3, None)
 
 
-def iter_decoded(items: Sequence[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[Decoded]]:
-    """Decoded batches of ``items``; the next batch is decoded on a worker thread while the caller uses this one."""
-    batches = [list(range(i, min(i + batch_size, len(items)))) for i in range(0, len(items), batch_size)]
+def iter_decoded(items: Iterable[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[Decoded]]:
+    """Decoded batches of ``items``; the next batch is decoded on a worker thread while the caller uses this one.
 
-    def load(indices: list[int]) -> list[Decoded]:
-        return [decode(items[i], size, name_of(items[i], i)) for i in indices]
+    ``items`` may be endless (a camera generator): it is read one batch ahead, never further."""
+    numbered = enumerate(items)
+
+    def load() -> list[Decoded]:
+        return [decode(item, size, name_of(item, i)) for i, item in itertools.islice(numbered, batch_size)]
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-decode") as pool:
-        pending = pool.submit(load, batches[0]) if batches else None
-        for b in range(len(batches)):
+        pending = pool.submit(load)
+        while True:
             decoded = pending.result()
-            pending = pool.submit(load, batches[b + 1]) if b + 1 < len(batches) else None
+            if not decoded:
+                return
+            pending = pool.submit(load)
             yield decoded
 
 
@@ -101,10 +113,12 @@ class Inspector:
     """Bundle + product + engine. Thread-safe: concurrent callers are serialised around the engine."""
 
     def __init__(self, bundle: str | os.PathLike | Bundle, product: str, engine: EngineConfig | Engine = EngineConfig(),
-                 options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, with_threshold: bool = True):
+                 options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, with_threshold: bool = True,
+                 tiling: TilingConfig | None | str = "product", roi: Roi | None | str = "product"):
         """``engine``: what to run (an EngineConfig), or an engine already made for this bundle (shared between
         Inspectors, or a test double). ``with_threshold=False`` skips the product's threshold (register and calibrate
-        replace it anyway); ``options.use_memory=False`` runs zero-shot without reading the memory."""
+        replace it anyway); ``options.use_memory=False`` runs zero-shot without reading the memory.
+        ``tiling`` / ``roi``: "product" = the product's stored setting (docs/tiling.md), None = off, or a given one."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.product = product
         self.options = options.resolved(self.bundle.manifest.scales, self.bundle.manifest.temperature)
@@ -112,8 +126,12 @@ class Inspector:
         self.text = load_text(self.bundle, product)
         # Zero-shot runs never read the memory, so `register` can replace a damaged one.
         self.memory: Memory | None = load_memory(self.bundle, product) if options.use_memory else None
+        tiling = load_tiling(self.bundle, product) if isinstance(tiling, str) else tiling
+        self.tiling: TilingConfig | None = tiling if tiling is not None and tiling.enabled else None
+        self.roi: Roi | None = load_roi(self.bundle, product) if isinstance(roi, str) else roi
+        self.tile_memory: TileMemory | None = self._load_tile_memory()
         self.threshold: Threshold | None = load_threshold(
-            self.bundle, product, self.memory, self.options.decision_record()) if with_threshold else None
+            self.bundle, product, self.memory, self.decision_record()) if with_threshold else None
         self.engine = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
         self._lock = threading.Lock()
         self._set_memory(self.memory)
@@ -150,13 +168,16 @@ class Inspector:
 
     def iter_inspect(self, images: Iterable[ImageInput], batch_size: int = DEFAULT_BATCH,
                      keep_images: bool = False) -> Iterator[InspectionResult]:
-        """Like :meth:`inspect`, yielding results as batches finish; decoding overlaps the engine."""
+        """Like :meth:`inspect`, yielding results as batches finish; decoding overlaps the engine. ``images`` may be
+        an endless iterable: at most one batch beyond the current one is read."""
         if batch_size < 1:
             raise ValueError(f"batch size must be >= 1, got {batch_size}")
-        for decoded in iter_decoded(list(images), self.model_size, batch_size):
+        for decoded in iter_decoded(images, self.model_size, batch_size):
             yield from self.inspect_decoded(decoded, keep_images)
 
     def inspect_decoded(self, decoded: list[Decoded], keep_images: bool) -> list[InspectionResult]:
+        if self.tiling is not None or self.roi is not None:
+            return self._inspect_units(decoded, keep_images)
         good = [d for d in decoded if d.error is None]
         results = {}
         if good:
@@ -193,13 +214,19 @@ class Inspector:
 
         items = list(images)
         parts: dict[str, list[np.ndarray]] = {}
+        tile_parts: dict[str, list] = {}
         sources, hashes, failed = [], [], []
         for start in range(0, len(items), batch_size):
             decoded = [decode(items[i], self.model_size, name_of(items[i], i)) for i in range(start, min(start + batch_size, len(items)))]
             good = [d for d in decoded if d.error is None]
             failed += [InspectionResult(path=d.name, error=d.error) for d in decoded if d.error is not None]
             if good:
-                outputs = self.embed(np.stack([d.model_input for d in good]))
+                if self.tiling is None:
+                    outputs = self.embed(np.stack([d.model_input for d in good]))
+                else:  # the whole frames' rows go to memory.npz, the tiles' to the tile memory
+                    plans = [reference_plan(d.image.shape[:2], self.tiling, self.model_size, self.bundle.spec.grid)
+                             for d in good]
+                    outputs = self._split_reference_tiles(good, plans, len(sources), tile_parts)
                 for name, value in outputs.items():
                     parts.setdefault(name, []).append(value)
                 for d in good:
@@ -215,7 +242,152 @@ class Inspector:
             windows={k: cat[window_output_name(k)] for k in self.bundle.spec.scales},
             patch_tokens=cat[PATCH_TOKENS], sources=sources, source_sha256=hashes,
         )
+        if self.tiling is not None:
+            memory.tiles = TileMemory.from_outputs(
+                {k: np.concatenate(v) for k, v in tile_parts.items() if k not in ("reference", "position", "grid", "size")},
+                self.bundle.spec.scales, np.concatenate(tile_parts["reference"]), np.concatenate(tile_parts["position"]),
+                tile_parts["grid"], tile_parts["size"], self.tiling.tile_shape(self.model_size, self.bundle.spec.grid),
+                self.tiling.overlap, hashes)
         return memory, failed
+
+    # ------------------------------------------------------------ tiles and ROI (docs/tiling.md)
+    def _load_tile_memory(self) -> TileMemory | None:
+        """The tile memory a few-shot tiled run needs, checked against this run's tiling."""
+        if self.tiling is None or self.memory is None:
+            return None
+        register = (f"`winclip-edge register --bundle {self.bundle.root} --product {self.product} "
+                    f"--tile {self.tiling.tile} --tile-overlap {self.tiling.overlap} IMAGES...`")
+        tiles = load_tile_memory(self.bundle, self.product, self.memory.source_sha256)
+        if tiles is None:
+            raise BundleError(f"product {self.product!r} has no tile memory for tiled few-shot inspection; "
+                              f"register its references with tiling: {register} (or run with --tile off)")
+        shape = self.tiling.tile_shape(self.model_size, self.bundle.spec.grid)
+        if tiles.tile != shape or (self.tiling.memory == "position" and tiles.overlap != self.tiling.overlap):
+            raise BundleError(f"the tile memory of {self.product!r} was registered with tile {list(tiles.tile)}, overlap "
+                              f"{tiles.overlap}; this run uses tile {list(shape)}, overlap {self.tiling.overlap}: "
+                              f"use those or re-register: {register}")
+        if self.tiling.memory == "position" and tiles.position_grid() is None:
+            raise BundleError(f"the references of {self.product!r} have different tile grids (frame sizes "
+                              f"{sorted(set(tiles.frame_sizes))}): position matching needs one; use --tile-memory pooled")
+        return tiles
+
+    def decision_record(self) -> dict:
+        """What an image score depends on besides the memory (thresholds store it and are refused when it changes):
+        the scoring options, and the tiling and ROI when there are any."""
+        record = self.options.decision_record()
+        if self.tiling is not None:
+            record["tiling"] = {"tile": list(self.tiling.tile_shape(self.model_size, self.bundle.spec.grid)),
+                                "overlap": self.tiling.overlap, "global": self.tiling.use_global,
+                                "memory": self.tiling.memory,
+                                "tile_memory_sha256": self.tile_memory.checksum if self.tile_memory else ""}
+        if self.roi is not None:
+            record["roi"] = self.roi.identity
+        return record
+
+    def plan(self, size: tuple[int, int]) -> FramePlan:
+        """The units (whole frame, tiles) to compute for a frame of ``size``; a frame whose tile grid differs from the
+        references' under position matching is refused (BundleError)."""
+        plan = plan_frame(size, self.tiling, self.model_size, self.bundle.spec.grid, self.roi)
+        tiles = self.tile_memory
+        if tiles is not None and self.tiling.memory == "position" and plan.grid != tiles.grids[0]:
+            raise BundleError(f"this {size[0]}x{size[1]} frame has a {plan.grid[0]}x{plan.grid[1]} tile grid, the "
+                              f"references' ({tiles.frame_sizes[0][0]}x{tiles.frame_sizes[0][1]}) a "
+                              f"{tiles.grids[0][0]}x{tiles.grids[0][1]} one: position matching needs frames of one size "
+                              "(use --tile-memory pooled for mixed sizes)")
+        return plan
+
+    def score_frames(self, plans: Sequence[FramePlan], outputs: dict[str, np.ndarray],
+                     memory: Memory | None | str = "product", tile_memory: TileMemory | None | str = "product") -> list[UnitScores]:
+        """Scores of the units of ``plans`` (``outputs`` rows in plan order), one UnitScores per frame. Whole-frame units
+        match ``memory``, tiles ``tile_memory`` (the product's by default) by position or pooled."""
+        windows, patches = (self._memory_windows, self._memory_patches) if isinstance(memory, str) else _flat_memory(memory)
+        tiles = self.tile_memory if isinstance(tile_memory, str) else tile_memory
+        spec = self.bundle.spec
+
+        def score(o: dict, key: int, mask: np.ndarray | None) -> Scores:
+            w, p = (windows, patches) if key == GLOBAL else (None, None) if tiles is None else \
+                tiles.rows(None if key == POOLED else key)
+            return score_batch(o, self.text.t_normal, self.text.t_anomalous, spec.grid, spec.stride, spec.scales,
+                               self.options, w, p, token_mask=mask)
+
+        masks = None if self.roi is None else np.concatenate([token_masks(p, spec.grid) for p in plans])
+        pooled = tiles is None or self.tiling is None or self.tiling.memory == "pooled"
+        units = score_units(outputs, [k for p in plans for k in p.keys], masks, score, pooled)
+        ends = np.cumsum([len(p) for p in plans])
+        return [UnitScores(units.image_score[e - len(p):e], units.token_map[e - len(p):e], units.zero_shot_score[e - len(p):e])
+                for p, e in zip(plans, ends)]
+
+    def _inspect_units(self, decoded: list[Decoded], keep_images: bool) -> list[InspectionResult]:
+        """inspect_decoded with tiles and/or an ROI: every unit of every frame of the batch in one engine call."""
+        results, plans, inputs = {}, {}, []
+        for d in decoded:
+            if d.error is not None:
+                continue
+            try:
+                plans[id(d)] = plan = self.plan(d.image.shape[:2])
+            except WinclipError as err:  # this frame's problem (ROI off the frame, other grid), not the batch's
+                results[id(d)] = InspectionResult(path=d.name, error=f"{d.name}: {err}", timings_ms={"decode": d.decode_ms})
+                continue
+            crops = unit_inputs(d.image, plan, self.model_size, skip_global=True)
+            inputs += [d.model_input if key == GLOBAL else crops.pop(0) for key in plan.keys]
+        good = [d for d in decoded if id(d) in plans]
+        if good:
+            t0 = time.perf_counter()
+            try:
+                outputs = self.embed(np.stack(inputs))
+            except EngineError as err:
+                return [InspectionResult(path=d.name, error=d.error or f"{d.name}: {err}",
+                                         timings_ms={"decode": d.decode_ms}) for d in decoded]
+            t1 = time.perf_counter()
+            frames = self.score_frames([plans[id(d)] for d in good], outputs)
+            t2 = time.perf_counter()
+            engine_ms, scoring_ms = (t1 - t0) * 1e3 / len(good), (t2 - t1) * 1e3 / len(good)
+            threshold = self.threshold.value if self.threshold is not None else None
+            for d, units in zip(good, frames):
+                t3 = time.perf_counter()
+                plan = plans[id(d)]
+                score, zero_shot = frame_score(units)
+                results[id(d)] = InspectionResult(
+                    path=d.name, score=score, anomalous=None if threshold is None else bool(score > threshold),
+                    threshold=threshold, anomaly_map=frame_map(plan, units.token_map, self.sigma),
+                    zero_shot_score=zero_shot, image=d.image if keep_images else None, roi=plan.inside,
+                    timings_ms={"decode": d.decode_ms, "engine": engine_ms, "scoring": scoring_ms,
+                                "resize": (time.perf_counter() - t3) * 1e3, "units": float(len(plan))})
+        return [results.get(id(d)) or InspectionResult(path=d.name, error=d.error, timings_ms={"decode": d.decode_ms})
+                for d in decoded]
+
+    def _split_reference_tiles(self, good: list[Decoded], plans: list[FramePlan], first: int, tile_parts: dict) -> dict:
+        """Embed every unit of the references ``good`` in one engine call; the tiles' rows (with reference index and
+        position) go to ``tile_parts``, the whole frames' rows are returned."""
+        inputs = [x for d, p in zip(good, plans) for x in unit_inputs(d.image, p, self.model_size)]
+        outputs = self.embed(np.stack(inputs))
+        keys = np.array([k for p in plans for k in p.keys])
+        reference = np.repeat(np.arange(first, first + len(good)), [len(p) for p in plans])
+        tile = keys != GLOBAL
+        for name, value in outputs.items():
+            tile_parts.setdefault(name, []).append(value[tile])
+        tile_parts.setdefault("reference", []).append(reference[tile])
+        tile_parts.setdefault("position", []).append(keys[tile])
+        tile_parts.setdefault("grid", []).extend(p.grid for p in plans)
+        tile_parts.setdefault("size", []).extend(p.size for p in plans)
+        return {name: value[~tile] for name, value in outputs.items()}
+
+    def leave_one_out_scores(self) -> list[float]:
+        """Each reference frame scored against the others from the stored embeddings (no engine call), through the
+        same units, ROI and maximum as an inspected frame (tiled products: the tile memory knows the frame sizes)."""
+        memory, tiles = self.memory, self.tile_memory
+        scores = []
+        for r in range(memory.size):
+            plan = self.plan(tiles.frame_sizes[r])
+            positions = [k for k in plan.keys if k != GLOBAL]
+            outputs = tiles.outputs_of(r, positions)
+            if GLOBAL in plan.keys:  # plans list the whole frame first
+                whole = {IMAGE_EMBEDDING: memory.image_embeddings[r:r + 1], PATCH_TOKENS: memory.patch_tokens[r:r + 1],
+                         **{window_output_name(k): v[r:r + 1] for k, v in memory.windows.items()}}
+                outputs = {name: np.concatenate([whole[name], value]) for name, value in outputs.items()}
+            units = self.score_frames([plan], outputs, memory.without(r), tiles.without(r))[0]
+            scores.append(frame_score(units)[0])
+        return scores
 
     def close(self) -> None:
         self.engine.close()

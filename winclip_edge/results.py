@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
+from .fileio import fsync_dir
 from .heatmap import overlay, write_npy, write_png
 from .inspector import InspectionResult
 
@@ -55,7 +56,7 @@ def write_overlay(path: str | os.PathLike, result: InspectionResult) -> None:
     max(map maximum, threshold), so a normal part does not turn red."""
     hi = max(float(result.anomaly_map.max()), result.threshold or 0.0)
     write_png(path, overlay(result.image, result.anomaly_map, f"score {result.score:.4f}  {decision_text(result.anomalous)}",
-                            (float(result.anomaly_map.min()), hi)))
+                            (float(result.anomaly_map.min()), hi), roi=result.roi))
 
 
 class ResultWriter:
@@ -63,7 +64,10 @@ class ResultWriter:
 
     The Inspector must keep the decoded images (``keep_images=True``) when ``overlays`` is on."""
 
-    def __init__(self, out: str | os.PathLike, maps: bool = True, overlays: bool = True, append: bool = False):
+    def __init__(self, out: str | os.PathLike, maps: bool = True, overlays: bool = True, append: bool = False,
+                 rotate_bytes: int | None = None, durable: bool = False):
+        """``rotate_bytes``: past this size results.jsonl becomes results.<n>.jsonl (n = 1, 2, ...: never
+        overwritten) and a new one starts. ``durable``: each row is fsync'd before ``append_row`` returns."""
         self.out = Path(out)
         self.maps, self.overlays = maps, overlays
         for wanted, folder in ((maps, MAPS), (overlays, OVERLAYS)):
@@ -71,6 +75,7 @@ class ResultWriter:
                 (self.out / folder).mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / RESULTS_JSONL
+        self.rotate_bytes, self.durable = rotate_bytes, durable
         self._jsonl: TextIO = open(self.path, "a" if append else "w", encoding="utf-8")
         self._used: set[str] = set()
         self.summary = Summary()
@@ -117,6 +122,14 @@ class ResultWriter:
     def append_row(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
+        if self.durable:
+            os.fsync(self._jsonl.fileno())
+        if self.rotate_bytes is not None and self._jsonl.tell() >= self.rotate_bytes:
+            self._jsonl.close()
+            rotated = [int(p.name.split(".")[1]) for p in self.out.glob("results.*.jsonl") if p.name.split(".")[1].isdigit()]
+            os.replace(self.path, self.out / f"results.{max(rotated, default=0) + 1}.jsonl")
+            fsync_dir(self.out)
+            self._jsonl = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self._jsonl.close()

@@ -151,10 +151,12 @@ class Scores:
 def score_batch(outputs: Mapping[str, np.ndarray], t_normal: np.ndarray, t_anomalous: np.ndarray, grid: Grid,
                 stride: int, scales: tuple[int, ...], options: ScoringOptions = ScoringOptions(),
                 memory_windows: Mapping[int, np.ndarray] | None = None,
-                memory_patches: np.ndarray | None = None) -> Scores:
+                memory_patches: np.ndarray | None = None, token_mask: np.ndarray | None = None) -> Scores:
     """Engine outputs of a batch -> image scores and token maps (zero-shot, or WinCLIP+ with a memory).
 
     ``memory_windows``: scale -> ``[M_k, D]`` reference window embeddings; ``memory_patches``: ``[M, C]``.
+    ``token_mask``: bool ``[N, h, w]``, the tokens the image score's maximum may use (an ROI, docs/tiling.md);
+    the visual map is zeroed outside it first.
     """
     used = scales if options.scales is None else options.scales
     missing = set(used) - set(scales)
@@ -178,5 +180,6 @@ def score_batch(outputs: Mapping[str, np.ndarray], t_normal: np.ndarray, t_anoma
         visual.append(aggregate_windows(a, grid, k, stride, options.mean))
     v = np.mean(np.stack(visual), axis=0)  # V = mean(A_patch, M_2, M_3, ...)
     final = (z + v) / 2.0
-    image = (s_img + v.reshape(n, -1).max(-1)) / 2.0
+    inside = v if token_mask is None else np.where(token_mask, v, 0.0)
+    image = (s_img + inside.reshape(n, -1).max(-1)) / 2.0
     return Scores(image_score=image.astype(np.float32), token_map=final.astype(np.float32), zero_shot_score=s_img)
