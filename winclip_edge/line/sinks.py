@@ -1,0 +1,252 @@
+"""Where decisions go besides results.jsonl: MQTT (paho-mqtt, QoS 1) and webhooks (HTTP POST of JSON).
+
+Every message passes through its sink's on-disk :class:`~winclip_edge.line.spool.Spool` and one delivery
+thread sends them one at a time, oldest first, removing each only when the sink confirmed it (MQTT PUBACK,
+HTTP 2xx). A sink that is down therefore never blocks inspection and never loses a decision: messages wait
+(bounded; overflow counted and logged) and go out in order when it is back, also after a restart.
+Delivery is at least once: a confirmation lost on the way can repeat a message; ``id`` identifies it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any, Callable, Protocol
+
+from ..errors import WinclipError
+from .spool import Spool
+
+log = logging.getLogger("winclip_edge.line")
+
+MQTT_USERNAME_ENV = "WINCLIP_MQTT_USERNAME"
+MQTT_PASSWORD_ENV = "WINCLIP_MQTT_PASSWORD"
+SEND_TIMEOUT_S = 5.0  # one delivery attempt; the spool keeps the message either way
+CONNECT_WAIT_S = 1.0  # an MQTT attempt waits this long for a (re)connection before it counts as failed
+
+
+class SinkUnavailable(WinclipError, RuntimeError):
+    """A delivery attempt failed (not connected, no confirmation, HTTP error); the message stays spooled."""
+
+
+class Sink(Protocol):
+    """Sends one message; raises on failure. ``key`` is the same for every retry of one message."""
+
+    name: str
+
+    def deliver(self, key: int, message: bytes, timeout: float) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class MqttConfig:
+    host: str
+    port: int = 1883
+    topic: str = "winclip/station/product/result"
+    tls: bool = False
+    ca_file: str | None = None  # PEM bundle for TLS (default: the system's)
+    client_id: str = ""  # "" = paho makes one
+    keepalive_s: int = 30
+
+
+def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
+    """``HOST:PORT`` or ``HOST`` -> (host, port); a clear error for anything else."""
+    host, sep, port = text.rpartition(":")
+    if not sep:
+        host, port = text, str(default_port)
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise WinclipError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+class MqttSink:
+    """QoS 1 publishing with paho-mqtt's network thread, which reconnects by itself. A message whose PUBACK
+    did not come is not published again: paho re-sends it after the reconnect and we keep waiting for it.
+
+    User and password come from the environment (``WINCLIP_MQTT_USERNAME`` / ``WINCLIP_MQTT_PASSWORD``), never
+    from the command line (which other users can read)."""
+
+    name = "mqtt"
+
+    def __init__(self, config: MqttConfig):
+        import paho.mqtt.client as mqtt
+
+        self._mqtt = mqtt
+        self.config = config
+        self._cond = threading.Condition()
+        self._connected = False
+        self._acked: set[int] = set()
+        self._inflight: tuple[int, int] | None = None  # (message key, paho mid) awaiting PUBACK
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id)
+        user = os.environ.get(MQTT_USERNAME_ENV)
+        if user:
+            client.username_pw_set(user, os.environ.get(MQTT_PASSWORD_ENV))
+        if config.tls:
+            client.tls_set(ca_certs=config.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_publish = self._on_publish
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.connect_async(config.host, config.port, config.keepalive_s)
+        client.loop_start()
+        self._client = client
+
+    def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+        ok = not reason.is_failure
+        if not ok:
+            log.warning("mqtt %s:%d refused the connection: %s", self.config.host, self.config.port, reason)
+        with self._cond:
+            self._connected = ok
+            self._cond.notify_all()
+
+    def _on_disconnect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+        with self._cond:
+            self._connected = False
+            self._cond.notify_all()
+
+    def _on_publish(self, client: Any, userdata: Any, mid: int, reason: Any = None, properties: Any = None) -> None:
+        with self._cond:
+            self._acked.add(mid)
+            self._cond.notify_all()
+
+    def _wait(self, predicate: Callable[[], bool], timeout: float) -> bool:
+        with self._cond:
+            return self._cond.wait_for(predicate, timeout)
+
+    def deliver(self, key: int, message: bytes, timeout: float) -> None:
+        where = f"{self.config.host}:{self.config.port}"
+        if self._inflight is None or self._inflight[0] != key:
+            if not self._wait(lambda: self._connected, min(timeout, CONNECT_WAIT_S)):
+                raise SinkUnavailable(f"mqtt: not connected to {where}")
+            info = self._client.publish(self.config.topic, message, qos=1)  # not under _cond: paho calls back
+            if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
+                raise SinkUnavailable(f"mqtt: publish to {where} failed: {self._mqtt.error_string(info.rc)}")
+            self._inflight = (key, info.mid)  # NO_CONN: queued by paho, sent on reconnect
+        mid = self._inflight[1]
+        if not self._wait(lambda: mid in self._acked or not self._connected, timeout) or mid not in self._acked:
+            raise SinkUnavailable(f"mqtt: no PUBACK from {where} (connection lost or over {timeout:.0f} s)")
+        with self._cond:
+            self._acked.discard(mid)
+        self._inflight = None
+
+    def close(self) -> None:
+        self._client.disconnect()
+        self._client.loop_stop()
+
+
+class WebhookSink:
+    """POSTs each message as ``application/json``; any 2xx answer confirms it."""
+
+    name = "webhook"
+
+    def __init__(self, url: str):
+        if not url.startswith(("http://", "https://")):
+            raise WinclipError(f"--webhook needs an http:// or https:// URL, got {url!r}")
+        self.url = url
+
+    def deliver(self, key: int, message: bytes, timeout: float) -> None:
+        request = urllib.request.Request(self.url, data=message, method="POST",
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                response.read()
+        except urllib.error.HTTPError as err:
+            raise SinkUnavailable(f"webhook {self.url} answered HTTP {err.code}") from None
+        except (OSError, ValueError) as err:  # URLError, timeouts, refused connections
+            raise SinkUnavailable(f"webhook {self.url}: {getattr(err, 'reason', err)}") from None
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class SinkStats:
+    name: str
+    delivered: int
+    pending: int  # waiting in the spool
+    overflow: int  # refused by a full spool (this run)
+    failures: int  # failed delivery attempts
+    up: bool
+
+
+class SpooledSink:
+    """A sink behind its spool, with the delivery thread (see the module docstring)."""
+
+    def __init__(self, sink: Sink, spool: Spool, retry_min_s: float = 0.5, retry_max_s: float = 30.0):
+        self.sink, self.spool = sink, spool
+        self.name = sink.name
+        self.retry_min_s, self.retry_max_s = retry_min_s, retry_max_s
+        self.delivered = self.failures = 0
+        self._up = True
+        self._wake = threading.Event()
+        self._closing = threading.Event()
+        self._deadline = float("inf")
+        self._thread = threading.Thread(target=self._run, name=f"winclip-sink-{self.name}", daemon=True)
+        if spool.recovered:
+            log.info("sink %s: %d messages from an earlier run are delivered first", self.name, spool.recovered)
+        self._thread.start()
+
+    def put(self, message: dict[str, Any]) -> bool:
+        """Spool ``message``; False (counted, logged) when the spool is full."""
+        if self.spool.put(json.dumps(message).encode()) is None:
+            log.error("sink %s: spool full (%d messages): decision %s is NOT sent there (it is in results.jsonl); "
+                      "%d refused so far", self.name, self.spool.max_messages, message.get("id"), self.spool.overflow)
+            return False
+        self._wake.set()
+        return True
+
+    def stats(self) -> SinkStats:
+        return SinkStats(self.name, self.delivered, len(self.spool), self.spool.overflow, self.failures, self._up)
+
+    def _run(self) -> None:
+        delay = self.retry_min_s
+        while True:
+            item = self.spool.peek()
+            if item is None:
+                if self._closing.is_set():
+                    return
+                self._wake.wait(0.5)
+                self._wake.clear()
+                continue
+            key, message = item
+            try:
+                self.sink.deliver(key, message, min(SEND_TIMEOUT_S, max(self._deadline - time.monotonic(), 0.1)))
+            except Exception as err:  # any failure: the message stays first in the spool
+                self.failures += 1
+                if self._up:
+                    log.warning("sink %s down (%s); decisions wait in %s", self.name, err, self.spool.folder)
+                    self._up = False
+                remaining = self._deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                pause = min(delay, remaining)
+                if self._closing.is_set():
+                    time.sleep(pause)  # flushing before exit: keep trying until the deadline
+                else:
+                    self._closing.wait(pause)
+                delay = min(delay * 2, self.retry_max_s)
+                continue
+            self.spool.pop(key)
+            self.delivered += 1
+            delay = self.retry_min_s
+            if not self._up:
+                log.warning("sink %s is back; delivering the spooled decisions (%d waiting)", self.name, len(self.spool))
+                self._up = True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Deliver what is spooled for at most ``timeout`` seconds; the rest stays on disk for the next start."""
+        self._deadline = time.monotonic() + timeout
+        self._closing.set()
+        self._wake.set()
+        self._thread.join(timeout + SEND_TIMEOUT_S + 1)
+        left = len(self.spool)
+        if left:
+            log.warning("sink %s: %d decisions stay spooled in %s and are sent at the next start", self.name, left,
+                        self.spool.folder)
+        self.sink.close()

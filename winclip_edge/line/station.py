@@ -1,0 +1,284 @@
+"""The station: sources -> bounded buffers -> batcher -> results.jsonl + maps/overlays + spooled sinks.
+
+Threads: one capture thread per source (sources.py), one submitter per source (buffer -> batcher, which
+blocks while the engine is behind, so camera buffers drop their oldest frames), the batcher's engine
+worker, and one collector that takes results in submission order and delivers each decision:
+
+1. maps / overlays (``save``: anomalous | all | none), through :class:`~winclip_edge.results.ResultWriter`;
+2. the payload into every sink's on-disk spool;
+3. the row into results.jsonl, flushed and fsync'd (rotated by size, never truncated);
+4. for a hot-folder file, the move to done/ or failed/ -- only now, so a crash never loses a decision.
+
+A restart after a crash between 3 and 4 finds the row (same path and sha256, its ``moved_to`` not there
+yet) and only moves the file: every file gets exactly one row. A crash between 2 and 3 re-inspects the
+file and sends its decision again (sinks are at-least-once; ``id`` tells repeats apart).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from concurrent.futures import CancelledError
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Deque, Iterable, Sequence, Union
+
+import numpy as np
+
+from ..inspector import InspectionResult
+from ..results import RESULTS_JSONL, ResultWriter
+from .batcher import Batcher, BatcherClosed, Job
+from .schema import ModelIds, payload
+from .sinks import SinkStats, SpooledSink
+from .sources import FolderSource, Frame, VideoSource
+
+log = logging.getLogger("winclip_edge.line")
+
+Source = Union[VideoSource, FolderSource]
+SAVE_POLICIES = ("anomalous", "all", "none")
+LATENCY_WINDOW = 1000  # decisions behind the p50/p99 of the status line
+_END = object()
+
+
+@dataclass(frozen=True)
+class StationConfig:
+    station: str = "station"
+    save: str = "anomalous"  # maps + overlays for: anomalous results | all | none
+    rotate_mb: float = 100.0  # results.jsonl is renamed to results.<n>.jsonl beyond this size
+    status_every_s: float = 10.0  # one status line this often (0 = never)
+    flush_timeout_s: float = 10.0  # at exit, how long sinks may take to deliver their spools
+    inflight: int = 64  # submitted frames waiting for their decision to be written
+    keep_running: bool = False  # run until stopped even when every source has ended (HTTP-only stations)
+
+    def __post_init__(self) -> None:
+        if self.save not in SAVE_POLICIES:
+            raise ValueError(f"--save must be one of {SAVE_POLICIES}, got {self.save!r}")
+        if self.rotate_mb <= 0:
+            raise ValueError(f"--rotate-mb must be > 0, got {self.rotate_mb}")
+
+
+@dataclass(frozen=True)
+class StationStats:
+    """Counters since start, per source / per sink where it matters (for the status line and /metrics)."""
+
+    frames_in: int  # frames or files taken by the sources
+    frames_out: int  # decisions written
+    errors: int  # decisions with an error
+    dropped: dict[str, int]  # per source: frames discarded by drop-oldest
+    reconnects: dict[str, int]  # per source
+    spool_pending: dict[str, int]  # per sink
+    spool_overflow: dict[str, int]  # per sink
+    latency_p50_ms: float | None  # capture -> decision, over the last LATENCY_WINDOW decisions
+    latency_p99_ms: float | None
+    queues: dict[str, int] = field(default_factory=dict)  # source buffers, engine queue, awaiting write
+
+
+def results_files(out: Path) -> list[Path]:
+    """results.jsonl and its rotated predecessors (results.<n>.jsonl), oldest first."""
+    rotated = sorted((p for p in out.glob("results.*.jsonl") if p.name.split(".")[1].isdigit()),
+                     key=lambda p: int(p.name.split(".")[1]))
+    current = out / RESULTS_JSONL
+    return rotated + ([current] if current.is_file() else [])
+
+
+def moved_rows(out: Path) -> dict[tuple[str, str], list[str]]:
+    """(file, sha256) -> the ``moved_to`` of every hot-folder row written under ``out``."""
+    index: dict[tuple[str, str], list[str]] = {}
+    for path in results_files(out):
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    continue  # a line cut by a crash (repaired on open): it named no move
+                if isinstance(row, dict) and row.get("moved_to") and row.get("file"):
+                    index.setdefault((row["file"], row.get("file_sha256") or ""), []).append(row["moved_to"])
+    return index
+
+
+def _end_with_newline(path: Path) -> None:
+    """A crash can cut the last row; the next row must not be glued to it."""
+    if path.is_file() and path.stat().st_size:
+        with open(path, "rb+") as f:
+            f.seek(-1, 2)
+            if f.read(1) != b"\n":
+                f.write(b"\n")
+
+
+class Station:
+    """Runs sources into one batcher and delivers every decision (see the module docstring)."""
+
+    def __init__(self, config: StationConfig, out: str | Path, batcher: Batcher, sources: Sequence[Source],
+                 sinks: Sequence[SpooledSink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = ()):
+        self.config, self.batcher = config, batcher
+        self.out = Path(out).resolve()  # payload paths must mean something to the consumers
+        self.sources, self.sinks = list(sources), list(sinks)
+        self.on_result = list(on_result)
+        self.out.mkdir(parents=True, exist_ok=True)
+        _end_with_newline(self.out / RESULTS_JSONL)
+        saving = config.save != "none"
+        self.writer = ResultWriter(self.out, maps=saving, overlays=saving, append=True,
+                                   rotate_bytes=int(config.rotate_mb * 2**20), durable=True)
+        self._run_id = time.strftime("%Y%m%dT%H%M%S")
+        self._inflight: queue.Queue = queue.Queue(maxsize=config.inflight)
+        self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self._counts = {"out": 0, "errors": 0}
+        self._ids: tuple[int, ModelIds] | None = None
+        self._lock = threading.Lock()
+        self._collected = threading.Event()  # every source ended and its decisions are written
+        self._threads: list[threading.Thread] = []
+
+    # ------------------------------------------------------------ running
+    def run(self, stop: threading.Event) -> None:
+        """Until ``stop`` is set (or, without ``keep_running``, every source ended): then drain and flush."""
+        index = moved_rows(self.out) if any(isinstance(s, FolderSource) for s in self.sources) else {}
+        for source in self.sources:
+            if isinstance(source, FolderSource):
+                source.recover(lambda path, sha: index.get((path, sha), []))
+        for source in self.sources:
+            source.start()
+        self._threads = [threading.Thread(target=self._submit, args=(s,), name=f"winclip-submit-{s.name}", daemon=True)
+                         for s in self.sources]
+        self._threads.append(threading.Thread(target=self._collect, name="winclip-collect", daemon=True))
+        for t in self._threads:
+            t.start()
+        status = threading.Thread(target=self._status, args=(stop,), name="winclip-status", daemon=True)
+        status.start()
+        while not stop.is_set():
+            if self._collected.is_set() and not self.config.keep_running:
+                break
+            stop.wait(0.2)
+        self.shutdown()
+        stop.set()  # ends the status thread
+
+    def shutdown(self) -> None:
+        """Stop capturing, inspect and write what was already captured, flush the sinks."""
+        for source in self.sources:
+            source.stop()
+            source.buffer.close()  # a capture thread stuck in a read must not hold up the drain
+        for t in self._threads:
+            t.join()
+        for sink in self.sinks:
+            sink.close(self.config.flush_timeout_s)
+        self.writer.close()
+        log.info("stopped: %s", self.status_line())
+
+    def _submit(self, source: Source) -> None:
+        keep = self.config.save != "none"
+        while True:
+            frame = source.buffer.get()
+            if frame is None:
+                break
+            name = (f"{Path(frame.path).stem}-{(frame.sha256 or 'unread')[:8]}" if frame.path is not None
+                    else f"{source.name}-{self._run_id}-{frame.index:07d}")
+            job = Job(name=name, image=frame.image, path=frame.path, keep_image=keep,
+                      metadata={"source": source.name, "frame": frame.index})
+            try:
+                future = self.batcher.submit(job)
+            except BatcherClosed:
+                log.error("source %s: the batcher closed; frame %d not inspected", source.name, frame.index)
+                break
+            self._inflight.put((source, frame, future))
+        self._inflight.put(_END)
+
+    def _collect(self) -> None:
+        ended = 0
+        while ended < len(self.sources):
+            item = self._inflight.get()
+            if item is _END:
+                ended += 1
+                continue
+            source, frame, future = item
+            try:
+                result = future.result()
+            except CancelledError:
+                result = InspectionResult(path=frame.path or source.name, error="cancelled: the station stopped")
+            latency_ms = (time.monotonic() - frame.captured_mono) * 1e3
+            try:
+                self._deliver(source, frame, result, latency_ms)
+            except Exception as err:  # a disk error writing one decision must not stop the station
+                log.error("source %s frame %d: cannot write its decision (%s: %s)", source.name, frame.index,
+                          type(err).__name__, err)
+        self._collected.set()
+
+    def _model_ids(self) -> ModelIds:
+        inspector = self.batcher.inspector  # the HTTP face may swap it (product reload)
+        if self._ids is None or self._ids[0] != id(inspector):
+            self._ids = (id(inspector), ModelIds.of(inspector))
+        return self._ids[1]
+
+    def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float) -> None:
+        ids = self._model_ids()
+        save = self.config.save == "all" or (self.config.save == "anomalous" and bool(result.anomalous))
+        record = self.writer.record(result, ids.mode, save_outputs=save)
+        message = payload(result, ids, self.config.station, source.name, frame.captured_at, latency_ms,
+                          frame=frame.index if frame.path is None else None, file=frame.path,
+                          file_sha256=frame.sha256, overlay=record["overlay"], map_path=record["map"])
+        message["error"] = record["error"]
+        row = {**message, "zero_shot_score": result.zero_shot_score, "image_size": record["image_size"],
+               "timings_ms": record["timings_ms"]}
+        destination = None
+        if isinstance(source, FolderSource):
+            destination = source.destination(frame, failed=message["error"] is not None)
+            row["moved_to"] = destination
+        for sink in self.sinks:
+            sink.put(message)
+        self.writer.append_row(row)
+        if destination is not None:
+            source.finish(frame, destination)
+        with self._lock:
+            self._counts["out"] += 1
+            self._counts["errors"] += message["error"] is not None
+            self._latencies.append(latency_ms)
+        if message["error"] is not None:
+            log.warning("source %s: %s", source.name, message["error"])
+        for hook in self.on_result:
+            try:
+                hook(result, ids.product, message)
+            except Exception as err:
+                log.error("result hook failed: %s: %s", type(err).__name__, err)
+
+    # ------------------------------------------------------------ reporting
+    def stats(self) -> StationStats:
+        with self._lock:
+            latencies = np.array(self._latencies) if self._latencies else None
+            out, errors = self._counts["out"], self._counts["errors"]
+        sinks: list[SinkStats] = [s.stats() for s in self.sinks]
+        queues = {f"source:{s.name}": len(s.buffer) for s in self.sources}
+        queues["engine"] = self.batcher.stats().queue_depth
+        queues["awaiting_write"] = self._inflight.qsize()
+        return StationStats(
+            frames_in=sum(s.emitted for s in self.sources), frames_out=out, errors=errors,
+            dropped={s.name: s.buffer.dropped for s in self.sources},
+            reconnects={s.name: s.reconnects for s in self.sources},
+            spool_pending={s.name: s.pending for s in sinks}, spool_overflow={s.name: s.overflow for s in sinks},
+            latency_p50_ms=None if latencies is None else float(np.percentile(latencies, 50)),
+            latency_p99_ms=None if latencies is None else float(np.percentile(latencies, 99)),
+            queues=queues)
+
+    def status_line(self, previous: StationStats | None = None, seconds: float = 0.0) -> str:
+        s = self.stats()
+        rate = ""
+        if previous is not None and seconds > 0:
+            rate = (f"in {(s.frames_in - previous.frames_in) / seconds:.1f} fps, "
+                    f"out {(s.frames_out - previous.frames_out) / seconds:.1f} fps, ")
+        latency = ("latency n/a" if s.latency_p50_ms is None
+                   else f"latency p50 {s.latency_p50_ms:.0f} ms p99 {s.latency_p99_ms:.0f} ms")
+        sinks = "".join(f", {name} spool {n}" + (f" (overflow {s.spool_overflow[name]})" if s.spool_overflow[name] else "")
+                        for name, n in s.spool_pending.items())
+        return (f"{rate}captured {s.frames_in}, decided {s.frames_out} ({s.errors} errors), dropped {sum(s.dropped.values())}, "
+                f"reconnects {sum(s.reconnects.values())}, {latency}, queues "
+                + " ".join(f"{k}={v}" for k, v in s.queues.items()) + sinks)
+
+    def _status(self, stop: threading.Event) -> None:
+        every = self.config.status_every_s
+        if every <= 0:
+            return
+        previous, since = self.stats(), time.monotonic()
+        while not stop.wait(every):
+            now = time.monotonic()
+            log.info("status: %s", self.status_line(previous, now - since))
+            previous, since = self.stats(), now
