@@ -97,6 +97,9 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     add_engine_options(p)
     p.add_argument("--batch", type=int, default=8, help="images per engine call (default 8)")
     add_scoring_options(p)
+    from .roi import add_tiling_options  # cli/roi.py imports this module
+
+    add_tiling_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -105,8 +108,10 @@ def inspector(args: argparse.Namespace, zero_shot: bool = False, with_threshold:
     from dataclasses import replace
 
     from ..inspector import Inspector
+    from .roi import tiling_and_roi
 
     options = scoring_options(args)
     options = replace(options, use_memory=False) if zero_shot else options
+    tiling, roi = tiling_and_roi(args)
     return Inspector(args.bundle, args.product, engine=engine_config(args), options=options,
-                     sigma=getattr(args, "sigma", 0.0), with_threshold=with_threshold)
+                     sigma=getattr(args, "sigma", 0.0), with_threshold=with_threshold, tiling=tiling, roi=roi)

@@ -1,0 +1,70 @@
+"""The tiling / ROI faces: `winclip-edge roi`, the --tile/--roi flags of register/calibrate/infer."""
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+
+from winclip_edge.bundle import Bundle
+from winclip_edge.cli import main
+from winclip_edge.products import load_tiling
+from winclip_edge.roi import load_roi
+from winclip_edge.tiling import TilingConfig
+
+from test_tiled_inspection import frame, part_surface
+
+
+def write_frames(folder, surface, seeds, defect=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    for s in seeds:
+        cv2.imwrite(str(folder / f"f{s}.png"), cv2.cvtColor(frame(surface, s, defect), cv2.COLOR_RGB2BGR))
+    return str(folder)
+
+
+def test_roi_command_sets_shows_and_clears(bundle_copy, tmp_path, capsys):
+    base = ["--bundle", str(bundle_copy), "--product", "widget"]
+    mask = np.zeros((50, 80), np.uint8)
+    mask[10:40, 20:60] = 255
+    cv2.imwrite(str(tmp_path / "mask.png"), mask)
+    assert main(["roi", *base, str(tmp_path / "mask.png")]) == 0
+    assert np.array_equal(load_roi(Bundle(bundle_copy), "widget").mask, mask)
+    assert main(["roi", *base]) == 0 and "mask_sha256" in capsys.readouterr().out
+    assert main(["roi", *base, "--rect", "5,6,70,80"]) == 0
+    assert load_roi(Bundle(bundle_copy), "widget").rect == (5, 6, 70, 80)
+    for bad in (["--rect", "5,6,70"], [str(tmp_path / "missing.png")], ["--clear", "--rect", "1,1,1,1"]):
+        capsys.readouterr()
+        assert main(["roi", *base, *bad]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("winclip-edge roi: error:") and err.count("\n") == 1
+    assert main(["roi", *base, "--clear"]) == 0 and load_roi(Bundle(bundle_copy), "widget") is None
+
+
+def test_register_records_the_tiling_and_infer_uses_it_with_the_roi(bundle_copy, tmp_path, capsys):
+    base = ["--bundle", str(bundle_copy), "--product", "widget", "--quiet"]
+    surface = part_surface((360, 480))
+    refs = write_frames(tmp_path / "refs", surface, (1, 2))
+    normal = write_frames(tmp_path / "normal", surface, (3, 4))
+    defective = write_frames(tmp_path / "bad", surface, (5,), defect=(150, 400, 30))
+    assert main(["register", *base, "--tile", "240", "--tile-overlap", "0.3", refs]) == 0
+    assert load_tiling(Bundle(bundle_copy), "widget") == TilingConfig(tile=240, overlap=0.3)
+    assert main(["roi", "--bundle", str(bundle_copy), "--product", "widget", "--rect", "0,0,300,360"]) == 0
+    assert main(["calibrate", *base, normal]) == 0
+    out = tmp_path / "out"
+    assert main(["infer", *base, "--out", str(out), defective]) == 0
+    row = json.loads((out / "results.jsonl").read_text())
+    assert row["error"] is None and row["anomalous"] is False and row["image_size"] == [360, 480]
+    assert np.load(row["map"])[:, 300:].max() == 0  # zeroed outside the ROI
+    overlay = cv2.imread(row["overlay"])
+    assert (np.abs(overlay.astype(int) - overlay[..., ::-1].astype(int)) > 0).any()  # drawn (outline in yellow)
+    # the threshold belongs to this tiling and ROI: other flags are refused with the remedy
+    capsys.readouterr()
+    for flags in (["--tile", "off"], ["--no-roi"], ["--no-global"]):
+        assert main(["infer", *base, "--out", str(tmp_path / "o2"), *flags, defective]) == 2
+        assert "calibrate" in capsys.readouterr().err
+    assert main(["infer", *base, "--out", str(tmp_path / "o3"), "--no-roi", "--tile", "off", "--zero-shot",
+                 defective]) == 2  # zero-shot: the few-shot threshold does not apply either
+    for bad in (["--tile", "48o"], ["--tile-overlap", "2"], ["--roi", "1,2,3"]):
+        capsys.readouterr()
+        assert main(["infer", *base, "--out", str(tmp_path / "o4"), *bad, defective]) == 2
+        assert capsys.readouterr().err.count("\n") == 1

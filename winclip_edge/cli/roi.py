@@ -1,0 +1,79 @@
+"""``roi`` (a product's region of interest) and the tiling / ROI flags of the commands that score images
+(docs/tiling.md)."""
+from __future__ import annotations
+
+import argparse
+
+from .common import EXIT_OK, CliError
+
+
+def add_tiling_options(p: argparse.ArgumentParser) -> None:
+    """--tile, --tile-overlap, --no-global, --tile-memory, --min-defect, --roi, --no-roi: override the product's
+    stored tiling (register records its flags as the product's setting) and ROI for this run."""
+    g = p.add_argument_group("tiling and ROI (default: the product's setting; docs/tiling.md)")
+    g.add_argument("--tile", default=None, metavar="SIZE|auto|off",
+                   help="inspect in tiles of SIZE source pixels (height; width follows the model's aspect), 'auto' "
+                        "(the largest tile on which a --min-defect defect spans one ViT patch) or 'off'")
+    g.add_argument("--tile-overlap", type=float, default=None, help="fraction shared by neighbouring tiles (default 0.25)")
+    g.add_argument("--no-global", action="store_true", help="tiles only: skip the whole-frame pass")
+    g.add_argument("--tile-memory", choices=("position", "pooled"), default=None,
+                   help="few-shot tiles: compare with the same position of the references (fixtured parts, default) "
+                        "or with any reference tile (textures, unfixtured parts)")
+    g.add_argument("--min-defect", type=int, default=None, help="--tile auto: smallest defect to keep visible, px (32)")
+    g.add_argument("--roi", default=None, metavar="x,y,w,h|MASK",
+                   help="inspect only this rectangle (frame pixels) or mask image (white = inspect)")
+    g.add_argument("--no-roi", action="store_true", help="ignore the product's ROI")
+
+
+def tiling_and_roi(args: argparse.Namespace) -> tuple:
+    """(tiling, roi) for the Inspector: "product" where no flag was given, else the product's setting with the flags
+    applied (None = off)."""
+    from ..bundle import Bundle
+    from ..products import load_tiling
+    from ..roi import parse_roi
+    from ..tiling import TilingConfig, parse_tile
+
+    flags = {"overlap": args.tile_overlap, "use_global": False if args.no_global else None,
+             "memory": args.tile_memory, "min_defect": args.min_defect}
+    tiling: object = "product"
+    if args.tile is not None or any(v is not None for v in flags.values()):
+        stored = load_tiling(Bundle(args.bundle, verify=False), args.product) or TilingConfig()
+        tile = parse_tile(args.tile) if args.tile is not None else stored.tile
+        tiling = None if tile is None else stored.with_overrides(tile=tile, **flags)
+    roi: object = None if args.no_roi else parse_roi(args.roi) if args.roi is not None else "product"
+    return tiling, roi
+
+
+def run_roi(args: argparse.Namespace) -> int:
+    from ..bundle import Bundle
+    from ..roi import ROI_FILE, Roi, clear_roi, load_roi, parse_rect, read_mask, save_roi
+
+    bundle = Bundle(args.bundle, verify=False)
+    given = [x for x in (args.mask, args.rect, args.clear or None) if x is not None]
+    if len(given) > 1:
+        raise CliError("give one of MASK, --rect or --clear")
+    folder = bundle.product_dir(args.product)
+    if args.clear:
+        print(f"ROI of {args.product!r} {'removed' if clear_roi(bundle, args.product) else 'was not set'}")
+    elif args.mask is not None or args.rect is not None:
+        roi = read_mask(args.mask) if args.mask is not None else Roi(rect=parse_rect(args.rect), source=args.rect)
+        save_roi(bundle, args.product, roi)
+        what = f"mask {roi.mask.shape[1]}x{roi.mask.shape[0]} ({roi.mask.mean() / 2.55:.0f}% inspected)" \
+            if roi.mask is not None else f"rectangle x,y,w,h = {args.rect}"
+        print(f"ROI of {args.product!r}: {what} -> {folder / ROI_FILE}; thresholds calibrated without it are refused "
+              f"until `winclip-edge calibrate` runs again")
+    else:
+        roi = load_roi(bundle, args.product)
+        print(f"{args.product!r}: " + ("no ROI (the whole frame is inspected)" if roi is None else
+                                       f"ROI {roi.identity} from {roi.source or '?'} in {folder / ROI_FILE}"))
+    return EXIT_OK
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("roi", help="set, show or clear a product's region of interest (white = inspect, black = ignore)")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--product", required=True)
+    p.add_argument("mask", nargs="?", default=None, help="mask image of any size (scaled to each frame)")
+    p.add_argument("--rect", default=None, metavar="x,y,w,h", help="a rectangle in frame pixels instead of a mask")
+    p.add_argument("--clear", action="store_true", help="remove the product's ROI")
+    p.set_defaults(run=run_roi)
