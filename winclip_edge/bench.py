@@ -551,7 +551,7 @@ def summary_table(reports: Sequence[dict]) -> str:
 def report_stem(r: dict) -> str:
     """File name (without suffix) of a report: model, engine, precision, cpu/gpu, UTC time."""
     on_cpu = r["engine_device"].lower().startswith("cpu")  # "cpu, torch fp32", "CPUExecutionProvider"
-    device = "cpu" if on_cpu else "gpu"
+    device = "cpu" if on_cpu else "remote" if r["engine"] == "triton" else "gpu"  # triton: the server's device
     stamp = r["date"].replace("-", "").replace(":", "")[:15]
     return f"{Path(r['bundle']['model']).name}_{r['engine']}_{r['precision']}_{device}_{stamp}"
 
