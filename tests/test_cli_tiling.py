@@ -1,10 +1,11 @@
-"""The tiling / ROI faces: `winclip-edge roi`, the --tile/--roi flags of register/calibrate/infer."""
+"""The tiling / ROI faces: `winclip-edge roi`, the --tile/--roi flags of register/calibrate/infer, eval --tile."""
 from __future__ import annotations
 
 import json
 
 import cv2
 import numpy as np
+import pytest
 
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import main
@@ -68,3 +69,34 @@ def test_register_records_the_tiling_and_infer_uses_it_with_the_roi(bundle_copy,
         capsys.readouterr()
         assert main(["infer", *base, "--out", str(tmp_path / "o4"), *bad, defective]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_eval_with_tiles_scores_like_the_inspector_with_the_same_references(bundle_copy, tmp_path):
+    """eval --tile on a folder data set: every test image's score equals inspecting it with the unit's references
+    registered with the same tiling (the faithful path), and pixel metrics come from the stitched maps."""
+    from winclip_edge.evaluation import EvalConfig, run_evaluation
+    from winclip_edge.inspector import Inspector
+    from winclip_edge.registration import register
+    from winclip_edge.scoring import ScoringOptions
+
+    surface = part_surface((360, 480))
+    root = tmp_path / "widget"  # one class, named like the bundle's product
+    write_frames(root / "good", surface, (1, 2, 3, 4))
+    write_frames(root / "stain", surface, (5, 6), defect=(100, 200, 40))
+    (root / "masks" / "stain").mkdir(parents=True)
+    mask = np.zeros((360, 480), np.uint8)
+    mask[100:140, 200:240] = 255
+    for s in (5, 6):
+        cv2.imwrite(str(root / "masks" / "stain" / f"f{s}.png"), mask)
+    tiling = TilingConfig(tile=240, memory="pooled")
+    result = run_evaluation(EvalConfig(bundle=bundle_copy, dataset="folder", root=root, out=tmp_path / "eval",
+                                       shots=(1,), seeds=1, pictures=False, progress=False, tiling=tiling),
+                            log=lambda m: None)
+    record = json.loads(next((tmp_path / "eval" / "partial").rglob("1shot-seed0.json")).read_text())
+    assert result.summary["shots"]["1"]["mean"]["pixel_auroc"] > 0.9  # the stain is found in the stitched maps
+    register(Inspector(bundle_copy, "widget", options=ScoringOptions(use_memory=False), with_threshold=False,
+                       tiling=tiling, roi=None), record["references"])
+    inspector = Inspector(bundle_copy, "widget", with_threshold=False)
+    scores = {r.path: r.score for r in inspector.inspect([i["path"] for i in record["images"]])}
+    for image in record["images"]:
+        assert image["score"] == pytest.approx(scores[image["path"]], abs=1e-5)

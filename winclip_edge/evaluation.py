@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
+import cv2
 import numpy as np
 
 from .bundle import Bundle
@@ -38,6 +39,9 @@ from .errors import WinclipError
 from .fileio import atomic_write_bytes, atomic_write_json
 from .heatmap import upsample_map
 from .inspector import Inspector, iter_decoded
+from .roi import Roi
+from .tiled import FramePlan, frame_map, frame_score, unit_inputs
+from .tiling import TilingConfig
 from .metrics import IMAGE_KEYS, PIXEL_KEYS, MetricError, PixelMetrics, image_metrics
 from .paper import PAPER_DATASETS, PAPER_SCALES, paper_result
 from .products import Memory, load_text
@@ -52,6 +56,7 @@ DEFAULT_SEEDS = 5  # the paper's number of random reference draws
 DEFAULT_BATCH = 8
 LIMIT_SEED = 0  # --limit draws the same test subset in every run, so runs stay comparable and resumable
 SCORE_BATCH = 32  # test images per scoring call (bounds the memory of the association matrices)
+CASE_MAP_SCALE = 4  # tiled runs keep example maps at 4x the token grid for the report pictures
 TEXTILE_CLASS = "textile"
 BASELINE_SEPARATOR = "__"  # product of a prompt baseline: <class>__<style>
 PARTIAL_DIR = "partial"
@@ -88,6 +93,8 @@ class EvalConfig:
     limit: int | None = None  # at most this many test images per defect type (incl. good), drawn with LIMIT_SEED
     pictures: bool = True  # ROC curves, AUROC bars, example grids (needs matplotlib)
     progress: bool = True  # tqdm bar on stderr
+    tiling: TilingConfig | None = None  # tiled inspection (docs/tiling.md); references then store their tiles too
+    roi: Roi | None = None  # inspect only this region of every test image
 
 
 def _check_config(config: EvalConfig) -> None:
@@ -270,6 +277,7 @@ class Embedded:
     outputs: dict[str, np.ndarray]  # the graph contract's outputs, [N, ...]
     sizes: dict[str, tuple[int, int]]  # image path -> original (H, W)
     failed: list[str]  # one message per unreadable image
+    plans: dict[str, FramePlan] = field(default_factory=dict)  # tiles / ROI: path -> its units (rows from rows[path])
 
 
 def embed_images(inspector: Inspector, samples: Sequence[Sample], batch: int,
@@ -279,18 +287,38 @@ def embed_images(inspector: Inspector, samples: Sequence[Sample], batch: int,
     sizes: dict[str, tuple[int, int]] = {}
     parts: dict[str, list[np.ndarray]] = {}
     failed: list[str] = []
-
+    plans: dict[str, FramePlan] = {}
+    units, n_rows = inspector.tiling is not None or inspector.roi is not None, 0
     for decoded in iter_decoded([s.path for s in samples], inspector.model_size, batch):
         good = [d for d in decoded if d.error is None]
         failed += [d.error for d in decoded if d.error is not None]
+        if good and units:  # every unit (whole frame, tiles) of every image of the batch in one engine call
+            good, inputs = _plan_units(inspector, good, plans, failed)
+        elif good:
+            inputs = [d.model_input for d in good]
         if good:
-            for name, value in inspector.embed(np.stack([d.model_input for d in good])).items():
+            for name, value in inspector.embed(np.stack(inputs)).items():
                 parts.setdefault(name, []).append(value)
             for d in good:
-                rows[d.name] = len(rows)
+                rows[d.name] = n_rows
+                n_rows += len(plans[d.name]) if units else 1
                 sizes[d.name] = d.image.shape[:2]
         progress(len(decoded))
-    return Embedded(rows, {k: np.concatenate(v) for k, v in parts.items()}, sizes, failed)
+    return Embedded(rows, {k: np.concatenate(v) for k, v in parts.items()}, sizes, failed, plans)
+
+
+def _plan_units(inspector: Inspector, good: list, plans: dict, failed: list[str]) -> tuple[list, list[np.ndarray]]:
+    """The images whose units could be planned (an ROI off the frame is that image's error) and their model inputs."""
+    kept, inputs = [], []
+    for d in good:
+        try:
+            plans[d.name] = plan = inspector.plan(d.image.shape[:2])
+        except WinclipError as err:
+            failed.append(f"{d.name}: {err}")
+            continue
+        kept.append(d)
+        inputs += unit_inputs(d.image, plan, inspector.model_size)
+    return kept, inputs
 
 
 def _cases(samples: Sequence[Sample], scores: np.ndarray, token_maps: np.ndarray) -> list[dict]:
@@ -312,6 +340,8 @@ def score_unit(inspector: Inspector, embedded: Embedded, test: Sequence[Sample],
                pixel: bool, progress: Callable[[int], None]) -> dict:
     """Metrics, per-image scores and example cases of one unit from cached embeddings."""
     kept = [s for s in test if s.path in embedded.rows]
+    if embedded.plans:
+        return _score_unit_frames(inspector, embedded, kept, memory, pixel, progress)
     rows = np.array([embedded.rows[s.path] for s in kept], dtype=np.intp)
     image_scores, token_maps = [], []
     for start in range(0, len(rows), SCORE_BATCH):
@@ -333,9 +363,38 @@ def score_unit(inspector: Inspector, embedded: Embedded, test: Sequence[Sample],
         metrics.update(accumulator.compute())
     else:
         metrics.update(dict.fromkeys(PIXEL_KEYS))
+    return _unit_record(kept, scores, metrics, maps)
+
+
+def _unit_record(kept: Sequence[Sample], scores: np.ndarray, metrics: dict, maps: np.ndarray) -> dict:
     images = [{"path": s.path, "label": s.label, "defect_type": s.defect_type, "score": float(v)}
               for s, v in zip(kept, scores)]
     return {"n_test": len(kept), "metrics": metrics, "images": images, "cases": _cases(kept, scores, maps)}
+
+
+def _score_unit_frames(inspector: Inspector, embedded: Embedded, kept: Sequence[Sample], memory: Memory | None,
+                       pixel: bool, progress: Callable[[int], None]) -> dict:
+    """score_unit of a tiled / ROI run (docs/tiling.md): frame scores and stitched full-resolution maps."""
+    scores, small_maps = [], []
+    accumulator = PixelMetrics() if pixel else None
+    case_size = tuple(CASE_MAP_SCALE * g for g in inspector.bundle.spec.grid)
+    for start in range(0, len(kept), SCORE_BATCH):
+        chunk = kept[start:start + SCORE_BATCH]
+        plans = [embedded.plans[s.path] for s in chunk]
+        rows = np.concatenate([np.arange(embedded.rows[s.path], embedded.rows[s.path] + len(p)) for s, p in zip(chunk, plans)])
+        frames = inspector.score_frames(plans, {k: v[rows] for k, v in embedded.outputs.items()}, memory,
+                                        None if memory is None else memory.tiles)
+        for s, plan, units in zip(chunk, plans, frames):
+            scores.append(frame_score(units)[0])
+            full = frame_map(plan, units.token_map)
+            small_maps.append(cv2.resize(full, case_size[::-1], interpolation=cv2.INTER_AREA))
+            if accumulator is not None:
+                accumulator.update(full, read_mask(s.mask_path) if s.mask_path else np.zeros(plan.size, np.uint8))
+            progress(1)
+    scores = np.array(scores, np.float32)
+    metrics: dict[str, float | None] = image_metrics(np.array([s.label for s in kept]), scores)
+    metrics.update(accumulator.compute() if accumulator is not None else dict.fromkeys(PIXEL_KEYS))
+    return _unit_record(kept, scores, metrics, np.stack(small_maps) if small_maps else np.zeros((0, *case_size)))
 
 
 # ---------------------------------------------------------------- units and resuming
@@ -370,7 +429,8 @@ def fingerprint(bundle: Bundle, config: EvalConfig) -> dict:
     return {"weights_id": m.weights_id, "model": m.model, "image_size": list(m.image_size), "scales": list(m.scales),
             "stride": m.stride, "patch_layer": m.patch_layer, "temperature": m.temperature,
             "dataset": config.dataset, "root": str(Path(config.root).resolve()) if config.root else None,
-            "limit": config.limit,
+            "limit": config.limit, "tiling": config.tiling.to_dict() if config.tiling else None,
+            "roi": config.roi.identity if config.roi else None,
             "engine": {k: None if v is None else str(v) for k, v in sorted(asdict(config.engine.resolved()).items())}}
 
 
@@ -531,7 +591,10 @@ def run_evaluation(config: EvalConfig, engine: Engine | None = None, log: Log | 
 def _evaluate_class(config: EvalConfig, bundle: Bundle, options: ScoringOptions, engine: Engine, data: ClassData,
                     units: Sequence[Unit], out: Path, records: dict, info: dict, bar) -> None:
     inspector = Inspector(bundle, product_name(data.name, config.prompts), options=options, engine=engine,
-                          with_threshold=False)  # eval sets its own memories; a product's threshold is irrelevant
+                          with_threshold=False, tiling=None, roi=None)  # eval sets its own memories and threshold
+    # the run's tiling and ROI, set after loading: the product's own tile memory (if any) is not needed
+    inspector.tiling = config.tiling if config.tiling is not None and config.tiling.enabled else None
+    inspector.roi = config.roi
     bar.set_postfix_str(f"{data.name}: embedding {len(data.test)} test images")
     t0 = time.perf_counter()
     embedded = embed_images(inspector, data.test, config.batch, bar.update)

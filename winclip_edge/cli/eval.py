@@ -8,6 +8,7 @@ from pathlib import Path
 from ..evaluation import DATASETS, DEFAULT_BATCH, DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..prompts import PROMPT_STYLES
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError, add_engine_options, csv, csv_ints, engine_config
+from .roi import add_tiling_options, run_tiling
 
 
 def _format_mean(summary: dict, shots: str) -> str:
@@ -26,11 +27,12 @@ def run_eval(args: argparse.Namespace) -> int:
     from ..evaluation import EvalConfig, EvaluationError, run_evaluation
     from ..report import ReportError
 
+    tiling, roi = run_tiling(args)
     config = EvalConfig(
         bundle=Path(args.bundle), dataset=args.dataset, out=Path(args.out), root=Path(args.root) if args.root else None,
         classes=args.classes, shots=args.shots, seeds=args.seeds, ablation=args.ablation, prompts=args.prompts,
         engine=engine_config(args), batch=args.batch, limit=args.limit,
-        pictures=not args.no_pictures, progress=not args.quiet,
+        pictures=not args.no_pictures, progress=not args.quiet, tiling=tiling, roi=roi,
     )
     try:
         result = run_evaluation(config)
@@ -73,4 +75,5 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-pictures", action="store_true", help="tables only (no matplotlib needed)")
     p.add_argument("--out", required=True, help="output folder; re-running with the same folder resumes")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_tiling_options(p, of_product=False)
     p.set_defaults(run=run_eval)
