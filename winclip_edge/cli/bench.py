@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", conflict_handler="resolve",
                        help="latency / throughput / stage split / cold start / memory (and fidelity vs fp32) of one "
                             "backend and precision -> Markdown + JSON (ViT-B-16-plus-240 on 2 CPU cores: ~5 s per image)")
-    add_runtime_options(p)
+    add_runtime_options(p, tiling=False)
     p.add_argument("--batch", type=csv_ints, default=DEFAULT_BATCHES, help="batch sizes, e.g. 1,4,8 (default)")
     p.add_argument("--images", default="8", help="a count of synthetic frames (default 8) or a folder/glob of images")
     p.add_argument("--synthetic-size", type=_size, default=DEFAULT_SYNTHETIC_SIZE,

@@ -90,8 +90,9 @@ def scoring_options(args: argparse.Namespace) -> ScoringOptions:
                           mean=args.mean, use_memory=not args.zero_shot)
 
 
-def add_runtime_options(p: argparse.ArgumentParser) -> None:
-    """Bundle, product, engine, batch and scoring flags of the commands that score images."""
+def add_runtime_options(p: argparse.ArgumentParser, tiling: bool = True) -> None:
+    """Bundle, product, engine, batch and scoring flags of the commands that score images (and the tiling / ROI
+    flags, unless ``tiling=False``: commands that time the engine use the product's setting)."""
     p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
     p.add_argument("--product", required=True, help="product name inside the bundle")
     add_engine_options(p)
@@ -99,7 +100,8 @@ def add_runtime_options(p: argparse.ArgumentParser) -> None:
     add_scoring_options(p)
     from .roi import add_tiling_options  # cli/roi.py imports this module
 
-    add_tiling_options(p)
+    if tiling:
+        add_tiling_options(p)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
