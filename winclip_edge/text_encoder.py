@@ -15,7 +15,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .fileio import sha256_file
-from .products import TextPrototypes
+from .products import TextPrototypes, save_text
 from .prompts import PromptSpec, build_prompts
 from .tokenizer import ClipTokenizer
 
@@ -119,3 +119,20 @@ def text_prototypes(encoder: TextEncoder, spec: PromptSpec, show_progress: bool 
     return TextPrototypes(t_normal=t_n, t_anomalous=t_a, normal_prompts=tuple(normal),
                           anomalous_prompts=tuple(anomalous), prompt_spec=asdict(spec),
                           encoder={"source": encoder.source, "precision": encoder.precision})
+
+
+class ProductExistsError(BundleError):
+    """The product is in the bundle already and replacing it was not asked for."""
+
+
+def add_product(bundle: Bundle, product: str, spec: PromptSpec, precision: str = "fp32", force: bool = False,
+                show_progress: bool = False) -> TextPrototypes:
+    """Encode ``spec``'s prompts with the bundle's text encoder and write ``products/<product>/text.npz``
+    (atomically, self-verifying); the torch-free twin of the export stage's add_product."""
+    bundle.product_dir(product)  # a bad name fails before anything is loaded
+    if product in bundle.products() and not force:
+        raise ProductExistsError(f"product {product!r} is already in {bundle.root}; pass --force to re-encode it")
+    build_prompts(spec)  # bad states / templates too
+    text = text_prototypes(TextEncoder(bundle, precision), spec, show_progress)
+    save_text(bundle, product, text)
+    return text

@@ -60,7 +60,6 @@ def run_add_text_encoder(args: argparse.Namespace) -> int:
 
 def run_add_product(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
-    from ..products import save_text
     from ..prompts import PromptSpec, build_prompts, object_name_for
     from ..text_encoder import has_text_encoder
 
@@ -78,10 +77,9 @@ def run_add_product(args: argparse.Namespace) -> int:
     if args.text_precision != "fp32" and not use_bundle:
         raise CliError("--text-precision is for the bundle's text encoder; the export stage encodes in fp32")
     if use_bundle:
-        from ..text_encoder import TextEncoder, text_prototypes
+        from ..text_encoder import add_product
 
-        text = text_prototypes(TextEncoder(bundle, args.text_precision), spec, show_progress=not args.quiet)
-        save_text(bundle, args.product, text)
+        text = add_product(bundle, args.product, spec, args.text_precision, args.force, show_progress=not args.quiet)
         how = f"the bundle's text encoder ({text.encoder['source']})"
     else:
         try:
