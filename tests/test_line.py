@@ -18,7 +18,8 @@ from winclip_edge.inspector import Inspector
 from winclip_edge.line.batcher import Batcher
 from winclip_edge.line.schema import SCHEMA, ModelIds, payload, utc_iso
 from winclip_edge.line.sinks import SpooledSink, WebhookSink
-from winclip_edge.line.sources import FolderSource, Frame, FrameBuffer, SourceError, VideoOptions, VideoSource, source_kind
+from winclip_edge.line.sources import FolderSource, Frame, FrameBuffer, SourceError, VideoOptions, VideoSource, \
+    gstreamer_available, source_kind
 from winclip_edge.line.spool import Spool
 from winclip_edge.line.station import Station, StationConfig, moved_rows, results_files
 
@@ -84,6 +85,9 @@ def test_source_specs():
         VideoSource("missing.avi", "v").check()
     with pytest.raises(SourceError, match="--drop"):
         VideoOptions(drop="newest")
+    if not gstreamer_available():  # pip's OpenCV: a clear refusal instead of endless reconnects
+        with pytest.raises(SourceError, match="GStreamer"):
+            VideoSource("gst:videotestsrc ! appsink", "g").check()
 
 
 # ---------------------------------------------------------------- fake captures

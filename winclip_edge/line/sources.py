@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -119,8 +120,8 @@ class VideoOptions:
         if self.fps_limit < 0 or not math.isfinite(self.fps_limit):
             raise SourceError(f"--fps-limit must be >= 0, got {self.fps_limit}")
         if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise SourceError(f"reconnect back-off must satisfy 0 < min <= max, got {self.reconnect_min_s}, "
-                              f"{self.reconnect_max_s}")
+            raise SourceError(f"--reconnect-max-s must be at least the first back-off ({self.reconnect_min_s} s), "
+                              f"got {self.reconnect_max_s}")
 
 
 def source_kind(spec: str) -> tuple[str, str]:
@@ -134,6 +135,10 @@ def source_kind(spec: str) -> tuple[str, str]:
     if "://" in spec:
         return "stream", spec
     return "video", spec
+
+
+def gstreamer_available() -> bool:
+    return re.search(r"GStreamer:\s*YES", cv2.getBuildInformation()) is not None
 
 
 def default_capture(target: str | int, api: int | None) -> Any:
@@ -162,7 +167,11 @@ class VideoSource:
         self._thread = threading.Thread(target=self._run, name=f"winclip-source-{name}", daemon=True)
 
     def check(self) -> None:
-        """Refuse a video file that does not exist or does not open (live sources may come later)."""
+        """Refuse a video file that does not exist or does not open, and GStreamer pipelines when this OpenCV was
+        built without GStreamer (live sources may come later: they are not opened here)."""
+        if self.kind == "gstreamer" and not gstreamer_available():
+            raise SourceError("gst: sources need an OpenCV built with GStreamer (on Jetson: JetPack's python3-opencv, "
+                              "not the opencv-python wheel); this one reports 'GStreamer: NO' in cv2.getBuildInformation()")
         if self.kind != "video":
             return
         if not Path(self.target).is_file():
@@ -295,7 +304,10 @@ class FolderSource:
         self.done_dir.mkdir(exist_ok=True)
         self.failed_dir.mkdir(exist_ok=True)
         for path in self._listing():
-            destinations = already(str(path), sha256_file(path))
+            try:
+                destinations = already(str(path), sha256_file(path))
+            except OSError:  # vanished or unreadable: the scan will find it (or not) again
+                continue
             pending = [d for d in destinations if not Path(d).exists()]
             if pending:
                 self._move(str(path), pending[0])

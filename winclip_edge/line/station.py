@@ -167,7 +167,7 @@ class Station:
         log.info("stopped: %s", self.status_line())
 
     def _submit(self, source: Source) -> None:
-        keep = self.config.save != "none"
+        keep = self.config.save != "none" or bool(self.on_result)  # overlays, or hooks that show the image
         while True:
             frame = source.buffer.get()
             if frame is None:
