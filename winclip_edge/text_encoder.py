@@ -23,6 +23,9 @@ TEXT_ONNX = "text.onnx"
 TEXT_INPUT = "tokens"  # int64 [N, context_length]
 TEXT_OUTPUT = "text_embeddings"  # float32 [N, D], L2-normalised
 TEXT_BATCH = 64  # prompts per graph call (as the export stage)
+# ONNX Runtime 1.32's NCHWc layout pass crashes the process (segfault) while loading the fp16 text graph of
+# ViT-B-16-plus-240 on the CPU; it only rewrites convolutions, of which the text graph has none.
+DISABLED_OPTIMIZERS = ("NchwcTransformer",)
 
 
 def _remedy(bundle: Bundle) -> str:
@@ -77,7 +80,8 @@ class TextEncoder:
         except ValueError:
             self.source = str(path)
         try:
-            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self._session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
+                                                 disabled_optimizers=list(DISABLED_OPTIMIZERS))
         except Exception as err:  # ORT raises its own exception types for unreadable graphs
             raise BundleError(f"{path} cannot be loaded by ONNX Runtime ({str(err)[:200]}); {_remedy(bundle)}") from None
         inputs = {i.name: i for i in self._session.get_inputs()}
