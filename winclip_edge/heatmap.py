@@ -16,10 +16,14 @@ BANNER_HEIGHT_FRACTION = 0.06  # banner height as a fraction of the image height
 def upsample_map(token_map: np.ndarray, size: tuple[int, int], sigma: float = 0.0) -> np.ndarray:
     """Bilinear resize of a ``[h, w]`` token map to ``size = (H, W)``; Gaussian blur (sigma in output pixels) if > 0."""
     h, w = size
-    out = cv2.resize(token_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    if sigma > 0:
-        out = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
-    return out
+    return smooth(cv2.resize(token_map.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR), sigma)
+
+
+def smooth(anomaly_map: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur with ``sigma`` in pixels (reflecting borders); 0 = unchanged."""
+    if sigma <= 0:
+        return anomaly_map
+    return cv2.GaussianBlur(anomaly_map, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
 
 
 def overlay(image_rgb: np.ndarray, anomaly_map: np.ndarray, label: str, value_range: tuple[float, float],

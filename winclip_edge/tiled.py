@@ -12,10 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import cv2
 import numpy as np
 
-from .heatmap import upsample_map
+from .heatmap import smooth, upsample_map
 from .preprocess import resize_to_model
 from .roi import Roi, RoiError, token_mask
 from .scoring import Scores
@@ -124,8 +123,7 @@ def frame_map(plan: FramePlan, token_maps: np.ndarray, sigma: float = 0.0) -> np
     for i in np.flatnonzero(keys == GLOBAL):
         full = upsample_map(token_maps[i], plan.size)
         out = full if out is None else np.where(covered, np.maximum(out, full), full)
-    if sigma > 0:
-        out = cv2.GaussianBlur(out, (0, 0), sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT)
+    out = smooth(out, sigma)
     if plan.inside is not None:
         out = np.where(plan.inside, out, 0.0).astype(np.float32)
     return out
