@@ -196,22 +196,28 @@ def read_image(path: str | os.PathLike) -> np.ndarray:
         data = path.read_bytes()  # bytes + imdecode (not cv2.imread): non-ASCII paths work everywhere
     except OSError as err:
         raise ImageError(f"{path}: cannot read ({err.strerror or err})") from None
+    return decode_image_bytes(data, str(path))
+
+
+def decode_image_bytes(data: bytes, name: str) -> np.ndarray:
+    """Decode the bytes of an image file (read from disk or uploaded) into RGB uint8 ``[H, W, 3]``, with the checks
+    and conversions of :func:`read_image`; ``name`` (a path or an upload's name) starts the error messages."""
     if not data:
-        raise ImageError(f"{path}: empty file (0 bytes)")
+        raise ImageError(f"{name}: empty file (0 bytes)")
     fmt = sniff_format(data)
     header = read_header(data)
     if fmt is not None and header is None:
-        raise ImageError(f"{path}: damaged {fmt} header (its size cannot be read); copy the file again or re-save it")
-    flags = cv2.IMREAD_COLOR if header is None else decode_flags(header, str(path))
+        raise ImageError(f"{name}: damaged {fmt} header (its size cannot be read); copy the file again or re-save it")
+    flags = cv2.IMREAD_COLOR if header is None else decode_flags(header, name)
     try:  # IMREAD_COLOR: applies EXIF orientation; 16-bit -> 8-bit; gray -> 3 channels; alpha dropped
         image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     except cv2.error as err:
-        raise ImageError(f"{path}: OpenCV cannot decode it ({str(err).strip().splitlines()[-1]})") from None
+        raise ImageError(f"{name}: OpenCV cannot decode it ({str(err).strip().splitlines()[-1]})") from None
     if image is None:
         if fmt is None:
-            raise ImageError(f"{path}: not an image: its content is no format OpenCV reads (starts with {data[:8]!r}); "
-                             f"check what the file really is (its name says {path.suffix or 'no extension'!r})")
-        raise ImageError(f"{path}: damaged {fmt} (the header reads {header.width}x{header.height} but the pixel data "
+            raise ImageError(f"{name}: not an image: its content is no format OpenCV reads (starts with {data[:8]!r}); "
+                             f"check what the file really is (its name says {Path(name).suffix or 'no extension'!r})")
+        raise ImageError(f"{name}: damaged {fmt} (the header reads {header.width}x{header.height} but the pixel data "
                          "does not decode); copy the file again or re-save it")
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
 

@@ -1,0 +1,136 @@
+"""Several products over one engine, reloadable while inspections run.
+
+A station inspects more than one product with the same model: the engine (the expensive part: the
+graph in memory, a device context) is made once and every product's Inspector shares it; engine
+calls are serialised by one lock, whichever Inspector makes them. ``register`` and ``calibrate``
+write a product's files atomically beside a running station; :meth:`Catalog.reload` reads them into
+a complete new Inspector first and swaps it in with one assignment, so a caller gets the old product
+or the new one, never half of each, and a damaged or inconsistent file leaves the old one in place.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import threading
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from .bundle import THRESHOLD, Bundle, read_checked_json
+from .engines import Engine, EngineConfig, create_engine
+from .errors import WinclipError
+from .inspector import Inspector
+from .scoring import ScoringOptions
+
+
+class UnknownProduct(WinclipError, KeyError):
+    """A product that this catalog does not serve."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
+class SerialEngine:
+    """An engine whose ``run`` calls are serialised: Inspectors of several products share it safely."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.name, self.device = engine.name, engine.device
+        self._lock = threading.Lock()
+
+    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
+        with self._lock:
+            return self.engine.run(images)
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+@dataclass(frozen=True)
+class ProductInfo:
+    """What a product is loaded with (answers "which memory and threshold decided this?")."""
+
+    product: str
+    mode: str  # "zero-shot" or "few-shot (K=n)"
+    memory_size: int  # 0 for zero-shot
+    memory_sha256: str
+    threshold: float | None
+    calibrated_at: str | None  # when calibrate wrote the threshold (UTC ISO 8601)
+    loaded_at: str  # when this process read the product's files
+    generation: int  # 1 at start, +1 per reload
+
+
+def _utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+class Catalog:
+    """One engine, one Inspector per product (see the module docstring)."""
+
+    def __init__(self, bundle: str | os.PathLike | Bundle, products: Sequence[str],
+                 engine: EngineConfig | Engine = EngineConfig(), options: ScoringOptions = ScoringOptions(),
+                 sigma: float = 0.0):
+        if not products:
+            raise ValueError("a catalog needs at least one product")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        self.options, self.sigma = options, sigma
+        for product in products:
+            self.bundle.check_product(product)  # every name first: a typo fails before the engine is made
+        made = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
+        self.engine = SerialEngine(made)
+        self._lock = threading.Lock()  # serialises reloads; readers never take it
+        self._entries: dict[str, tuple[Inspector, ProductInfo]] = {}
+        try:
+            for product in dict.fromkeys(products):
+                self._entries[product] = self._load(product, generation=1)
+        except BaseException:
+            self.engine.close()
+            raise
+
+    @property
+    def products(self) -> list[str]:
+        return list(self._entries)
+
+    def _entry(self, product: str) -> tuple[Inspector, ProductInfo]:
+        try:
+            return self._entries[product]
+        except KeyError:
+            raise UnknownProduct(f"unknown product {product!r}; this station serves {self.products}") from None
+
+    def get(self, product: str) -> Inspector:
+        return self._entry(product)[0]
+
+    def info(self, product: str) -> ProductInfo:
+        return self._entry(product)[1]
+
+    def _load(self, product: str, generation: int) -> tuple[Inspector, ProductInfo]:
+        inspector = Inspector(self.bundle, product, engine=self.engine, options=self.options, sigma=self.sigma)
+        calibrated_at = None
+        if inspector.threshold is not None:
+            record = read_checked_json(self.bundle.product_dir(product) / THRESHOLD)
+            if record.get("value") == inspector.threshold.value:  # the same file (not replaced since)
+                calibrated_at = record.get("created")
+        memory = inspector.memory
+        return inspector, ProductInfo(
+            product=product, mode=inspector.mode, memory_size=0 if memory is None else memory.size,
+            memory_sha256="" if memory is None else memory.checksum,
+            threshold=None if inspector.threshold is None else inspector.threshold.value,
+            calibrated_at=calibrated_at, loaded_at=_utc_now(), generation=generation)
+
+    def reload(self, product: str) -> Inspector:
+        """Read ``product``'s files again and swap the new Inspector in; raises (keeping the old one) on any
+        error. Returns the new Inspector."""
+        with self._lock:
+            _, old = self._entry(product)
+            entry = self._load(product, old.generation + 1)  # raises before anything is swapped
+            self._entries = {**self._entries, product: entry}  # one assignment: readers see old or new
+            return entry[0]
+
+    def warm_up(self) -> None:
+        """One engine call on a blank image (first-call allocations, lazy kernels) before real traffic."""
+        h, w = self.bundle.spec.image_size
+        self.engine.run(np.zeros((1, h, w, 3), np.uint8))
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,56 @@
+"""The ``--http`` flags of ``winclip-edge serve`` (the station's HTTP face, docs/service.md)."""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+
+from ..service import HttpConfig, ServiceError
+from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB
+from .common import CliError
+
+TOKEN_ENV = "WINCLIP_TOKEN"
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+
+
+def add_http_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("HTTP face (docs/service.md; needs the serve extra)")
+    g.add_argument("--http", metavar="HOST:PORT", default=None,
+                   help=f"serve the API, the review page and /metrics, e.g. 127.0.0.1:{DEFAULT_PORT} (loopback only unless "
+                        "--token or --insecure)")
+    g.add_argument("--token", default=None,
+                   help=f"bearer token every endpoint but /healthz requires (default: ${TOKEN_ENV}; prefer the "
+                        "environment variable: a flag shows in the process list)")
+    g.add_argument("--insecure", action="store_true", help="allow a non-loopback --http without a token")
+    g.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
+                   help=f"larger uploads get 413 before they are read (default {MAX_UPLOAD_MB:g})")
+    g.add_argument("--keep-results", type=int, default=KEEP_RESULTS,
+                   help=f"newest results kept for the review page and /v1/results (default {KEEP_RESULTS})")
+
+
+def parse_host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise CliError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}")
+    return host, int(port)
+
+
+def http_config(args: argparse.Namespace) -> HttpConfig | None:
+    """The HttpConfig of the flags (None without --http); unsafe or impossible settings are a CliError."""
+    if args.http is None:
+        if args.token is not None or args.insecure:
+            raise CliError("--token/--insecure need --http HOST:PORT")
+        return None
+    host, port = parse_host_port(args.http)
+    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
+    config = HttpConfig(host=host, port=port, token=token, insecure=args.insecure, max_upload_mb=args.max_upload_mb,
+                        keep_results=args.keep_results)
+    try:
+        config.check()
+    except ServiceError as err:
+        raise CliError(str(err)) from None
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]  # fail before the engine loads
+    if missing:
+        raise CliError(f"--http needs the serve extra ({', '.join(missing)} missing): pip install \"winclip-edge[serve]\"")
+    return config

@@ -1,0 +1,214 @@
+"""The HTTP face of a station (FastAPI): inspect an uploaded image, browse results, products, health, metrics.
+
+Requests never touch the engine themselves: an upload is decoded here (exactly as ``infer`` decodes a
+file) and handed to the product's Batcher, the same one its live sources use, so concurrent requests
+share engine calls. Whatever one request does wrong ends as that request's own 4xx; the engine, the
+queue and the other requests go on. Endpoints are listed in docs/service.md (and at ``/docs``).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Mapping, Optional
+
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+
+from ..catalog import Catalog, UnknownProduct
+from ..errors import WinclipError
+from ..inspector import InspectionResult
+from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
+from ..line.schema import ModelIds, payload
+from .auth import TokenAuth
+from .config import HttpConfig
+from .metrics import CONTENT_TYPE, ServiceMetrics
+from .store import FILES, ResultStore, valid_id
+from .uploads import UploadError, decode_upload, read_upload
+
+STATIC = Path(__file__).parent / "static"
+MEDIA_TYPES = {"image": "image/jpeg", "overlay": "image/png", "map": "application/octet-stream"}
+MAX_LIST = 500
+
+
+@dataclass
+class ServiceContext:
+    """Everything the endpoints use; built once by :func:`winclip_edge.service.start_http`."""
+
+    config: HttpConfig
+    catalog: Catalog
+    batchers: Mapping[str, Batcher]
+    store: ResultStore
+    metrics: ServiceMetrics
+    station: str
+    ready: threading.Event = field(default_factory=threading.Event)
+    ids: dict[str, ModelIds] = field(default_factory=dict)  # per product, renewed by a reload
+
+    def __post_init__(self) -> None:
+        for product in self.catalog.products:
+            self.ids[product] = ModelIds.of(self.catalog.get(product))
+
+
+def _error(status: int, kind: str, detail: str) -> JSONResponse:
+    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
+
+
+def _urls(rid: str) -> dict[str, str]:
+    base = f"/v1/results/{rid}"
+    return {"self": base, "image": f"{base}/image.jpg", "overlay": f"{base}/overlay.png", "map": f"{base}/map.npy"}
+
+
+def _with_urls(record: dict) -> dict:
+    return {**record, "urls": _urls(record["id"])}
+
+
+def create_app(ctx: ServiceContext) -> FastAPI:
+    app = FastAPI(title="winclip-edge station", version="1",
+                  description="Anomaly inspection of uploaded images; results, products, health and metrics.")
+    metrics, store, catalog = ctx.metrics, ctx.store, ctx.catalog
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.errors.labels("bad_request").inc()
+        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        return _error(422, "bad_request", where)
+
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz", summary="The process is up (no auth)")
+    def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/readyz", summary="Engine loaded and warmed up: the station takes requests")
+    def readyz():
+        if not ctx.ready.is_set():
+            return _error(503, "not_ready", "the engine is still loading / warming up")
+        return {"status": "ready", "products": catalog.products, "engine": catalog.engine.name,
+                "device": catalog.engine.device}
+
+    @app.post("/v1/inspect", summary="Inspect one image (raw body or multipart field 'image')")
+    async def inspect(request: Request, product: str = Query(..., description="product to inspect it as"),
+                      name: Optional[str] = Query(None, description="a name for the image (default: its file name)")):
+        received = time.time()
+        t0 = time.perf_counter()
+        try:
+            batcher = ctx.batchers.get(product)
+            if batcher is None:
+                raise UploadError(404, "unknown_product", f"unknown product {product!r}; this station serves {catalog.products}")
+            data, filename = await read_upload(request, ctx.config.max_upload_bytes)
+            label = name or filename or "upload"
+            t1 = time.perf_counter()
+            image = await run_in_threadpool(decode_upload, data, label)
+            t2 = time.perf_counter()
+            job = Job(name=label, image=image, metadata={"source": "http"}, keep_image=True)
+            try:
+                future = await run_in_threadpool(batcher.submit, job, True, ctx.config.submit_timeout_s)
+                result: InspectionResult = await asyncio.wait_for(asyncio.wrap_future(future), ctx.config.result_timeout_s)
+            except (BatcherFull, BatcherClosed) as err:
+                raise UploadError(503, "busy", str(err)) from None
+            except asyncio.TimeoutError:
+                raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
+            if result.error is not None:
+                raise UploadError(500, "inspection_failed", result.error)
+        except UploadError as err:
+            metrics.errors.labels(err.kind).inc()
+            return _error(err.status, err.kind, err.detail)
+        # decode = bytes -> RGB here + the resize to the model input in submit
+        result.timings_ms.update(upload=(t1 - t0) * 1e3, decode=(t2 - t1) * 1e3 + result.timings_ms.get("decode", 0.0))
+        t3 = time.perf_counter()
+        row = payload(result, ctx.ids[product], ctx.station, "http", received, (t3 - t0) * 1e3, file=label)
+        urls = _urls(row["id"])
+        row.update(overlay=urls["overlay"], map=urls["map"], timings_ms={k: round(v, 3) for k, v in result.timings_ms.items()})
+        try:
+            rid = await run_in_threadpool(store.add, row, result)
+        except OSError as err:
+            metrics.errors.labels("store").inc()
+            return _error(507, "store_failed", f"the result could not be stored ({err}); score {result.score}")
+        result.timings_ms["store"] = (time.perf_counter() - t3) * 1e3
+        metrics.observe_result(product, "http", result.anomalous, None, result.timings_ms, time.perf_counter() - t0)
+        return _with_urls(store.get(rid))
+
+    @app.get("/v1/results", summary="Newest results first")
+    def results(limit: int = Query(50, ge=1, le=MAX_LIST), anomalous: Optional[bool] = None,
+                product: Optional[str] = None) -> dict:
+        return {"results": [_with_urls(r) for r in store.newest(limit, anomalous, product)], "kept": len(store)}
+
+    def _checked(rid: str):
+        if not valid_id(rid):
+            metrics.errors.labels("bad_id").inc()
+            return _error(422, "bad_id", "a result id is 32 lower-case hex digits")
+        if store.get(rid) is None:
+            return _error(404, "not_found", f"no result {rid} (unknown, or older than the newest "
+                                            f"{ctx.config.keep_results} kept)")
+        return None
+
+    @app.get("/v1/results/{rid}", summary="One result")
+    def result(rid: str):
+        return _checked(rid) or _with_urls(store.get(rid))
+
+    def _file(rid: str, kind: str):
+        problem = _checked(rid)
+        if problem is not None:
+            return problem
+        path = store.file(rid, kind)
+        if path is None:
+            return _error(404, "not_found", f"result {rid} has no {kind}")
+        return FileResponse(path, media_type=MEDIA_TYPES[kind], filename=f"{rid}{FILES[kind]}")
+
+    @app.get("/v1/results/{rid}/overlay.png", summary="Heatmap over the image, with score and verdict")
+    def result_overlay(rid: str):
+        return _file(rid, "overlay")
+
+    @app.get("/v1/results/{rid}/map.npy", summary="Anomaly map, float32 [H, W], values in [0, 1]")
+    def result_map(rid: str):
+        return _file(rid, "map")
+
+    @app.get("/v1/results/{rid}/image.jpg", summary="The inspected image")
+    def result_image(rid: str):
+        return _file(rid, "image")
+
+    def _product(p: str) -> dict:
+        m = catalog.bundle.manifest
+        return {**asdict(catalog.info(p)), "model": m.model, "weights_id": m.weights_id}
+
+    @app.get("/v1/products", summary="Products served: model, memory, threshold, calibration date")
+    def products() -> dict:
+        return {"products": [_product(p) for p in catalog.products]}
+
+    @app.post("/v1/products/{product}/reload", summary="Re-read a product's files (after register/calibrate)")
+    async def reload(product: str):
+        if product not in ctx.batchers:
+            metrics.errors.labels("unknown_product").inc()
+            return _error(404, "unknown_product", f"unknown product {product!r}; this station serves {catalog.products}")
+        try:
+            inspector = await run_in_threadpool(catalog.reload, product)
+        except (UnknownProduct, WinclipError) as err:
+            metrics.reloads.labels(product, "failed").inc()
+            return _error(409, "reload_failed", f"{err} (the previous files stay in use)")
+        ctx.ids[product] = ModelIds.of(inspector)
+        ctx.batchers[product].inspector = inspector  # the next batch is scored with the new files
+        metrics.reloads.labels(product, "ok").inc()
+        return _product(product)
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/", include_in_schema=False)
+    def index() -> FileResponse:
+        return FileResponse(STATIC / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+    if ctx.config.token is not None:
+        app.add_middleware(TokenAuth, token=ctx.config.token, on_denied=lambda: metrics.errors.labels("unauthorized").inc())
+    return app
