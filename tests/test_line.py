@@ -21,7 +21,7 @@ from winclip_edge.line.sinks import SpooledSink, WebhookSink
 from winclip_edge.line.sources import FolderSource, Frame, FrameBuffer, SourceError, VideoOptions, VideoSource, \
     gstreamer_available, source_kind
 from winclip_edge.line.spool import Spool
-from winclip_edge.line.station import Station, StationConfig, moved_rows, results_files
+from winclip_edge.line.station import Station, StationBusy, StationConfig, moved_rows, results_files
 
 PAYLOAD_FIELDS = {"schema", "id", "station", "product", "source", "frame", "file", "file_sha256", "captured_at",
                   "score", "anomalous", "threshold", "mode", "model", "weights_id", "memory_id", "threshold_id",
@@ -249,6 +249,15 @@ def test_folder_restart_moves_a_file_whose_row_exists_without_a_second_row(inspe
     assert all(Path(r["moved_to"]).is_file() for r in new)
     assert (out / "results.jsonl").read_text().count("\n") == 5  # the cut line was closed, nothing glued to it
     assert len(moved_rows(out)) == 3
+
+
+def test_one_station_per_output_folder(inspector, tmp_path):
+    with Batcher(inspector) as batcher:
+        first = Station(StationConfig(status_every_s=0), tmp_path / "out", batcher, [])
+        with pytest.raises(StationBusy, match="another running"):
+            Station(StationConfig(status_every_s=0), tmp_path / "out", batcher, [])
+        first.run(threading.Event())  # no sources: ends at once, releases the folder
+        Station(StationConfig(status_every_s=0), tmp_path / "out", batcher, []).run(threading.Event())
 
 
 def test_results_rotate_by_size_and_are_never_truncated(inspector, tmp_path):

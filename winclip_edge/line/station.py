@@ -15,6 +15,7 @@ file and sends its decision again (sinks are at-least-once; ``id`` tells repeats
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import queue
@@ -24,10 +25,11 @@ from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Iterable, Sequence, Union
+from typing import Callable, Deque, Iterable, Sequence, TextIO, Union
 
 import numpy as np
 
+from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..results import RESULTS_JSONL, ResultWriter
 from .batcher import Batcher, BatcherClosed, Job
@@ -40,6 +42,7 @@ log = logging.getLogger("winclip_edge.line")
 Source = Union[VideoSource, FolderSource]
 SAVE_POLICIES = ("anomalous", "all", "none")
 LATENCY_WINDOW = 1000  # decisions behind the p50/p99 of the status line
+LOCK = ".station.lock"
 _END = object()
 
 
@@ -99,6 +102,21 @@ def moved_rows(out: Path) -> dict[tuple[str, str], list[str]]:
     return index
 
 
+class StationBusy(WinclipError, RuntimeError):
+    """Another station process writes into the same output folder."""
+
+
+def _lock(out: Path) -> TextIO:
+    """An exclusive lock on ``out`` held while the station runs (the kernel drops it when the process dies)."""
+    handle = open(out / LOCK, "a")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.close()
+        raise StationBusy(f"{out} is used by another running `winclip-edge serve`; give each station its own --out")
+    return handle
+
+
 def _end_with_newline(path: Path) -> None:
     """A crash can cut the last row; the next row must not be glued to it."""
     if path.is_file() and path.stat().st_size:
@@ -118,6 +136,7 @@ class Station:
         self.sources, self.sinks = list(sources), list(sinks)
         self.on_result = list(on_result)
         self.out.mkdir(parents=True, exist_ok=True)
+        self._lock_handle = _lock(self.out)
         _end_with_newline(self.out / RESULTS_JSONL)
         saving = config.save != "none"
         self.writer = ResultWriter(self.out, maps=saving, overlays=saving, append=True,
@@ -165,6 +184,7 @@ class Station:
             sink.close(self.config.flush_timeout_s)
         self.writer.close()
         log.info("stopped: %s", self.status_line())
+        self._lock_handle.close()
 
     def _submit(self, source: Source) -> None:
         keep = self.config.save != "none" or bool(self.on_result)  # overlays, or hooks that show the image
