@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from ..engines import BACKENDS, PRECISIONS, EngineConfig
+from ..engines import BACKENDS, EngineConfig
+from ..engines.config import ENGINE_PRECISIONS
 from ..errors import WinclipError
 from ..scoring import MEANS, ScoringOptions
 
@@ -46,15 +48,20 @@ def report_failures(failed: Any) -> None:
 # ---------------------------------------------------------------- engine flags
 def add_engine_options(p: argparse.ArgumentParser) -> None:
     """--backend and its options (every command that runs the graph)."""
-    p.add_argument("--backend", default="onnxruntime", choices=BACKENDS, help="engine (default: onnxruntime)")
+    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
+                   help="engine (default auto: the winner `winclip-edge tune` recorded for this machine, else onnxruntime "
+                        "fp32; --precision/--provider without --backend mean onnxruntime)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads (0 = its default)")
-    p.add_argument("--precision", choices=PRECISIONS, default=None,
+    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime / OpenVINO intra-op threads (0 = its default)")
+    p.add_argument("--precision", choices=ENGINE_PRECISIONS, default=None,
                    help="default: fp16 for tensorrt (as build-engine), fp32 otherwise. onnxruntime: runs the bundle's "
                         "fp16/int8 variant (make it with `winclip-edge quantize`); torch: fp16 casts the model "
                         "(LayerNorm stays fp32); tensorrt: loads the cached engine of that precision (make it with "
-                        "`winclip-edge build-engine`)")
-    p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>")
+                        "`winclip-edge build-engine`); openvino: fp32 | bf16 | fp16 (precision hint) | int8 (NNCF model)")
+    p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>; "
+                                                    "openvino: auto (CPU) | cpu | gpu | npu")
+    p.add_argument("--performance-hint", choices=("latency", "throughput"), default="latency",
+                   help="openvino: latency (one request on every core) or throughput (the images of a batch in parallel)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
     p.add_argument("--engine-dir", default=None,
@@ -68,12 +75,25 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig of the flags of :func:`add_engine_options`."""
-    return EngineConfig(backend=args.backend, precision=args.precision, provider=args.provider, threads=args.threads,
-                        device=args.device, cuda_graphs=args.cuda_graphs,
-                        engine_dir=Path(args.engine_dir) if args.engine_dir else None,
-                        triton_url=args.triton_url, triton_protocol=args.triton_protocol,
-                        triton_model=args.triton_model, triton_timeout=args.triton_timeout)
+    """The EngineConfig of the flags of :func:`add_engine_options`; ``auto`` is resolved here and the choice printed."""
+    config = EngineConfig(backend=args.backend, precision=args.precision, provider=args.provider, threads=args.threads,
+                          device=args.device, cuda_graphs=args.cuda_graphs,
+                          engine_dir=Path(args.engine_dir) if args.engine_dir else None,
+                          triton_url=args.triton_url, triton_protocol=args.triton_protocol,
+                          triton_model=args.triton_model, triton_timeout=args.triton_timeout,
+                          performance_hint=args.performance_hint)
+    if config.backend != "auto":
+        return config
+    if args.precision is not None or args.provider != "auto":  # what these flags meant before auto existed
+        print(f"engine: onnxruntime {config.resolved_precision} (--precision/--provider given without --backend)",
+              file=sys.stderr)
+        return replace(config, backend="onnxruntime")
+    from ..bundle import Bundle
+    from ..engines.auto import resolve
+
+    selection = resolve(Bundle(args.bundle, verify=False), config)  # the Inspector verifies the files
+    print(f"engine: {selection.reason}", file=sys.stderr)
+    return selection.config
 
 
 # ---------------------------------------------------------------- runtime flags

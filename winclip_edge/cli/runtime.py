@@ -88,6 +88,10 @@ def run_info(args: argparse.Namespace) -> int:
             continue
         print(f"  {product}: memory {memory.size if memory else 0} image(s), threshold "
               f"{'none' if threshold is None else f'{threshold.value:.6f} ({threshold.mode}, {threshold.n_images} images)'}")
+    from ..tuning import engine_notes
+
+    for line in engine_notes(bundle):
+        print(f"  {line}")
     return EXIT_OK
 
 

@@ -5,11 +5,20 @@ from ..bundle import Bundle
 from .base import Engine, EngineError
 from .config import PRECISIONS, EngineConfig
 
-BACKENDS = ("onnxruntime", "tensorrt", "torch", "triton")
+BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch", "triton")
 
 
 def create_engine(bundle: Bundle, config: EngineConfig = EngineConfig()) -> Engine:
-    """The engine ``config.backend`` for ``bundle``; the backend reads the fields of ``config`` it understands."""
+    """The engine ``config.backend`` for ``bundle``; the backend reads the fields of ``config`` it understands.
+    ``auto``: the winner ``tune`` recorded for this machine, else ONNX Runtime fp32 (engines/auto.py)."""
+    if config.backend == "auto":
+        from .auto import resolve
+
+        config = resolve(bundle, config).config
+    if config.backend == "openvino":
+        from .openvino import OpenVinoEngine
+
+        return OpenVinoEngine(bundle, config)
     if config.backend == "onnxruntime":
         from .onnxruntime import OnnxRuntimeEngine
 

@@ -11,21 +11,24 @@ from pathlib import Path
 from typing import Optional
 
 PRECISIONS = ("fp32", "fp16", "int8")
+# What --precision accepts: bf16 is OpenVINO's alone (CPUs with AVX512-BF16 / AMX); the others refuse it.
+ENGINE_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 # What build-engine makes by default, so --backend tensorrt without --precision finds it.
 DEFAULT_PRECISION = {"tensorrt": "fp16"}
 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    backend: str = "onnxruntime"  # onnxruntime | torch | tensorrt
+    backend: str = "onnxruntime"  # onnxruntime | openvino | torch | tensorrt | triton | auto (engines/auto.py)
     precision: Optional[str] = None  # fp32 | fp16 | int8; None = the backend's default (fp16 for tensorrt, else fp32)
     provider: str = "auto"  # onnxruntime: auto | cpu | cuda | tensorrt (or a full execution-provider name)
-    threads: int = 0  # onnxruntime intra-op threads; 0 = its default
-    device: str = "auto"  # torch: auto | cpu | cuda | cuda:<i>
+    threads: int = 0  # onnxruntime / openvino intra-op threads; 0 = its default
+    device: str = "auto"  # torch: auto | cpu | cuda | cuda:<i>; openvino: auto (CPU) | cpu | gpu | npu
     cuda_graphs: bool = False  # torch on CUDA: capture the forward pass per batch size
     mha_fastpath: bool = True  # torch: nn.MultiheadAttention's fused inference kernel
     engine_dir: Optional[Path] = None  # tensorrt / ORT TensorRT provider: engine cache folder (default <bundle>/engines)
     max_batch: Optional[int] = None  # tensorrt: pick the plan with this profile maximum (default: the largest)
+    performance_hint: str = "latency"  # openvino: latency (one request, all cores) | throughput (streams)
     triton_url: Optional[str] = None  # triton: HOST:PORT (default 127.0.0.1:8001 gRPC / 127.0.0.1:8000 HTTP)
     triton_protocol: str = "grpc"  # triton: grpc | http
     triton_model: str = "winclip_visual"  # triton: model name in the server's repository

@@ -1,0 +1,121 @@
+"""The OpenVINO int8 model of a bundle: NNCF post-training quantisation of visual.onnx on calibration images.
+
+NNCF's transformer recipe (``model_type=TRANSFORMER``, mixed preset: symmetric int8 weights, asymmetric
+activations where that helps, fast bias correction) quantises the GEMMs; LayerNorm, softmax, GELU and the L2
+normalisations stay float. Calibration images are what the line will see: the product's registered references
+when their files are still on disk, else the normal images of the textile data set (conformal-clip-data).
+The result is written as OpenVINO IR next to the ONNX variants (engines/openvino.py reads and verifies it);
+how faithful it is gets measured by ``winclip-edge tune`` / ``bench``, never assumed. Needs ``nncf``
+(the ``[openvino]`` extra), which imports torch when torch is installed: this is a build step, not the runtime.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..bundle import VISUAL_ONNX, Bundle, json_with_checksum
+from ..contract import INPUT_NAME
+from ..engines.config import EngineConfig
+from ..engines.onnx_variants import VariantError
+from ..engines.openvino import PIP, int8_paths
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..preprocess import ImageError, read_image, resize_to_model
+
+DEFAULT_CALIBRATION_IMAGES = 16
+TEXTILE_NORMAL = "nominal"
+
+
+def _log(message: str) -> None:
+    print(f"[quantize openvino] {message}", file=sys.stderr, flush=True)
+
+
+def reference_images(bundle: Bundle, product: str | None = None) -> list[str]:
+    """Files of the registered references of ``product`` (every product when None) that are still on disk."""
+    from ..products import load_memory
+
+    paths: list[str] = []
+    for name in [product] if product else bundle.products():
+        memory = load_memory(bundle, name)
+        paths += [s for s in (memory.sources if memory else []) if s and Path(s).is_file() and s not in paths]
+    return paths
+
+
+def calibration_images(bundle: Bundle, product: str | None = None, limit: int = DEFAULT_CALIBRATION_IMAGES,
+                       paths: Sequence[str] = ()) -> tuple[np.ndarray, str]:
+    """Model-size uint8 ``[N, H, W, 3]`` calibration images and where they came from: ``paths`` when given, else
+    the references, else the textile normals. Unreadable files are skipped (and said)."""
+    source = "given images"
+    chosen = list(paths)
+    if not chosen:
+        chosen, source = reference_images(bundle, product), "the product's registered reference images"
+    if not chosen:
+        from ..datasets import textile_root
+
+        root = textile_root() / TEXTILE_NORMAL
+        chosen = sorted(str(p) for p in root.iterdir() if p.is_file())
+        source = f"normal images of the textile data set ({root})"
+    frames = []
+    for path in chosen:
+        if len(frames) >= limit:
+            break
+        try:
+            frames.append(resize_to_model(read_image(path), bundle.spec.image_size))
+        except ImageError as err:
+            _log(f"skipping {path}: {err}")
+    if not frames:
+        raise VariantError(f"no readable calibration image among {len(chosen)} from {source}")
+    return np.stack(frames), f"{len(frames)} {source}"
+
+
+@dataclass(frozen=True)
+class Int8Info:
+    path: Path  # the .xml
+    sha256: str  # of the .bin (the weights)
+    method: str
+    seconds: float
+
+
+def make_int8(bundle: Bundle, calibration: np.ndarray, described: str) -> Int8Info:
+    """Quantise the bundle's graph with NNCF on ``calibration`` and write the verified IR into variants/."""
+    try:
+        import nncf
+        import openvino as ov
+    except ImportError as err:
+        raise VariantError(f"the OpenVINO int8 model needs openvino and nncf ({err}); {PIP}") from None
+    t0 = time.perf_counter()
+    xml, weights, side = int8_paths(bundle)
+    xml.parent.mkdir(parents=True, exist_ok=True)
+    _log(f"NNCF post-training quantisation of {bundle.onnx_path} on {described} ...")
+    model = ov.Core().read_model(str(bundle.onnx_path))
+    batches = [calibration[i:i + 1] for i in range(len(calibration))]
+    quantised = nncf.quantize(model, nncf.Dataset(batches, lambda b: {INPUT_NAME: b}), subset_size=len(batches),
+                              model_type=nncf.ModelType.TRANSFORMER, preset=nncf.QuantizationPreset.MIXED)
+    with tempfile.TemporaryDirectory(prefix=".quantize-", dir=xml.parent) as tmp:
+        tmp_xml = Path(tmp) / xml.name
+        ov.save_model(quantised, str(tmp_xml), compress_to_fp16=False)  # fp16 constants would cost fidelity
+        atomic_write_bytes(weights, tmp_xml.with_suffix(".bin").read_bytes())
+        atomic_write_bytes(xml, tmp_xml.read_bytes())
+    method = (f"nncf.quantize(model_type=TRANSFORMER, preset=MIXED) on {described}: int8 GEMM weights and "
+              "activations, LayerNorm/softmax/GELU/L2 norms float")
+    atomic_write_json(side, json_with_checksum({
+        "precision": "int8", "backend": "openvino", "file": str(xml.relative_to(bundle.root)),
+        "xml_sha256": sha256_file(xml), "bin_sha256": sha256_file(weights),
+        "source": VISUAL_ONNX, "source_sha256": bundle.manifest.files[VISUAL_ONNX], "method": method,
+        "calibration_images": int(len(calibration)),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "versions": {"openvino": ov.__version__, "nncf": nncf.__version__},
+    }))
+    from ..engines.openvino import OpenVinoEngine
+
+    OpenVinoEngine(bundle, EngineConfig(backend="openvino", precision="int8")).close()  # loads, contract holds
+    return Int8Info(path=xml, sha256=sha256_file(weights), method=method, seconds=time.perf_counter() - t0)
+
+
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "Int8Info", "calibration_images", "make_int8", "reference_images"]
