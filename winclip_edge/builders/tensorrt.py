@@ -11,7 +11,14 @@ once per device, TensorRT version, precision and graph, and its plan is cached (
   exactly this), and the squared norm of a patch token can too.
 - int8: implicit quantisation with the entropy calibrator, fed with normal images of the product
   through the runtime's own pre-processing; FP16 is allowed where INT8 has no kernel. The calibration
-  cache is written next to the plans and reused when no images are given.
+  cache is written next to the plans and reused when no images are given. An exception inside the
+  calibrator (TensorRT's binding would log it and end calibration early) is kept and raised after the build.
+  TensorRT 10.1 deprecated this calibrator API in favour of explicit (Q/DQ) quantisation; it still builds
+  through 10.x, so its deprecation warnings are replaced by one log line.
+- What was built is read back, not assumed: the plan is built with detailed profiling verbosity and its
+  layers' output precisions are read with TensorRT's engine inspector (:func:`layer_precisions`). FP32
+  constraints on layers that TensorRT fuses into one transformer kernel (Myelin, 8.6+) cannot be seen
+  there; the build record says how many were seen FP32 and how many disappeared into fused regions.
 - A timing cache per device and TensorRT version makes rebuilds (other precision, other batch) faster.
 
 fp16 and int8 use TensorRT's weakly typed builder (precision flags, layer precision constraints, the INT8
@@ -20,9 +27,12 @@ only); there only fp32 is built, and fp16/int8 are refused with that explanation
 """
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
@@ -57,6 +67,11 @@ LAYERNORM_OPSET = 17
 # chain at opset 16; '_<n>' suffixes for repeated calls) and the ReduceL2 of the output normalisation.
 FP32_NAME = re.compile(r"(?:^|/)ln_(?:pre|post|\d+)(?:_\d+)?/|LayerNormalization|ReduceL2")
 NODE_OUTPUT = re.compile(r"_output_\d+$")  # torch.onnx names a node's outputs '<node name>_output_<i>'
+# TensorRT 10.1 deprecated the implicit-quantisation calibrator API (superseded by explicit Q/DQ quantisation).
+CALIBRATOR_DEPRECATED_TRT = (10, 1)
+# The ONNX parser logs (INFO) the op it has no importer for; its error then only names the plugin fallback.
+NO_IMPORTER = re.compile(r"No importer registered for op: (\w+)")
+UINT8_INTERMEDIATE = "UINT8 types for intermediate tensors"
 # TensorRT's default name of a tensor nobody named: the ONNX parser names each node's outputs after the
 # ONNX graph, so an unnamed tensor joins two layers of the same ONNX node.
 AUTO_TENSOR = "(Unnamed Layer"
@@ -134,14 +149,15 @@ def fp32_layers(network: Any, trt: Any) -> list[Any]:
     return [layer for layer in layers if id(layer) in chosen and all(t.dtype in floats for t in _outputs(layer))]
 
 
-def keep_fp32(network: Any, trt: Any) -> int:
-    """Constrain :func:`fp32_layers` to FP32 maths and FP32 outputs (needs OBEY_PRECISION_CONSTRAINTS); returns how many."""
+def keep_fp32(network: Any, trt: Any) -> list[Any]:
+    """Constrain :func:`fp32_layers` to FP32 maths and FP32 outputs (needs OBEY_PRECISION_CONSTRAINTS); returns them.
+    A request, not a guarantee: :func:`layer_precisions` reads back what TensorRT built."""
     layers = fp32_layers(network, trt)
     for layer in layers:
         layer.precision = trt.float32
         for i in range(layer.num_outputs):
             layer.set_output_type(i, trt.float32)
-    return len(layers)
+    return layers
 
 
 # ---------------------------------------------------------------- INT8 calibration
@@ -175,6 +191,7 @@ class CalibrationFeed:
                  cache: Path, log: Callable[[str], None] = _log):
         self.cuda, self.batches, self.batch_shape, self.cache, self.log = cuda, batches, batch_shape, cache, log
         self.given = 0  # batches handed to TensorRT
+        self.error: BaseException | None = None  # the first exception raised inside a calibrator call
         nbytes = int(np.prod(batch_shape))  # uint8
         self.device_pointer = int(cuda.call("cudaMalloc", nbytes)) if batches is not None else 0
 
@@ -210,7 +227,18 @@ class CalibrationFeed:
 
 
 def make_calibrator(trt: Any, feed: CalibrationFeed) -> Any:
-    """The TensorRT entropy calibrator (v2) that hands every call to ``feed``."""
+    """The TensorRT entropy calibrator (v2) that hands every call to ``feed``. TensorRT's binding catches an
+    exception raised in a calibrator method, logs it and carries on as if the images had run out; so every call
+    keeps its exception in ``feed.error`` (the build raises it afterwards) and ends calibration at once."""
+
+    def guarded(call: Callable[..., Any], *args: Any) -> Any:
+        if feed.error is not None:
+            return None
+        try:
+            return call(*args)
+        except BaseException as err:  # noqa: BLE001  (re-raised by build_engine after the build)
+            feed.error = err
+            return None
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
@@ -220,13 +248,13 @@ def make_calibrator(trt: Any, feed: CalibrationFeed) -> Any:
             return feed.get_batch_size()
 
         def get_batch(self, names: Sequence[str]) -> list[int] | None:
-            return feed.get_batch(names)
+            return guarded(feed.get_batch, names)
 
         def read_calibration_cache(self) -> bytes | None:
-            return feed.read_calibration_cache()
+            return guarded(feed.read_calibration_cache)
 
         def write_calibration_cache(self, cache: Any) -> None:
-            feed.write_calibration_cache(cache)
+            guarded(feed.write_calibration_cache, cache)
 
     return EntropyCalibrator()
 
@@ -238,17 +266,28 @@ def _network_flags(trt: Any) -> int:
     return 0 if explicit is None or _version(trt.__version__) >= (10,) else 1 << int(explicit)
 
 
-def parse_onnx(parser: Any, path: Path, trt_version: str, log: Callable[[str], None] = _log) -> None:
-    """Parse ``path``; on failure print every parser error, then raise with what to do."""
+def parse_onnx(parser: Any, path: Path, trt_version: str, log: Callable[[str], None] = _log,
+               messages: Sequence[str] = ()) -> None:
+    """Parse ``path``; on failure print every parser error, then raise with what to do. ``messages``: what the
+    TensorRT logger received while parsing (INFO included): an op without importer is named only there; the
+    parser error itself says "Plugin not found" from the plugin fallback (onnx-tensorrt ModelImporter)."""
     if parser.parse_from_file(str(path)):
         return
     errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
     for i, error in enumerate(errors, 1):
         log(f"ONNX parser error {i}/{len(errors)}: {error}")
+    unimported = {m.group(1) for m in map(NO_IMPORTER.search, messages) if m}
+    plugin_fallback = any("Plugin not found" in e or "FallbackPluginImporter" in e for e in errors)
     hint = ""
-    if _version(trt_version) < LAYERNORM_IMPORT_TRT and any("LayerNormalization" in e for e in errors):
+    if "LayerNormalization" in unimported or (_version(trt_version) < LAYERNORM_IMPORT_TRT and plugin_fallback
+                                              and not unimported):
         hint = (f" TensorRT {trt_version} cannot import LayerNormalization (ONNX opset {LAYERNORM_OPSET}): re-export "
                 f"the bundle with `winclip-edge export ... --opset {LAYERNORM_OPSET - 1}` (see docs/jetson.md).")
+    elif unimported:
+        hint = f" TensorRT {trt_version} has no importer for ONNX op(s) {sorted(unimported)}."
+    if any(UINT8_INTERMEDIATE in e for e in errors):
+        hint += (" The graph computes on uint8 tensors before casting its input to float (an export older than this "
+                 "winclip-edge): re-export the bundle with `winclip-edge export`.")
     raise EngineBuildError(f"TensorRT {trt_version} cannot parse {path}: {len(errors)} error(s) listed above.{hint}")
 
 
@@ -276,6 +315,75 @@ def _calibrator(trt: Any, cuda: Cuda, builder: Any, config: Any, spec: GraphSpec
     return feed
 
 
+def _precision_of(datatype: str) -> str:
+    """'Row major linear FP32' / 'Float' / 'Half' / 'Int8 ...' (the inspector's Format/Datatype) -> fp32 | fp16 |
+    int8 | other | unknown ('N/A due to dynamic shapes' without an execution context)."""
+    text = datatype.lower()
+    for precision, words in (("fp16", ("fp16", "half")), ("int8", ("int8",)), ("fp32", ("fp32", "float"))):
+        if any(re.search(rf"\b{w}\b", text) for w in words):
+            return precision
+    return "unknown" if not text or "n/a" in text else "other"
+
+
+def layer_precisions(engine_information: str, kept_fp32: Sequence[str]) -> dict:
+    """What the built engine computes in, from TensorRT's engine inspector (JSON, ``ProfilingVerbosity.DETAILED``):
+    layers by output precision, fused (Myelin) regions, and where the layers constrained to FP32 ended up:
+    ``fp32_seen`` (an engine layer of that name outputs FP32), ``fp32_lost`` (seen, but not FP32: the constraint
+    was not honoured), ``fp32_not_visible`` (fused away: no engine layer carries the name)."""
+    layers = json.loads(engine_information).get("Layers", [])
+    precisions: Counter = Counter()
+    by_name: dict[str, str] = {}
+    fused = 0
+    for layer in layers:
+        if not isinstance(layer, dict):  # LAYER_NAMES_ONLY: names as strings, no precisions
+            precisions["unknown"] += 1
+            continue
+        name = str(layer.get("Name", ""))
+        outputs = [_precision_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Outputs", []) if isinstance(t, dict)]
+        precision = next((p for p in ("fp16", "int8", "fp32") if p in outputs), outputs[0] if outputs else "unknown")
+        precisions[precision] += 1
+        if layer.get("LayerType") == "Myelin" or name.startswith("{ForeignNode"):
+            fused += 1
+        for part in name.split(" + "):  # TensorRT names a fused layer after its parts
+            by_name[part.strip()] = precision
+    seen = [n for n in kept_fp32 if n in by_name]
+    return {"layers": len(layers), "precisions": dict(sorted(precisions.items())), "fused_regions": fused,
+            "fp32_requested": len(kept_fp32), "fp32_seen": sum(by_name[n] == "fp32" for n in seen),
+            "fp32_lost": sorted(n for n in seen if by_name[n] not in ("fp32", "unknown")),
+            "fp32_not_visible": len(kept_fp32) - len(seen)}
+
+
+def inspect_plan(trt: Any, plan: bytes, spec: GraphSpec, opt_batch: int, kept_fp32: Sequence[str]) -> dict:
+    """:func:`layer_precisions` of a serialised plan, with an execution context at the opt batch (without one the
+    inspector reports no formats for dynamic shapes). Never fails the build: a problem becomes ``{"error": ...}``."""
+    try:
+        engine = trt.Runtime(stderr_logger(trt)).deserialize_cuda_engine(plan)
+        context = engine.create_execution_context() if engine is not None else None
+        if context is None:
+            return {"error": "the plan could not be loaded for inspection (messages above)"}
+        context.set_input_shape(INPUT_NAME, (opt_batch, *spec.image_size, 3))
+        inspector = engine.create_engine_inspector()
+        inspector.execution_context = context  # TensorRT >= 8.4 name of the attribute
+        return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON), kept_fp32)
+    except Exception as err:  # noqa: BLE001  (the plan is fine; only its report is missing)
+        return {"error": f"{type(err).__name__}: {err}"}
+
+
+def describe_precisions(report: dict) -> str:
+    """One line of :func:`layer_precisions` for the build log and the CLI."""
+    if "error" in report:
+        return f"layer precisions not inspected ({report['error']})"
+    text = "engine layers by output precision: " + ", ".join(f"{k} {v}" for k, v in report["precisions"].items())
+    if report["fused_regions"]:
+        text += f"; {report['fused_regions']} fused transformer (Myelin) region(s)"
+    if report["fp32_requested"]:
+        text += (f"; FP32 asked for {report['fp32_requested']} layer(s): {report['fp32_seen']} seen FP32, "
+                 f"{report['fp32_not_visible']} fused where TensorRT does not report their precision")
+        if report["fp32_lost"]:
+            text += f", {len(report['fp32_lost'])} NOT FP32 ({', '.join(report['fp32_lost'][:5])})"
+    return text
+
+
 def build_engine(bundle: Bundle, options: BuildOptions, log: Callable[[str], None] = _log) -> CachedEngine:
     """Build, check and cache the plan of ``bundle`` for the GPU this runs on."""
     trt = load_tensorrt()
@@ -295,38 +403,74 @@ def build_engine(bundle: Bundle, options: BuildOptions, log: Callable[[str], Non
     if _version(device.trt_version) < LAYERNORM_IMPORT_TRT and bundle.manifest.opset >= LAYERNORM_OPSET:
         log(f"warning: the bundle is ONNX opset {bundle.manifest.opset}; TensorRT {device.trt_version} may not import "
             f"its LayerNormalization nodes (re-export with --opset {LAYERNORM_OPSET - 1} if parsing fails)")
-    logger = stderr_logger(trt)
+    messages: list[str] = []
+    logger = stderr_logger(trt, listener=messages.append)
     builder = trt.Builder(logger)
     network = builder.create_network(_network_flags(trt))
     parser = trt.OnnxParser(network, logger)
-    parse_onnx(parser, bundle.onnx_path, device.trt_version, log)
+    parse_onnx(parser, bundle.onnx_path, device.trt_version, log, messages)
+    messages.clear()  # only the parser's messages are needed
     check_engine_io(spec, network_io(network, trt), where=f"{bundle.onnx_path} as parsed by TensorRT")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(options.workspace_gib * GIB))
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED  # layer precisions readable afterwards
     profile = builder.create_optimization_profile()
     profile.set_shape(INPUT_NAME, *p.shapes(spec.image_size))
     config.add_optimization_profile(profile)
-    kept = 0
+    kept: list[str] = []
     if options.precision == "fp32":
         config.clear_flag(trt.BuilderFlag.TF32)
     else:
         config.set_flag(trt.BuilderFlag.FP16)
         config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        kept = keep_fp32(network, trt)
-        log(f"{kept} layer(s) kept in FP32 (LayerNorm, L2 norm)")
+        kept = [layer.name for layer in keep_fp32(network, trt)]
+        log(f"FP32 asked for {len(kept)} layer(s) (LayerNorm, L2 norm); what was built is inspected afterwards")
     feed = None
-    if options.precision == "int8":
-        config.set_flag(trt.BuilderFlag.INT8)
-        feed = _calibrator(trt, cuda, builder, config, spec, options,
-                           calibration_cache_path(engine_dir, onnx_sha, device.trt_version), log)
+    deprecated = options.precision == "int8" and _version(device.trt_version) >= CALIBRATOR_DEPRECATED_TRT
+    if deprecated:
+        log(f"note: TensorRT {device.trt_version} deprecates implicit INT8 calibration (IInt8Calibrator) in favour of "
+            "explicit Q/DQ quantisation; it still builds through 10.x (TensorRT 11 removed it), so its "
+            "DeprecationWarnings are silenced here")
+    with warnings.catch_warnings():
+        if deprecated:  # said once above; the binding would warn on every calibrator call
+            warnings.simplefilter("ignore", DeprecationWarning)
+        if options.precision == "int8":
+            config.set_flag(trt.BuilderFlag.INT8)
+            feed = _calibrator(trt, cuda, builder, config, spec, options,
+                               calibration_cache_path(engine_dir, onnx_sha, device.trt_version), log)
+        seconds, plan = _build(builder, network, config, engine_dir, device, feed, log)
+    if feed is not None and feed.error is not None:
+        raise EngineBuildError(f"INT8 calibration failed after {feed.given} batch(es): {type(feed.error).__name__}: "
+                               f"{feed.error}; no engine was written") from feed.error
+    if plan is None:
+        if feed is not None and feed.batches is not None and feed.given == 0:
+            raise EngineBuildError(f"INT8 calibration got no batch: none of the {len(options.calibration_images)} "
+                                   "calibration images could be read (messages above)")
+        raise EngineBuildError(f"TensorRT could not build the engine (messages above); a larger --workspace-gib "
+                               f"(now {options.workspace_gib}) or a smaller --max-batch (now {p.max}) may help")
+    atomic_write_bytes(timing_cache_path(engine_dir, device), bytes(config.get_timing_cache().serialize()))
+    report = inspect_plan(trt, bytes(plan), spec, p.opt, kept)
+    log(describe_precisions(report))
+    build = {"seconds": round(seconds, 1), "workspace_gib": options.workspace_gib, "fp32_layers": len(kept),
+             "tf32": options.precision != "fp32", "onnx_opset": bundle.manifest.opset, "layer_precisions": report}
+    if feed is not None:
+        build["calibration"] = {"images": len(options.calibration_images), "batches": feed.given,
+                                "batch_size": feed.get_batch_size(), "cache": feed.cache.name}
+    path = save_engine(engine_dir, key, bytes(plan), build)
+    log(f"built in {seconds:.0f} s -> {path}")
+    return CachedEngine(plan=path, key=key, build=build)
+
+
+def _build(builder: Any, network: Any, config: Any, engine_dir: Path, device: DeviceInfo,
+           feed: CalibrationFeed | None, log: Callable[[str], None]) -> tuple[float, Any]:
+    """The timing cache, then the build itself: (seconds, serialised plan or None)."""
 
     timing_path = timing_cache_path(engine_dir, device)
     timing = config.create_timing_cache(timing_path.read_bytes() if timing_path.is_file() else b"")
     if not config.set_timing_cache(timing, False):
         log(f"timing cache {timing_path} was made elsewhere; starting a new one")
         config.set_timing_cache(config.create_timing_cache(b""), False)
-
     log("building (minutes; TensorRT times its kernels on this GPU) ...")
     t0 = time.perf_counter()
     try:
@@ -334,19 +478,4 @@ def build_engine(bundle: Bundle, options: BuildOptions, log: Callable[[str], Non
     finally:
         if feed is not None:
             feed.free()
-    seconds = time.perf_counter() - t0
-    if plan is None:
-        if feed is not None and feed.batches is not None and feed.given == 0:
-            raise EngineBuildError(f"INT8 calibration got no batch: none of the {len(options.calibration_images)} "
-                                   "calibration images could be read (messages above)")
-        raise EngineBuildError(f"TensorRT could not build the engine (messages above); a larger --workspace-gib "
-                               f"(now {options.workspace_gib}) or a smaller --max-batch (now {p.max}) may help")
-    atomic_write_bytes(timing_path, bytes(config.get_timing_cache().serialize()))
-    build = {"seconds": round(seconds, 1), "workspace_gib": options.workspace_gib, "fp32_layers": kept,
-             "tf32": options.precision != "fp32", "onnx_opset": bundle.manifest.opset}
-    if feed is not None:
-        build["calibration"] = {"images": len(options.calibration_images), "batches": feed.given,
-                                "batch_size": feed.get_batch_size(), "cache": feed.cache.name}
-    path = save_engine(engine_dir, key, bytes(plan), build)
-    log(f"built in {seconds:.0f} s -> {path}")
-    return CachedEngine(plan=path, key=key, build=build)
+    return time.perf_counter() - t0, plan

@@ -81,7 +81,7 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
 
 
 def run_build_engine(args: argparse.Namespace) -> int:
-    from ..builders.tensorrt import BuildOptions, build_engine
+    from ..builders.tensorrt import BuildOptions, build_engine, describe_precisions
     from ..bundle import Bundle
     from ..engines.engine_cache import BatchProfile
 
@@ -102,8 +102,8 @@ def run_build_engine(args: argparse.Namespace) -> int:
                                                engine_dir=args.engine_dir))
     d = cached.key.device
     print(f"engine {cached.plan}: {d.gpu} ({d.sm}), TensorRT {d.trt_version}, {cached.key.precision}, batch "
-          f"1..{profile.max} (opt {profile.opt}), {cached.build['fp32_layers']} layer(s) kept FP32; "
-          f"built in {cached.build['seconds']:.0f} s")
+          f"1..{profile.max} (opt {profile.opt}), built in {cached.build['seconds']:.0f} s; "
+          f"{describe_precisions(cached.build['layer_precisions'])}")
     return EXIT_OK
 
 

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import ctypes
 import sys
+import weakref
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -89,14 +90,17 @@ def _text(value: Any) -> str:
     return (value.decode(errors="replace") if isinstance(value, bytes) else str(value)).rstrip("\x00").strip()
 
 
-def stderr_logger(trt: Any) -> Any:
-    """A TensorRT logger that prints warnings and errors on stderr (stdout stays for results)."""
+def stderr_logger(trt: Any, listener: Callable[[str], None] | None = None) -> Any:
+    """A TensorRT logger that prints warnings and errors on stderr (stdout stays for results); ``listener``
+    sees every message, INFO included (the ONNX parser names an op it cannot import only at INFO)."""
 
     class StderrLogger(trt.ILogger):
         def __init__(self) -> None:
             trt.ILogger.__init__(self)
 
         def log(self, severity: Any, msg: str) -> None:
+            if listener is not None:
+                listener(msg)
             if int(severity) <= int(trt.ILogger.Severity.WARNING):
                 print(f"[TensorRT] {severity.name}: {msg}", file=sys.stderr, flush=True)
 
@@ -148,6 +152,30 @@ class _Binding:
         return self.host[0].nbytes
 
 
+class _DeviceMemory:
+    """The buffers and the stream of one engine, apart from the engine object, so that a finalizer can free them
+    when ``close()`` was forgotten (it must not hold a reference to the engine)."""
+
+    def __init__(self, cuda: Cuda):
+        self.cuda = cuda
+        self.bindings: list[_Binding] = []
+        self.stream: Any = None
+
+    def free(self, strict: bool = True) -> None:
+        """Free everything; safe to call twice. ``strict=False`` (the finalizer, possibly at interpreter exit when
+        CUDA may already be gone) ignores failed CUDA calls instead of raising."""
+        calls = [("cudaFree", b.device_pointer) for b in self.bindings if b.device_pointer]
+        calls += [("cudaFreeHost", b.host_pointer) for b in self.bindings]
+        calls += [("cudaStreamDestroy", self.stream)] if self.stream is not None else []
+        self.bindings, self.stream = [], None
+        for name, handle in calls:
+            try:
+                self.cuda.call(name, handle)
+            except EngineError:
+                if strict:
+                    raise
+
+
 class TensorRTEngine:
     """Runs the bundle's visual graph with a TensorRT plan built on this device by ``winclip-edge build-engine``.
 
@@ -163,8 +191,8 @@ class TensorRTEngine:
         trt = load_tensorrt()
         self.cuda = Cuda(load_cudart())
         self.spec = bundle.spec
-        self._bindings: list[_Binding] = []
-        self.stream = None
+        self._memory = _DeviceMemory(self.cuda)
+        self._finalizer = weakref.finalize(self, self._memory.free, False)  # if close() is never called
         device = self.cuda.device_info(trt.__version__)
         cached = find_engine(engine_dir if engine_dir is not None else default_engine_dir(bundle.root), device,
                              precision, bundle.manifest.files[VISUAL_ONNX], bundle.root, max_batch)
@@ -180,6 +208,11 @@ class TensorRTEngine:
         check_engine_io(self.spec, table, where=str(cached.plan))
         self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, PROFILE_INDEX)[2][0])
         self.context = self.engine.create_execution_context()
+        if self.context is None:  # TensorRT returns None (and logs why) when it cannot allocate the activations
+            size = getattr(self.engine, "device_memory_size", None)
+            need = f" (it needs {size / 2**20:.0f} MiB of activation memory)" if isinstance(size, int) else ""
+            raise EngineError(f"TensorRT could not create an execution context for {self.plan}{need}: out of GPU "
+                              "memory? Close other GPU programs or rebuild with a smaller --max-batch")
         try:
             self._allocate(table)
         except BaseException:
@@ -192,13 +225,13 @@ class TensorRTEngine:
             shape = tuple(int(v) for v in self.context.get_tensor_shape(name))
             host, host_pointer = self.cuda.pinned(shape, tensor.dtype)
             binding = _Binding(name, host, host_pointer, device_pointer=0)
-            self._bindings.append(binding)  # tracked before the next allocation: close() frees it if that fails
+            self._memory.bindings.append(binding)  # tracked before the next allocation: freed if that fails
             binding.device_pointer = int(self.cuda.call("cudaMalloc", host.nbytes))
             if not self.context.set_tensor_address(name, binding.device_pointer):
                 raise EngineError(f"TensorRT refused the address of tensor '{name}' ({self.plan})")
-        self.stream = self.cuda.call("cudaStreamCreate")
-        self._input = next(b for b in self._bindings if b.name == INPUT_NAME)
-        self._outputs = [b for b in self._bindings if b.name != INPUT_NAME]
+        self._memory.stream = self.stream = self.cuda.call("cudaStreamCreate")
+        self._input = next(b for b in self._memory.bindings if b.name == INPUT_NAME)
+        self._outputs = [b for b in self._memory.bindings if b.name != INPUT_NAME]
 
     def _set_batch(self, n: int) -> None:
         h, w = self.spec.image_size
@@ -229,13 +262,9 @@ class TensorRTEngine:
         return results
 
     def close(self) -> None:
-        """Free the buffers and the stream; safe to call twice."""
-        for binding in self._bindings:
-            if binding.device_pointer:
-                self.cuda.call("cudaFree", binding.device_pointer)
-            self.cuda.call("cudaFreeHost", binding.host_pointer)
-        self._bindings = []
-        if self.stream is not None:
-            self.cuda.call("cudaStreamDestroy", self.stream)
-            self.stream = None
+        """Free the buffers and the stream; safe to call twice. Forgotten, the same happens when the engine is
+        garbage-collected (a finalizer)."""
+        self._finalizer.detach()
+        self.stream = None
+        self._memory.free()
         self.context = self.engine = None
