@@ -5,7 +5,7 @@ concurrent clients (one image per request), and bytes on the wire per image with
 The server is `winclip-edge triton-serve`'s (PyTriton's tritonserver, ONNX Runtime in Triton's Python backend, on
 this machine's CPU): the numbers show what the protocol, the server's dynamic batching and the client cost next to
 in-process inference on the same cores, not what a GPU server does. Local ONNX Runtime: one session shared by the
-same number of client threads. Bounded: ``--requests`` per client count (default 48).
+same number of client threads. Bounded: ``--requests`` per client count (default 48), ``--frames`` distinct images (16).
 
 Without ``--bundle`` a tiny random-weight bundle (tests/conftest.py "tiny240": the default model's 15x15 grid) is
 exported in a subprocess (needs the export extra). Run from the repository root::
@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--product", default="textile")
     ap.add_argument("--requests", type=int, default=48, help="requests per client count (default 48)")
     ap.add_argument("--clients", default="1,4,16", help="client counts (default 1,4,16)")
+    ap.add_argument("--frames", type=int, default=16,
+                    help="distinct textile frames (cycled by the requests; also the fidelity and wire-size probes)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
@@ -152,7 +154,7 @@ def main() -> None:
                     "versions": software_versions(PACKAGES)}
     with tempfile.TemporaryDirectory(prefix="triton-bench-") as tmp:
         bundle = Bundle(args.bundle or tiny_bundle(Path(tmp)))
-        frames = textile_frames(bundle, 16)
+        frames = textile_frames(bundle, args.frames)
         report["model"] = bundle.manifest.model
         rows = []
         local_cfg = EngineConfig()

@@ -183,7 +183,60 @@ def test_python_library_env_puts_this_libpython_first():
         assert env == {"LD_LIBRARY_PATH": "/opt/x"}
 
 
+def test_retries_with_back_off_then_one_attempt_while_down(monkeypatch):
+    from tritonclient.utils import InferenceServerException
+
+    from winclip_edge.engines import EngineError
+    from winclip_edge.engines import triton as engine_module
+
+    engine = object.__new__(engine_module.TritonEngine)  # only the call policy, no server
+    engine.protocol, engine.timeout, engine.where, engine._down = "http", 1.0, "triton model 'm' at http://x", False
+    sleeps, calls = [], []
+    monkeypatch.setattr(engine_module.time, "sleep", sleeps.append)
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionRefusedError("refused")
+        return "ok"
+
+    assert engine._call("probe", flaky) == "ok" and sleeps == [0.25, 0.5]
+
+    def down():
+        calls.append(1)
+        raise ConnectionRefusedError("refused")
+
+    calls.clear(), sleeps.clear()
+    with pytest.raises(EngineError, match="failed after 4 attempts"):
+        engine._call("probe", down)
+    assert len(calls) == 4 and sleeps == [0.25, 0.5, 1.0]
+    calls.clear()
+    with pytest.raises(EngineError):  # still down: one attempt, no waiting
+        engine._call("probe", down)
+    assert len(calls) == 1 and len(sleeps) == 3
+    assert engine._call("probe", lambda: "back") == "back" and not engine._down
+
+    for refused in (InferenceServerException("bad input", status="400"), TimeoutError("timed out")):
+        def fails(err=refused):
+            calls.append(1)
+            raise err
+
+        calls.clear()
+        with pytest.raises(EngineError):  # refused or timed out: never retried
+            engine._call("probe", fails)
+        assert len(calls) == 1
+
+
 # ---------------------------------------------------------------- a real server
+@needs_server
+def test_request_timeout_is_one_error(server, tiny_bundle):
+    from winclip_edge.engines import EngineError
+
+    with pytest.raises(EngineError, match="timed out after 0.001 s"):
+        create_engine(Bundle(tiny_bundle), EngineConfig(backend="triton", triton_url=server.url("grpc"),
+                                                        triton_timeout=0.001))
+
+
 @needs_server
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 def test_triton_equals_local_onnxruntime(server, tiny_bundle, protocol):

@@ -35,14 +35,25 @@ def _first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {text[0] if text else ''}"
 
 
-def _retryable(err: BaseException) -> bool:
-    """Server down, restarting or slow: retry. A request the server refuses (bad input, unknown model): do not."""
+def _timed_out(err: BaseException) -> bool:
     from tritonclient.utils import InferenceServerException
 
+    if isinstance(err, InferenceServerException):
+        return "DEADLINE_EXCEEDED" in str(err.status() or "")
+    return isinstance(err, TimeoutError) or type(err).__name__ == "Timeout"  # socket / gevent (HTTP client)
+
+
+def _retryable(err: BaseException) -> bool:
+    """Server down or restarting: retry. A request the server refuses (bad input, unknown model) or one that timed
+    out (the server is still working on it: a retry would only add load): do not."""
+    from tritonclient.utils import InferenceServerException
+
+    if _timed_out(err):
+        return False
     if not isinstance(err, InferenceServerException):
-        return True  # connection refused/reset, socket timeout, ...
+        return True  # connection refused / reset
     status = str(err.status() or "")
-    return any(s in status for s in ("UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED", "INTERNAL", "502", "503", "504"))
+    return any(s in status for s in ("UNAVAILABLE", "RESOURCE_EXHAUSTED", "502", "503", "504"))
 
 
 class TritonEngine:
@@ -96,6 +107,9 @@ class TritonEngine:
             except Exception as err:
                 if attempt == retries or not _retryable(err):
                     self._down = self._down or _retryable(err)
+                    if _timed_out(err):
+                        raise EngineError(f"{self.where}: {what} timed out after {self.timeout:g} s (--triton-timeout; "
+                                          "a busy server or a slow CPU model needs more)") from None
                     tries = f" after {attempt + 1} attempts" if attempt else ""
                     raise EngineError(f"{self.where}: {what} failed{tries} ({_first_line(err)})") from None
                 time.sleep(wait)

@@ -212,6 +212,8 @@ def write_repository(bundle: Bundle, out: str | os.PathLike, cfg: RepositoryConf
             onnx_dst.symlink_to(bundle.onnx_path.resolve())
         else:
             shutil.copyfile(bundle.onnx_path, onnx_dst)
+            if sha256_file(onnx_dst) != bundle.manifest.files[VISUAL_ONNX]:
+                raise RepositoryError(f"{onnx_dst}: the copy of {bundle.onnx_path} fails its sha256 check (disk full?)")
         if cfg.platform == "python":
             shutil.copyfile(PYTHON_MODEL, partial / VERSION / "model.py")
     config = model_config(bundle, cfg_used, extra)
