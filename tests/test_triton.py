@@ -275,6 +275,28 @@ def test_infer_on_textile_images_equals_local(server, tiny_bundle, tmp_path):
 
 
 @needs_server
+def test_serve_line_station_with_triton_equals_local(server, tiny_bundle, tmp_path):
+    import cv2
+
+    video = tmp_path / "line.avi"
+    writer = cv2.VideoWriter(str(video), cv2.VideoWriter_fourcc(*"MJPG"), 5, (240, 240))
+    for i in range(4):
+        writer.write(cv2.cvtColor(textured_part(seed=i, defect=(50, 50, 40, 40) if i == 2 else None), cv2.COLOR_RGB2BGR))
+    writer.release()
+    scores = {}
+    for backend, flags in (("onnxruntime", []), ("triton", ["--triton-url", server.url("grpc")])):
+        out = tmp_path / backend
+        done = subprocess.run([sys.executable, "-m", "winclip_edge.cli", "serve", "--bundle", str(tiny_bundle),
+                               "--product", "widget", "--backend", backend, *flags, "--source", str(video),
+                               "--out", str(out), "--save", "none"], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr[-2000:]
+        rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+        assert [r["frame"] for r in rows] == [0, 1, 2, 3] and all(r["error"] is None for r in rows)
+        scores[backend] = [r["score"] for r in rows]
+    assert np.abs(np.array(scores["triton"]) - np.array(scores["onnxruntime"])).max() <= 1e-5
+
+
+@needs_server
 def test_concurrent_clients_are_batched_by_the_server(server, tiny_bundle):
     bundle = Bundle(tiny_bundle)
     clients, rounds = 12, 3
