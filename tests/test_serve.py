@@ -310,7 +310,8 @@ def test_bad_arguments_exit_2_with_one_line(tiny_bundle, tmp_path, capsys):
     cases = [([], "nothing to serve"), (["--source", str(tmp_path / "missing.avi")], "no such video file"),
              (["--source", f"folder:{tmp_path / 'nope'}"], "no such folder"),
              (["--source", "0", "--max-batch", "0"], "--max-batch must be >= 1"),
-             (["--source", "0", "--mqtt", "host:port"], "expected HOST:PORT")]
+             (["--source", "0", "--mqtt", "host:port"], "expected HOST:PORT"),
+             (["--source", "0", "--webhook", "ftp://x/y"], "http:// or https://")]
     for extra, message in cases:
         assert main(base + extra) == 2
         err = capsys.readouterr().err.strip()

@@ -126,14 +126,13 @@ def _log_to_stderr() -> None:
 def run_serve(args: argparse.Namespace) -> int:
     from ..catalog import Catalog
     from ..line.batcher import Batcher
-    from ..line.sinks import MqttConfig, MqttSink, SpooledSink, WebhookSink, parse_host_port
-    from ..line.spool import Spool
+    from ..line.sinks import MqttConfig, MqttSink, WebhookSink, parse_host_port
 
     http = http_config(args)  # bad flags fail before anything loads
     if not args.source and http is None:
         raise CliError("nothing to serve: give --source (repeatable) and/or --http HOST:PORT")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--queue-size", args.queue_size, 1),
-                             ("--buffer", args.buffer, 1), ("--spool-max", args.spool_max, 1)):
+                             ("--buffer", args.buffer, 1)):
         if value < low:
             raise CliError(f"{flag} must be >= {low}, got {value}")
     if args.max_wait_ms < 0:
@@ -141,7 +140,7 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         config = StationConfig(station=args.station, save=args.save, rotate_mb=args.rotate_mb,
                                status_every_s=args.status_every, flush_timeout_s=args.flush_timeout,
-                               keep_running=http is not None)
+                               spool_max=args.spool_max, keep_running=http is not None)
     except ValueError as err:
         raise CliError(str(err)) from None
     _require_extra("paho.mqtt.client", "--mqtt", args.mqtt is not None)
@@ -153,16 +152,14 @@ def run_serve(args: argparse.Namespace) -> int:
         topic = args.mqtt_topic or f"winclip/{args.station}/{args.product[0]}/result"
         mqtt = MqttConfig(host=host, port=port, topic=topic, tls=args.mqtt_tls, ca_file=args.mqtt_ca,
                           client_id=f"winclip-edge-{args.station}")
+    sinks: list[Any] = [MqttSink(mqtt)] if mqtt is not None else []  # made here, connected once the station runs
+    if args.webhook is not None:
+        sinks.append(WebhookSink(args.webhook))
     _log_to_stderr()
     out = Path(args.out).resolve()
     catalog = Catalog(args.bundle, args.product, engine=engine_config(args), options=scoring_options(args),
                       sigma=args.sigma)
     batchers = {p: Batcher(catalog.get(p), args.max_batch, args.max_wait_ms, args.queue_size) for p in catalog.products}
-    sinks = []
-    if mqtt is not None:
-        sinks.append(SpooledSink(MqttSink(mqtt), Spool(out / "spool" / "mqtt", args.spool_max)))
-    if args.webhook is not None:
-        sinks.append(SpooledSink(WebhookSink(args.webhook), Spool(out / "spool" / "webhook", args.spool_max)))
     station = Station(config, out, batchers[catalog.products[0]], sources, sinks)
     service = None
     stop = threading.Event()

@@ -35,9 +35,13 @@ class SinkUnavailable(WinclipError, RuntimeError):
 
 
 class Sink(Protocol):
-    """Sends one message; raises on failure. ``key`` is the same for every retry of one message."""
+    """Sends one message; raises on failure. ``key`` is the same for every retry of one message. ``open`` is
+    called once, from the delivery thread, before the first message (connections start there, not at
+    construction, so a station that cannot start never touches the broker)."""
 
     name: str
+
+    def open(self) -> None: ...
 
     def deliver(self, key: int, message: bytes, timeout: float) -> None: ...
 
@@ -93,9 +97,12 @@ class MqttSink:
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
         client.reconnect_delay_set(min_delay=1, max_delay=10)
-        client.connect_async(config.host, config.port, config.keepalive_s)
-        client.loop_start()
         self._client = client
+
+    def open(self) -> None:
+        """Connect in paho's network thread (it keeps reconnecting by itself)."""
+        self._client.connect_async(self.config.host, self.config.port, self.config.keepalive_s)
+        self._client.loop_start()
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
         ok = not reason.is_failure
@@ -149,6 +156,9 @@ class WebhookSink:
         if not url.startswith(("http://", "https://")):
             raise WinclipError(f"--webhook needs an http:// or https:// URL, got {url!r}")
         self.url = url
+
+    def open(self) -> None:
+        pass
 
     def deliver(self, key: int, message: bytes, timeout: float) -> None:
         request = urllib.request.Request(self.url, data=message, method="POST",
@@ -205,6 +215,7 @@ class SpooledSink:
         return SinkStats(self.name, self.delivered, len(self.spool), self.spool.overflow, self.failures, self._up)
 
     def _run(self) -> None:
+        self.sink.open()
         delay = self.retry_min_s
         while True:
             item = self.spool.peek()

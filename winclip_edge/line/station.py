@@ -34,8 +34,9 @@ from ..inspector import InspectionResult
 from ..results import RESULTS_JSONL, ResultWriter
 from .batcher import Batcher, BatcherClosed, Job
 from .schema import ModelIds, payload
-from .sinks import SinkStats, SpooledSink
+from .sinks import Sink, SinkStats, SpooledSink
 from .sources import FolderSource, Frame, VideoSource
+from .spool import Spool
 
 log = logging.getLogger("winclip_edge.line")
 
@@ -43,6 +44,7 @@ Source = Union[VideoSource, FolderSource]
 SAVE_POLICIES = ("anomalous", "all", "none")
 LATENCY_WINDOW = 1000  # decisions behind the p50/p99 of the status line
 LOCK = ".station.lock"
+SPOOL = "spool"
 _END = object()
 
 
@@ -53,6 +55,7 @@ class StationConfig:
     rotate_mb: float = 100.0  # results.jsonl is renamed to results.<n>.jsonl beyond this size
     status_every_s: float = 10.0  # one status line this often (0 = never)
     flush_timeout_s: float = 10.0  # at exit, how long sinks may take to deliver their spools
+    spool_max: int = 10000  # messages a sink keeps on disk (OUT/spool/<sink>/) while it is down
     inflight: int = 64  # submitted frames waiting for their decision to be written
     keep_running: bool = False  # run until stopped even when every source has ended (HTTP-only stations)
 
@@ -61,6 +64,8 @@ class StationConfig:
             raise ValueError(f"--save must be one of {SAVE_POLICIES}, got {self.save!r}")
         if self.rotate_mb <= 0:
             raise ValueError(f"--rotate-mb must be > 0, got {self.rotate_mb}")
+        if self.spool_max < 1:
+            raise ValueError(f"--spool-max must be >= 1, got {self.spool_max}")
 
 
 @dataclass(frozen=True)
@@ -130,13 +135,14 @@ class Station:
     """Runs sources into one batcher and delivers every decision (see the module docstring)."""
 
     def __init__(self, config: StationConfig, out: str | Path, batcher: Batcher, sources: Sequence[Source],
-                 sinks: Sequence[SpooledSink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = ()):
+                 sinks: Sequence[Sink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = ()):
         self.config, self.batcher = config, batcher
         self.out = Path(out).resolve()  # payload paths must mean something to the consumers
-        self.sources, self.sinks = list(sources), list(sinks)
+        self.sources = list(sources)
         self.on_result = list(on_result)
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock(self.out)
+        self.sinks = [SpooledSink(sink, Spool(self.out / SPOOL / sink.name, config.spool_max)) for sink in sinks]
         _end_with_newline(self.out / RESULTS_JSONL)
         saving = config.save != "none"
         self.writer = ResultWriter(self.out, maps=saving, overlays=saving, append=True,
