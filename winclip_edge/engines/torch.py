@@ -131,11 +131,18 @@ class TorchEngine:
         g = self._graphs[size]
         # Rows n..size keep the previous call's pixels: images never interact, so the padding only costs time.
         g.host[:n].copy_(self.torch.from_numpy(images))
-        g.device_input.copy_(g.host, non_blocking=True)
-        g.graph.replay()
+        with self.torch.cuda.device(self.torch_device):  # the graph's device, whatever device is current
+            g.device_input.copy_(g.host, non_blocking=True)
+            g.graph.replay()
         return {name: value[:n].cpu().numpy() for name, value in g.outputs.items()}
 
     def _capture(self, batch: int, image_shape: tuple[int, ...]) -> _Graph:
+        """Capture on ``self.torch_device`` (``--device cuda:1``): torch.cuda.graph and its memory pool use the
+        current device, which is GPU 0 unless made the configured one here."""
+        with self.torch.cuda.device(self.torch_device):
+            return self._capture_here(batch, image_shape)
+
+    def _capture_here(self, batch: int, image_shape: tuple[int, ...]) -> _Graph:
         torch = self.torch
         host = torch.zeros((batch, *image_shape), dtype=torch.uint8).pin_memory()
         device_input = host.to(self.torch_device)
