@@ -157,6 +157,8 @@ def test_add_text_encoder_to_an_existing_bundle(bundle_copy, config_dir):
     bundle = Bundle(bundle_copy)
     assert bundle.manifest.text_encoder["files"][TEXT_ONNX]
     assert not [p for p in bundle_copy.iterdir() if p.name.startswith(".")]  # no temporary folder left
+    run = _cli(["info", "--bundle", str(bundle_copy)])
+    assert "text encoder: text.onnx + tokenizer.json" in run.stdout, run.stdout
     run = _cli(["add-text-encoder", "--bundle", str(bundle_copy)])
     assert run.returncode == 2 and "--force" in run.stderr
     with pytest.raises(TextExportError, match="already has"):

@@ -79,6 +79,9 @@ def run_info(args: argparse.Namespace) -> int:
     m = bundle.manifest
     print(f"{bundle.root}: {m.model} ({m.weights['source']}, weights id {m.weights_id[:12]}), input {m.image_size}, "
           f"grid {m.grid}, scales {list(m.scales)} stride {m.stride}, patch layer {m.patch_layer}, D={m.embed_dim}, C={m.width}")
+    text = m.text_encoder
+    print(f"  text encoder: {text['onnx']} + {text['tokenizer']} (add-product runs without torch)" if text else
+          "  text encoder: none (add-product needs the export stage; `winclip-edge add-text-encoder` adds it)")
     for product in bundle.products():
         try:
             memory = load_memory(bundle, product)
