@@ -249,14 +249,20 @@ def test_hot_folder_sigkill_and_restart_every_file_exactly_one_row(tiny_bundle, 
     for i in range(4):  # already there at start
         drop_file(inbox, f"early{i}.jpg", images[i])
     first = Serve(tmp_path, *args)
-    for i in range(16):
-        drop_file(inbox, f"wave1-{i:02d}.jpg", images[4 + i], moved_in=i % 4 != 0)
-    (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # header only: a failed row, not a crash
+
+    def wave1():  # arrives while serve runs, is killed, and is down
+        (inbox / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)  # header only: an error row
+        for i in range(16):
+            drop_file(inbox, f"wave1-{i:02d}.jpg", images[4 + i], moved_in=i % 4 != 0)
+            time.sleep(0.1)
+
+    dropper = threading.Thread(target=wave1)
+    dropper.start()
     wait_for(lambda: len(rows(out)) >= 3, 90, "first rows")
     first.signal(signal.SIGKILL)
     first.wait()
-    left = sorted(p.name for p in inbox.glob("*.*"))
-    assert left, "the kill came too late to leave work behind"
+    dropper.join()
+    assert list(inbox.glob("*.*")), "nothing left for the restart"
     second = Serve(tmp_path, *args)
     for i in range(6):
         drop_file(inbox, f"wave2-{i}.jpg", images[20 + i])
