@@ -126,3 +126,49 @@ def test_a_window_as_large_as_the_grid(length):
                       ScoringOptions(temperature=0.1, use_image_scale=False))
     window_score = _softmax_anomalous(np.array([0.6, 0.8]), np.array([1.0, 0.0]), np.array([0.0, 1.0]), 0.1)
     np.testing.assert_allclose(got.token_map, np.full((1, length, length), window_score), rtol=1e-6)
+
+
+@pytest.mark.parametrize("corner", ["top_right", "bottom_left"])
+def test_a_stride_2_bundle_end_to_end(make_bundle, tmp_path, corner):
+    """Export at stride 2 (fewer windows), torch and ONNX Runtime agree, the Inspector's scores and maps equal the
+    loop reference at stride 2, and a defect is found in its corner (a map laid out with stride 1 would not be)."""
+    import shutil
+
+    from conftest import textured_part
+    from winclip_edge import EngineConfig, Inspector
+    from winclip_edge.bundle import Bundle
+    from winclip_edge.engines import create_engine
+    from winclip_edge.products import load_text, save_memory
+
+    path = shutil.copytree(make_bundle("tiny240", stride=2), tmp_path / "stride2")
+    bundle = Bundle(path)
+    grid, m = bundle.spec.grid, bundle.manifest
+    assert m.stride == 2 and grid == (15, 15)
+    size, corner_px = 240, 64
+    top = 0 if corner.startswith("top") else size - corner_px
+    left = 0 if corner.endswith("left") else size - corner_px
+    images = np.stack([textured_part(seed=20, defect=(top, left, corner_px, corner_px)), textured_part(seed=21)])
+    ort = create_engine(bundle, EngineConfig(provider="cpu")).run(images)
+    ref = create_engine(bundle, EngineConfig(backend="torch", device="cpu")).run(images)
+    for k in m.scales:
+        assert ort[f"window_embeddings_k{k}"].shape[1] == window_count(grid, k, 2) < window_count(grid, k, 1)
+    for name in ort:
+        assert np.abs(ort[name] - ref[name]).max() < 1e-4, name
+
+    inspector = Inspector(path, "widget", engine=EngineConfig(provider="cpu"))
+    memory, failed = inspector.embed_references([textured_part(seed=s) for s in range(4)])
+    assert not failed
+    save_memory(inspector.bundle, "widget", memory)
+    inspector = Inspector(path, "widget", engine=EngineConfig(provider="cpu"))
+    text = load_text(bundle, "widget")
+    windows = {k: memory.windows[k].reshape(-1, memory.windows[k].shape[-1]) for k in m.scales}
+    patches = memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
+    image, maps = _reference(ort, text.t_normal, text.t_anomalous, grid, 2, m.scales, m.temperature, True, "harmonic",
+                             (windows, patches))
+    got = inspector.score(ort)
+    np.testing.assert_allclose(got.image_score, image, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(got.token_map, maps, rtol=1e-4, atol=1e-6)
+    result = inspector.inspect([images[0]])[0]
+    assert result.score == pytest.approx(float(image[0]), abs=1e-5)
+    y, x = np.unravel_index(result.anomaly_map.argmax(), result.anomaly_map.shape)
+    assert (y < size // 2) == corner.startswith("top") and (x < size // 2) == corner.endswith("left"), (y, x)
