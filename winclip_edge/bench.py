@@ -70,6 +70,7 @@ class BenchConfig:
     iters: int = 5
     fidelity_images: int = DEFAULT_FIDELITY_IMAGES
     cold_start: bool = True
+    roofline: bool = True  # GFLOP/s achieved and the fraction of a measured GEMM peak (roofline.py)
     progress: bool = True
     command: str = ""  # the command line that asked for it, for the report
 
@@ -440,6 +441,9 @@ def run_bench(config: BenchConfig) -> dict:
                 report["batches"].append(bench_batch(inspector, paths, batch, config.warmup, config.iters, bar.update))
         report["peak_rss_mib"] = peak_rss_mib()
         report["gpu_peak_allocated_mib"] = _gpu_peak_mib()
+        if config.roofline:
+            report["roofline"] = roofline_report(inspector.bundle, inspector.engine.device, engine.precision,
+                                                 report["batches"])
         if config.cold_start:
             try:
                 child = cold_start([sys.executable, "-c", _CHILD_CODE, _child_args(config), paths[0]])
@@ -461,6 +465,33 @@ def run_bench(config: BenchConfig) -> dict:
             inspector.close()
     report["load_average_before"], report["load_average_after"] = load_before, [round(v, 2) for v in os.getloadavg()]
     return report
+
+
+def roofline_report(bundle: Any, device: str, precision: str, batches: Sequence[dict]) -> dict:
+    """GFLOP per image, GFLOP/s the engine achieved per batch size and its fraction of a GEMM peak measured now."""
+    from .roofline import gemm_peak, model_gflop
+
+    gflop = model_gflop(bundle.onnx_path, bundle.spec.image_size)
+    if gflop is None:
+        return {"summary": "not measured (counting the graph's FLOPs needs openvino: pip install 'winclip-edge[openvino]')"}
+    rates = {x["batch"]: gflop / (x["stages_ms_per_image"]["engine"] / 1e3) for x in batches}
+    achieved = ", ".join(f"batch {b}: {v:.0f} GFLOP/s" for b, v in rates.items())
+    out = {"gflop_per_image": gflop, "achieved_gflops": rates}
+    if "cpu" not in device.lower():  # the probes are CPU GEMMs
+        out["summary"] = f"{gflop:.4g} GFLOP per image (MatMul + Conv); {achieved}; no GEMM peak probe for {device}"
+        return out
+    peak = gemm_peak(precision)
+    out.update(peak=dataclasses.asdict(peak))
+    if peak.gflops is None:
+        out["summary"] = f"{gflop:.4g} GFLOP per image; {achieved}; no {precision} GEMM probe runs on this CPU"
+        return out
+    fractions = ", ".join(f"batch {b}: {v / peak.gflops:.0%}" for b, v in rates.items())
+    out["fraction_of_peak"] = {b: v / peak.gflops for b, v in rates.items()}
+    probes = ", ".join(f"{k} {v}" for k, v in peak.probes.items())
+    out["summary"] = (f"{gflop:.4g} GFLOP per image (MatMul + Conv, counted by OpenVINO at batch 1); engine {achieved}; "
+                      f"measured {precision} GEMM peak {peak.gflops:.0f} GFLOP/s (square GEMM under the run's load: "
+                      f"{probes}) -> {fractions} of it")
+    return out
 
 
 # ---------------------------------------------------------------- Markdown
@@ -512,6 +543,8 @@ def render_markdown(r: dict) -> str:
                      f"{first:.1f} s); its peak RSS {c['peak_rss_mib']:.0f} MiB")
     if "cold_start_error" in r:
         lines.append(f"- cold start: FAILED ({r['cold_start_error']})")
+    if "roofline" in r:
+        lines.append(f"- compute: {r['roofline']['summary']}")
     if "fidelity" in r:
         f = r["fidelity"]
         emb = ", ".join(f"{k} {v:.1e}" for k, v in f["embedding_max_abs"].items())

@@ -26,6 +26,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         bundle=Path(args.bundle), product=args.product, engine=engine_config(args), options=scoring_options(args),
         batches=args.batch, images=args.images, synthetic_size=args.synthetic_size, warmup=args.warmup,
         iters=args.iters, fidelity_images=args.fidelity_images, cold_start=not args.no_cold_start,
+        roofline=not args.no_roofline,
         progress=not args.quiet, command=args.command_line)
     report = run_bench(config)
     markdown = render_markdown(report)
@@ -74,6 +75,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--iters", type=int, default=5, help="timed calls per batch size (default 5)")
     p.add_argument("--fidelity-images", type=int, default=DEFAULT_FIDELITY_IMAGES,
                    help="images compared with fp32 when --precision is not fp32 (default 4)")
+    p.add_argument("--no-roofline", action="store_true",
+                   help="skip the GFLOP/s and GEMM-peak probe (needs openvino to count the graph's FLOPs)")
     p.add_argument("--no-cold-start", action="store_true", help="skip the fresh-process cold-start measurement")
     p.add_argument("--out", default=DEFAULT_OUT, help=f"folder for the .md/.json tables (default {DEFAULT_OUT})")
     p.set_defaults(run=run_bench_command)

@@ -32,7 +32,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = TuneConfig(product=args.product, images=images, max_score_diff=args.max_score_diff,
                         max_map_diff=args.max_map_diff, fidelity_images=args.fidelity_images, rounds=args.rounds,
                         warmup=args.warmup, threads=tuple(args.threads), build_variants=not args.no_build,
-                        backends=tuple(backends))
+                        backends=tuple(backends), interleave=not args.sequential)
     bundle = Bundle(args.bundle)
     record = run_tune(bundle, config, log=_log)
     path = save_record(bundle, record)
@@ -60,10 +60,13 @@ def register(sub: Any) -> None:
                    help=f"largest token-map difference vs fp32 to accept (default {DEFAULT_MAX_MAP_DIFF})")
     p.add_argument("--fidelity-images", type=int, default=DEFAULT_FIDELITY_IMAGES,
                    help=f"images per candidate, each a timed batch-1 call (default {DEFAULT_FIDELITY_IMAGES})")
-    p.add_argument("--rounds", type=int, default=1, help="timed passes over the images per candidate (default 1)")
+    p.add_argument("--rounds", type=int, default=1, help="timed passes over the images per engine (default 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate first (default 1)")
     p.add_argument("--threads", type=csv_ints, default=(0,),
                    help="intra-op thread counts to try on the CPU backends, e.g. 1,2 (default 0 = library default)")
     p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKEND_CHOICES)} (default: all installed)")
+    p.add_argument("--sequential", action="store_true",
+                   help="time each engine alone and close it before the next (less memory; default: every faithful "
+                        "engine stays loaded and they are timed in turn, so load changes hit all alike)")
     p.add_argument("--no-build", action="store_true", help="do not make missing int8 models (skip those candidates)")
     p.set_defaults(run=cmd_tune)

@@ -67,10 +67,18 @@ class OnnxRuntimeEngine:
         if threads:
             options.intra_op_num_threads = threads
         path = str(model_path or bundle.onnx_path)
+        self.graph_cache = None
+        if model_path is None and providers == ["CPUExecutionProvider"]:  # the fp32 graph on the CPU: cached optimised
+            from .ort_cache import OptimizedGraphCache
+
+            self.graph_cache = OptimizedGraphCache(bundle, config)
+            path = self.graph_cache.prepare(options)
         try:
             self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
         except Exception as err:
             raise EngineError(f"ONNX Runtime cannot load {path}: {err}") from None
+        if self.graph_cache is not None:
+            self.graph_cache.commit()
         self.device = self.session.get_providers()[0]  # the provider actually in use, not the one asked for
         inputs = {i.name: tuple(i.shape) for i in self.session.get_inputs()}
         outputs = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
