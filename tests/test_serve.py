@@ -3,6 +3,7 @@ mosquitto on a loopback port), a video written with OpenCV, a hot folder filled 
 receiver on loopback."""
 from __future__ import annotations
 
+import getpass
 import json
 import os
 import re
@@ -44,9 +45,9 @@ def wait_for(condition, timeout=60.0, what="condition"):
 class Serve:
     """One ``winclip-edge serve`` process; its stderr goes to a file the test can read."""
 
-    def __init__(self, tmp: Path, *args: str):
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
         self.log = tmp / f"serve-{time.monotonic_ns()}.log"
-        env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
         with open(self.log, "wb") as log:
             self.proc = subprocess.Popen([sys.executable, "-m", "winclip_edge.cli", "serve", *args], cwd=tmp, env=env,
                                          stdout=log, stderr=subprocess.STDOUT)
@@ -68,13 +69,18 @@ class Serve:
 class Broker:
     """mosquitto on a free loopback port; ``persistence`` keeps sessions across a stop/start (as a real line broker)."""
 
-    def __init__(self, tmp: Path, persistence: bool = False):
+    def __init__(self, tmp: Path, persistence: bool = False, secure: tuple[Path, Path, Path] | None = None):
+        """``secure`` = (certificate, key, password file): TLS and users only, no anonymous clients."""
         self.port = free_port()
         self.dir = tmp / f"broker-{self.port}"
         self.dir.mkdir()
-        lines = [f"listener {self.port} 127.0.0.1", "allow_anonymous true", f"persistence {str(persistence).lower()}"]
+        # `user`: started as root, mosquitto would switch to the mosquitto user, which cannot read the test's folders
+        lines = [f"listener {self.port} 127.0.0.1", f"allow_anonymous {str(secure is None).lower()}",
+                 f"persistence {str(persistence).lower()}", f"user {getpass.getuser()}"]
         if persistence:
             lines.append(f"persistence_location {self.dir}/")
+        if secure is not None:
+            lines += [f"certfile {secure[0]}", f"keyfile {secure[1]}", f"password_file {secure[2]}"]
         self.conf = self.dir / "mosquitto.conf"
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc = None
@@ -102,12 +108,16 @@ class Broker:
 class Subscriber:
     """A QoS 1 subscriber with a persistent session that records every message's payload."""
 
-    def __init__(self, port: int, topic: str):
+    def __init__(self, port: int, topic: str, ca: Path | None = None, user: tuple[str, str] | None = None):
         import paho.mqtt.client as mqtt
 
         self.messages: list[dict] = []
         self.subscribed = threading.Event()
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"test-sub-{port}", clean_session=False)
+        if ca is not None:
+            client.tls_set(ca_certs=str(ca))
+        if user is not None:
+            client.username_pw_set(*user)
         client.on_connect = lambda c, u, f, r, p=None: c.subscribe(topic, qos=1)
         client.on_subscribe = lambda *a: self.subscribed.set()
         client.on_message = lambda c, u, m: self.messages.append(json.loads(m.payload))
@@ -224,6 +234,29 @@ def test_broker_stopped_mid_run_every_decision_arrives_once_in_order(tiny_bundle
     assert "sink mqtt down" in log and "sink mqtt is back" in log and re.search(r"mqtt spool [1-9]", log)  # status lines show the spool
     assert [m["frame"] for m in subscriber.messages] == list(range(n))  # once each, in order
     assert [m["id"] for m in subscriber.messages] == [r["id"] for r in rows(tmp_path / "out")]
+
+
+@needs_broker
+def test_mqtt_over_tls_with_the_user_from_the_environment(tiny_bundle, tmp_path):
+    cert, key, passwords = tmp_path / "cert.pem", tmp_path / "key.pem", tmp_path / "passwd"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+                    "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+                   check=True, capture_output=True)
+    subprocess.run(["mosquitto_passwd", "-b", "-c", str(passwords), "line1", "s3cret"], check=True, capture_output=True)
+    video = tmp_path / "line.avi"
+    write_video(video, 3, size=(48, 64))
+    broker = Broker(tmp_path, secure=(cert, key, passwords)).start()
+    subscriber = Subscriber(broker.port, "#", ca=cert, user=("line1", "s3cret"))
+    try:
+        serve = Serve(tmp_path, "--bundle", str(tiny_bundle), "--product", "widget", "--source", str(video),
+                      "--out", "out", "--save", "none", "--mqtt", f"127.0.0.1:{broker.port}", "--mqtt-tls",
+                      "--mqtt-ca", str(cert), env={"WINCLIP_MQTT_USERNAME": "line1", "WINCLIP_MQTT_PASSWORD": "s3cret"})
+        assert serve.wait() == 0, serve.text()
+        wait_for(lambda: len(subscriber.messages) == 3, 20, "messages over TLS")
+    finally:
+        subscriber.close()
+        broker.stop()
+    assert [m["frame"] for m in subscriber.messages] == [0, 1, 2] and "s3cret" not in serve.text()
 
 
 def drop_file(inbox: Path, name: str, source: Path, moved_in: bool = True) -> None:
