@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# One prepared GPU check (a few minutes): the torch backend on CUDA at fp32 / fp16 / fp16 + CUDA graphs,
-# batch 1 and 8, on ViT-B-16-plus-240 with random weights; ONNX Runtime CPU for context; the exact
-# speed-ups on the GPU; anomalib's eager WinCLIP on the GPU when anomalib is importable.
+# One prepared GPU check (a few minutes): the GPU tests (`pytest -m "cuda or tensorrt"`); TensorRT when it is
+# importable: build-engine fp32 + fp16 (layer precisions read back) and a TensorRT bench, else it says plainly that
+# they did not run; the torch backend on CUDA at fp32 / fp16 / fp16 + CUDA graphs, batch 1 and 8, on
+# ViT-B-16-plus-240 with random weights; ONNX Runtime CPU for context; the exact speed-ups on the GPU;
+# anomalib's eager WinCLIP on the GPU when anomalib is importable.
 #
 #   bash benchmarks/gpu_check.sh              # on the GPU machine (results under $OUT, else benchmarks/results)
 #   bash benchmarks/gpu_check.sh --dry-run    # any machine: a tiny model on the CPU, CUDA-only steps skipped
 #
 # Needs: python with torch (CUDA build), open_clip, onnx, onnxruntime (CPU is enough), numpy, OpenCV, tqdm.
 # Nothing is downloaded (random weights). Env: PYTHON (default python), BUNDLE (default models/b16p, reused
-# when valid), OUT (result folder; the device runner sets it), STEP_TIMEOUT (seconds per step, default 240).
+# when valid), OUT (result folder; the device runner sets it), STEP_TIMEOUT (seconds per step, default 240),
+# BUILD_TIMEOUT (seconds per TensorRT engine build, default 600). TensorRT: pip install 'winclip-edge[trt]'
+# (desktop) or JetPack's python3-libnvinfer; pytest for the test step.
 set -u
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -17,6 +21,7 @@ export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 export HF_HUB_OFFLINE=1
 PYTHON="${PYTHON:-python}"
 STEP_TIMEOUT="${STEP_TIMEOUT:-240}"
+BUILD_TIMEOUT="${BUILD_TIMEOUT:-600}"
 DRY_RUN=0
 [ "${1:-}" = "--dry-run" ] && DRY_RUN=1
 STAMP="$(date -u +%Y%m%dT%H%M%S)"
@@ -76,6 +81,37 @@ fi
 
 BENCH=(bench --bundle "$BUNDLE" --product bottle --images "$IMAGES" --synthetic-size "$SIZE" --warmup "$WARMUP"
        --iters "$ITERS" --out "$RESULTS" --quiet)
+
+# 1b. the GPU tests: the real TensorRT engine test (build fp32/fp16 on a tiny bundle, layer precisions from the
+#     engine inspector, fp16 scores within 5e-3 of ONNX Runtime) and the torch CUDA tests; they skip without a GPU
+if "$PYTHON" -c "import pytest" 2>/dev/null; then
+    step gpu-tests "$PYTHON" -m pytest -q -p no:cacheprovider -rs -m "cuda or tensorrt" tests
+else
+    log "pytest is not importable with $PYTHON: the GPU tests (pytest -m 'cuda or tensorrt') were NOT run"
+    FAILED=1
+fi
+
+# 1c. TensorRT: the engines of the bundle and a bench of them, when TensorRT and a CUDA device are there
+if TRT_VERSION="$("$PYTHON" -c "import tensorrt; print(tensorrt.__version__)" 2>>"$LOG")"; then
+    log "TensorRT $TRT_VERSION"
+    for precision in fp32 fp16; do
+        STEP_TIMEOUT="$BUILD_TIMEOUT" step "build-engine-$precision" "${WE[@]}" build-engine --bundle "$BUNDLE" \
+            --precision "$precision" --max-batch 8
+    done
+    grep -h "engine layers by output precision" "$LOG" | tail -n 2 | tee "$RESULTS/tensorrt_layer_precisions.txt" >&2
+    step tensorrt-fp16 "${WE[@]}" "${BENCH[@]}" --backend tensorrt --precision fp16 --batch 1,8
+    step tensorrt-fp32 "${WE[@]}" "${BENCH[@]}" --backend tensorrt --precision fp32 --batch 8 --no-cold-start
+else
+    log "TensorRT is NOT importable with $PYTHON: build-engine and the TensorRT bench did not run (pip install" \
+        "'winclip-edge[trt]' on a desktop; JetPack's python3-libnvinfer on a Jetson)"
+fi
+if "$PYTHON" -c "import onnxruntime as o, sys; sys.exit('TensorrtExecutionProvider' not in o.get_available_providers())" \
+        2>/dev/null; then
+    STEP_TIMEOUT="$BUILD_TIMEOUT" step ort-tensorrt-fp16 "${WE[@]}" "${BENCH[@]}" --backend onnxruntime \
+        --provider tensorrt --precision fp16 --batch 8 --no-cold-start
+else
+    log "ONNX Runtime has no TensorrtExecutionProvider here (onnxruntime-gpu with TensorRT libraries): its bench did not run"
+fi
 
 # 2. the torch backend: fp32, fp16 (fidelity vs fp32 reported), fp16 + CUDA graphs; batch 1 and 8
 step torch-fp32 "${WE[@]}" "${BENCH[@]}" --backend torch --device "$DEVICE" --precision fp32 --batch 1,8
@@ -141,7 +177,7 @@ fi
 
 # 6. one table of every bench run
 shopt -s nullglob
-JSONS=("$RESULTS"/*_torch_*.json "$RESULTS"/*_onnxruntime_*.json)
+JSONS=("$RESULTS"/*_torch_*.json "$RESULTS"/*_onnxruntime_*.json "$RESULTS"/*_tensorrt_*.json)
 if [ ${#JSONS[@]} -gt 0 ]; then
     "${WE[@]}" bench-table "${JSONS[@]}" --out "$RESULTS/summary.md" >>"$LOG" 2>&1 || FAILED=1
     cat "$RESULTS/summary.md"

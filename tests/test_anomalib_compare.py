@@ -2,8 +2,8 @@
 prompt/prototype conversion, anomalib 2.7's flat windows and the harness's correction, and agreement of
 anomalib's zero-/few-shot outputs with our runtime given the same weights, text and input.
 
-Skipped where anomalib is not installed; run it in the benchmark's environment:
-    /work/venvs/anomalib/bin/python -m pytest -q tests/test_anomalib_compare.py
+Skipped where anomalib is not installed; `.ci/run` builds anomalib's own venv (.venv-anomalib/) and runs it there:
+    .venv-anomalib/bin/python -m pytest -q tests/test_anomalib_compare.py
 """
 from __future__ import annotations
 
