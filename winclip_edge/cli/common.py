@@ -59,13 +59,15 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
                         "(LayerNorm stays fp32); tensorrt: loads the cached engine of that precision (make it with "
                         "`winclip-edge build-engine`); openvino: fp32 | bf16 | fp16 (precision hint) | int8 (NNCF model)")
     p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>; "
+                                                    "onnxruntime --provider cuda|tensorrt: the GPU, cuda:<i>; "
                                                     "openvino: auto (CPU) | cpu | gpu | npu")
     p.add_argument("--performance-hint", choices=("latency", "throughput"), default="latency",
                    help="openvino: latency (one request on every core) or throughput (the images of a batch in parallel)")
     p.add_argument("--cuda-graphs", action="store_true",
                    help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
     p.add_argument("--engine-dir", default=None,
-                   help="--backend tensorrt: engine cache folder of build-engine (default <bundle>/engines)")
+                   help="--backend tensorrt: engine cache folder of build-engine; --provider tensorrt: where ONNX "
+                        "Runtime keeps its TensorRT engine and timing caches (default <bundle>/engines)")
     p.add_argument("--triton-url", default=None,
                    help="--backend triton: HOST:PORT of the Triton server (default 127.0.0.1:8001 gRPC, :8000 HTTP)")
     p.add_argument("--triton-protocol", choices=("grpc", "http"), default="grpc", help="--backend triton (default grpc)")
