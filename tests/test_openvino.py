@@ -94,6 +94,7 @@ def test_int8_model_made_by_nncf_verified_and_close(bundle_copy, reference):
     info = make_int8(bundle, np.stack([textured_part(seed=10 + s) for s in range(4)]), "4 test parts")
     xml, weights, side = int8_paths(bundle)
     assert info.path == xml and weights.is_file() and json.loads(side.read_text())["calibration_images"] == 4
+    assert [p.name for p in (xml, weights, side)] == ["visual.openvino-int8.xml", "visual.openvino-int8.bin", "visual.openvino-int8.json"]
     diffs = _max_diffs(create_engine(bundle, EngineConfig(backend="openvino", precision="int8")).run(_images()), reference)
     assert FP32_CLOSE < max(diffs.values()) < LOW_CLOSE, diffs
     data = bytearray(weights.read_bytes())

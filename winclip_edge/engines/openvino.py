@@ -46,8 +46,8 @@ PIP = "pip install 'winclip-edge[openvino]'"
 
 def int8_paths(bundle: Bundle) -> tuple[Path, Path, Path]:
     """(xml, bin, sidecar json) of the bundle's OpenVINO int8 model."""
-    base = bundle.root / VARIANTS / INT8_STEM
-    return base.with_suffix(".xml"), base.with_suffix(".bin"), base.with_suffix(".json")
+    folder = bundle.root / VARIANTS
+    return folder / f"{INT8_STEM}.xml", folder / f"{INT8_STEM}.bin", folder / f"{INT8_STEM}.json"
 
 
 def load_int8(bundle: Bundle) -> Path:
