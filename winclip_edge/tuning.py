@@ -174,8 +174,9 @@ def _fidelity_images(bundle: Bundle, config: TuneConfig, product: str) -> tuple[
     return np.stack(frames), f"{len(frames)} synthetic frames (no reference images on disk)"
 
 
-def _prepare(bundle: Bundle, cfg: EngineConfig, product: str, build: bool, log: Callable[[str], None]) -> None:
-    """Make the int8 model a candidate needs when it is missing (once per bundle)."""
+def prepare_engine(bundle: Bundle, cfg: EngineConfig, product: str | None, log: Callable[[str], None],
+                   build: bool = True) -> None:
+    """Make the int8 model ``cfg`` needs when it is missing (once per bundle; minutes for ViT-B)."""
     from .engines.onnx_variants import VariantError, load_variant
     from .engines.openvino import load_int8
 
@@ -260,7 +261,7 @@ def run_tune(bundle: Bundle, config: TuneConfig = TuneConfig(), factory: EngineF
     for cfg in tries:
         label = _label(cfg)
         try:
-            _prepare(bundle, cfg, product, config.build_variants, log)
+            prepare_engine(bundle, cfg, product, log, config.build_variants)
             engine = factory(bundle, cfg)
         except (WinclipError, OSError, RuntimeError, ImportError) as err:
             if cfg == REFERENCE:
@@ -369,6 +370,7 @@ def render_table(record: dict) -> str:
 
 
 __all__ = ["CandidateResult", "DEFAULT_MAX_MAP_DIFF", "DEFAULT_MAX_SCORE_DIFF", "TuneConfig", "TuneError", "engine_notes",
+           "prepare_engine",
            "candidates", "render_table", "run_tune", "save_record"]
 
 
