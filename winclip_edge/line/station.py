@@ -25,7 +25,7 @@ from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Deque, Iterable, Sequence, TextIO, Union
+from typing import Any, Callable, Deque, Iterable, Sequence, TextIO, Union
 
 import numpy as np
 
@@ -151,7 +151,7 @@ class Station:
         self._inflight: queue.Queue = queue.Queue(maxsize=config.inflight)
         self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._counts = {"out": 0, "errors": 0}
-        self._ids: tuple[int, ModelIds] | None = None
+        self._ids: tuple[Any, ModelIds] | None = None  # (the Inspector they were read from, its ids)
         self._lock = threading.Lock()
         self._collected = threading.Event()  # every source ended and its decisions are written
         self._threads: list[threading.Thread] = []
@@ -231,9 +231,11 @@ class Station:
         self._collected.set()
 
     def _model_ids(self) -> ModelIds:
-        inspector = self.batcher.inspector  # the HTTP face may swap it (product reload)
-        if self._ids is None or self._ids[0] != id(inspector):
-            self._ids = (id(inspector), ModelIds.of(inspector))
+        # The HTTP face may swap it (product reload); a decision scored just before a swap and written just after
+        # carries the new ids: a reload is rare and announced, the window one batch wide.
+        inspector = self.batcher.inspector
+        if self._ids is None or self._ids[0] is not inspector:
+            self._ids = (inspector, ModelIds.of(inspector))
         return self._ids[1]
 
     def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float) -> None:
