@@ -409,17 +409,30 @@ class FakeEngine:
 
 
 class FakeInspector:
-    """IEngineInspector: layer formats only with DETAILED verbosity and an execution context whose shapes are set."""
+    """IEngineInspector: layer formats only with DETAILED verbosity and an execution context whose shapes are set.
+    Like a pybind object it refuses unknown attributes; the context attribute is ``context`` in TensorRT 8.5."""
 
     def __init__(self, engine: FakeEngine):
-        self.engine, self.execution_context = engine, None
+        old = tuple(int(v) for v in engine.trt.__version__.split(".")[:2]) < (8, 6)
+        object.__setattr__(self, "slot", "context" if old else "execution_context")
+        object.__setattr__(self, "engine", engine)
+        object.__setattr__(self, self.slot, None)
+
+    def __setattr__(self, name, value):
+        if name != self.slot:
+            raise AttributeError(f"'tensorrt.EngineInspector' object has no attribute '{name}'")
+        object.__setattr__(self, name, value)
+
+    @property
+    def execution_context_set(self):
+        return getattr(self, self.slot)
 
     def get_engine_information(self, fmt):
         assert fmt == self.engine.trt.LayerInformationFormat.JSON
         layers = self.engine.plan["layers"]
         if self.engine.plan["verbosity"] != self.engine.trt.ProfilingVerbosity.DETAILED.name:
             return json.dumps({"Layers": [layer["Name"] for layer in layers]})
-        if self.execution_context is None or self.execution_context.shape is None:
+        if self.execution_context_set is None or self.execution_context_set.shape is None:
             layers = [{**layer, "Outputs": [{**t, "Format/Datatype": "N/A due to dynamic shapes"} for t in layer["Outputs"]]}
                       for layer in layers]
         return json.dumps({"Layers": layers, "Bindings": self.engine.names})
@@ -931,7 +944,8 @@ def test_tensorrt_8_5_names_layernorm_only_in_its_log_and_the_hint_comes_from_th
     assert any("may not import its LayerNormalization" in m for m in messages)  # warned before parsing
     # the same TensorRT parses the opset-16 export (LayerNorm as plain ops)
     op16 = shutil.copytree(make_bundle(opset=16), tmp_path / "op16")
-    assert build_engine(Bundle(op16), BuildOptions(), log=_quiet).plan.is_file()
+    cached = build_engine(Bundle(op16), BuildOptions(), log=_quiet)
+    assert cached.plan.is_file() and "error" not in cached.build["layer_precisions"]  # 8.5's inspector attribute
 
 
 def _old_style_bundle(tmp_path, config_dir, opset: int = 17) -> Path:

@@ -363,7 +363,8 @@ def inspect_plan(trt: Any, plan: bytes, spec: GraphSpec, opt_batch: int, kept_fp
             return {"error": "the plan could not be loaded for inspection (messages above)"}
         context.set_input_shape(INPUT_NAME, (opt_batch, *spec.image_size, 3))
         inspector = engine.create_engine_inspector()
-        inspector.execution_context = context  # TensorRT >= 8.4 name of the attribute
+        # the attribute is `context` in the TensorRT 8.5 bindings, `execution_context` in later ones
+        setattr(inspector, "execution_context" if hasattr(inspector, "execution_context") else "context", context)
         return layer_precisions(inspector.get_engine_information(trt.LayerInformationFormat.JSON), kept_fp32)
     except Exception as err:  # noqa: BLE001  (the plan is fine; only its report is missing)
         return {"error": f"{type(err).__name__}: {err}"}
