@@ -1043,18 +1043,21 @@ INSPECTOR_JSON = json.dumps({"Layers": [
      "Outputs": [{"Format/Datatype": "Half"}]},
     {"Name": "/ReduceL2", "LayerType": "Reduce", "Outputs": [{"Format/Datatype": "Row major linear FP16 format"}]},
     {"Name": "/Shape", "LayerType": "Shape", "Outputs": [{"Format/Datatype": "Int32"}]},
+    {"Name": "__myl_MulSum_myl3_2", "LayerType": "kgen", "Outputs": [{"Format/Datatype": "Float"}],
+     "Metadata": "[ONNX Layer: /resblocks.1/ln_2/LayerNormalization]\u001e[ONNX Layer: /resblocks.1/Add]"},
 ]})
 
 
 def test_layer_precisions_reports_what_was_built_not_what_was_asked():
     report = layer_precisions(INSPECTOR_JSON, ["/ln_pre/LayerNormalization", "/ln_pre/Cast", "/ReduceL2",
-                                               "/resblocks.0/ln_1/LayerNormalization"])
-    assert report["precisions"] == {"fp16": 2, "fp32": 2, "other": 1} and report["fused_regions"] == 1
-    assert report["fp32_requested"] == 4 and report["fp32_seen"] == 2  # the fused LayerNorm + Cast
+                                               "/resblocks.0/ln_1/LayerNormalization",
+                                               "/resblocks.1/ln_2/LayerNormalization"])
+    assert report["precisions"] == {"fp16": 2, "fp32": 3, "other": 1} and report["fused_regions"] == 2
+    assert report["fp32_requested"] == 5 and report["fp32_seen"] == 3  # LayerNorm + Cast, and one by its metadata
     assert report["fp32_lost"] == ["/ReduceL2"]  # asked FP32, built FP16
     assert report["fp32_not_visible"] == 1  # inside the Myelin region: no layer of that name
     line = describe_precisions(report)
-    assert "2 seen FP32, 1 fused where TensorRT does not report" in line and "1 NOT FP32 (/ReduceL2)" in line
+    assert "3 seen FP32, 1 fused where TensorRT does not report" in line and "1 NOT FP32 (/ReduceL2)" in line
     no_shapes = layer_precisions(json.dumps({"Layers": [{"Name": "a", "Outputs": [
         {"Format/Datatype": "N/A due to dynamic shapes"}]}]}), [])
     assert no_shapes["precisions"] == {"unknown": 1}

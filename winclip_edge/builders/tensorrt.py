@@ -72,6 +72,7 @@ CALIBRATOR_DEPRECATED_TRT = (10, 1)
 # The ONNX parser logs (INFO) the op it has no importer for; its error then only names the plugin fallback.
 NO_IMPORTER = re.compile(r"No importer registered for op: (\w+)")
 UINT8_INTERMEDIATE = "UINT8 types for intermediate tensors"
+ONNX_LAYER = re.compile(r"\[ONNX Layer: ([^\]]+)\]")  # the engine inspector's Metadata of a layer (TensorRT 10)
 # TensorRT's default name of a tensor nobody named: the ONNX parser names each node's outputs after the
 # ONNX graph, so an unnamed tensor joins two layers of the same ONNX node.
 AUTO_TENSOR = "(Unnamed Layer"
@@ -342,9 +343,10 @@ def layer_precisions(engine_information: str, kept_fp32: Sequence[str]) -> dict:
         outputs = [_precision_of(str(t.get("Format/Datatype", ""))) for t in layer.get("Outputs", []) if isinstance(t, dict)]
         precision = next((p for p in ("fp16", "int8", "fp32") if p in outputs), outputs[0] if outputs else "unknown")
         precisions[precision] += 1
-        if layer.get("LayerType") == "Myelin" or name.startswith("{ForeignNode"):
+        if layer.get("LayerType") in ("Myelin", "kgen") or name.startswith(("{ForeignNode", "__myl")):
             fused += 1
-        for part in name.split(" + "):  # TensorRT names a fused layer after its parts
+        # TensorRT names a fused layer after its parts; 10.x adds the ONNX nodes in "Metadata" (also in Myelin kernels)
+        for part in [*name.split(" + "), *ONNX_LAYER.findall(str(layer.get("Metadata", "")))]:
             by_name[part.strip()] = precision
     seen = [n for n in kept_fp32 if n in by_name]
     return {"layers": len(layers), "precisions": dict(sorted(precisions.items())), "fused_regions": fused,
