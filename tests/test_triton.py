@@ -339,6 +339,19 @@ def test_server_model_from_other_weights_is_refused(server, make_bundle, tmp_pat
     assert len(err) == 1 and "other weights" in err[0] and "Traceback" not in err[0]
 
 
+@needs_server
+def test_triton_serve_reports_a_model_that_fails_to_load(tiny_bundle):
+    http, grpc, metrics = free_ports(3)
+    env = {**os.environ, "WINCLIP_TRITON_THREADS": "not-a-number"}  # model.py's initialize raises
+    done = subprocess.run([sys.executable, "-m", "winclip_edge.cli", "triton-serve", "--bundle", str(tiny_bundle),
+                           "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
+                          capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 2
+    ours = [line for line in done.stderr.splitlines() if line.startswith("winclip-edge")]
+    assert len(ours) == 1 and "Triton did not start: failed to load 'winclip_visual'" in ours[0]
+    assert "not-a-number" in ours[0] and "Traceback" not in done.stderr
+
+
 def server_bundle(server: ServerProcess) -> Path:
     return Path(server.proc.args[server.proc.args.index("--bundle") + 1])
 

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
 from pathlib import Path
 
-from .common import EXIT_OK, csv_ints
+from .common import EXIT_OK, CliError, csv_ints
 
 
 def _repository_options(p: argparse.ArgumentParser) -> None:
@@ -55,12 +57,19 @@ def run_triton_serve(args: argparse.Namespace) -> int:
                          repository=_repository_config(args, platform="python", device="cpu"),
                          log_verbose=args.log_verbose, log_file=Path(args.log_file) if args.log_file else None)
     print(f"starting Triton for {args.bundle} (model {args.name!r}, CPU, ONNX Runtime) ...", file=sys.stderr)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     with TritonServer(args.bundle, config) as server:
         urls = server.urls()
         print(f"ready: gRPC {urls['grpc']}, HTTP {urls['http']}, metrics {urls['metrics']}; server log "
               f"{server.log_path}; client flags: --backend triton --triton-url {urls['grpc']} "
               f"--triton-model {args.name}; Ctrl-C stops", flush=True)
-        server.serve_forever()
+        try:
+            stopped = server.serve_forever(stop)
+        except KeyboardInterrupt:
+            stopped = True
+        if not stopped:
+            raise CliError(f"tritonserver exited by itself; last log line: {server.log_tail()}")
     print("Triton stopped", file=sys.stderr)
     return EXIT_OK
 

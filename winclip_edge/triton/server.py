@@ -7,11 +7,13 @@ onnxruntime/TensorRT backends (docs/triton.md).
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import shutil
 import sysconfig
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +60,8 @@ class TritonServer:
         self.config = replace(config, repository=replace(config.repository, platform="python"))
         self._triton = None
         self._workdir: Path | None = None
+        self._log_offset = 0
+        self._release = threading.Event()  # ends the thread that owns the server process
 
     @property
     def model_name(self) -> str:
@@ -87,14 +91,32 @@ class TritonServer:
             allow_gpu_metrics=False, exit_timeout_secs=5, log_verbose=c.log_verbose or None,
             log_file=self.log_path)
         self._triton = Triton(config=triton_config, workspace=self._workdir / "workspace")
+        path = self.log_path
+        self._log_offset = path.stat().st_size if path.is_file() else 0  # a --log-file may hold older runs
+        failure: list[Exception] = []
+        started = threading.Event()
+
+        def own() -> None:
+            """Start the server and outlive it: PyTriton sets PR_SET_PDEATHSIG, so tritonserver gets SIGTERM when the
+            thread that started it ends. PyTriton waits for the server up to its own timeout; the log tells sooner."""
+            try:
+                self._triton.run()
+            except Exception as err:  # reported by _wait_ready
+                failure.append(err)
+                return
+            started.set()
+            self._release.wait()
+
+        starter = threading.Thread(target=own, name="winclip-triton-owner", daemon=True)
+        starter.start()
         try:
-            self._triton.run()
-            self._wait_ready()
-        except Exception as err:
-            log = self.log_tail()
+            self._wait_ready(started, failure)
+        except ServerError:
+            if not started.is_set() and not failure:  # PyTriton still waits (2 min) for a server that exited
+                atexit.unregister(self._triton.stop)
+                self._triton = None
             self.stop()
-            raise ServerError(f"Triton did not start ({type(err).__name__}: {str(err).strip().splitlines()[:1]}); "
-                              f"last server log line: {log}") from None
+            raise
         return self
 
     @property
@@ -103,50 +125,61 @@ class TritonServer:
             return Path(self.config.log_file)
         return self._workdir / "tritonserver.log" if self._workdir is not None else None
 
-    def log_tail(self) -> str:
+    def _log_lines(self) -> list[str]:
         try:
-            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if line.strip()]
-        except (OSError, AttributeError):
-            return "(none)"
+            with open(self.log_path, "rb") as f:
+                f.seek(self._log_offset)
+                return f.read().decode(errors="replace").splitlines()
+        except (OSError, TypeError):
+            return []
+
+    def log_tail(self) -> str:
+        lines = [line for line in self._log_lines() if line.strip()]
         return lines[-1] if lines else "(none)"
 
-    def _wait_ready(self) -> None:
+    def load_error(self) -> str | None:
+        """The first model-load failure tritonserver logged, as one line (None: none so far)."""
+        for line in self._log_lines():
+            if line.startswith("E") and "failed to load" in line:
+                return line.split('] "', 1)[-1].split("\\n", 1)[0].rstrip('"')
+        return None
+
+    def _wait_ready(self, started: threading.Event, failure: list[Exception]) -> None:
         import tritonclient.http as httpclient
 
         client = httpclient.InferenceServerClient(self.urls()["http"])
         deadline = time.monotonic() + self.config.startup_timeout_s
         try:
             while time.monotonic() < deadline:
+                problem = self.load_error() or (f"{type(failure[0]).__name__}: {str(failure[0]).strip()[:300]}"
+                                                if failure else None)
+                if problem:
+                    keep = "" if self.config.log_file else "; --log-file FILE keeps the server's log"
+                    raise ServerError(f"Triton did not start: {problem}{keep}")
                 try:
-                    if client.is_model_ready(self.model_name):
-                        return
-                except Exception:
-                    pass
+                    ready = client.is_model_ready(self.model_name)
+                except Exception:  # not listening yet
+                    ready = False
+                if ready and started.is_set():
+                    return
                 time.sleep(0.2)
         finally:
             client.close()
-        raise ServerError(f"model {self.model_name!r} not ready after {self.config.startup_timeout_s:.0f} s")
+        raise ServerError(f"model {self.model_name!r} not ready after {self.config.startup_timeout_s:.0f} s; "
+                          f"last server log line: {self.log_tail()}")
 
-    def serve_forever(self) -> None:
-        """Block until the server exits or SIGINT/SIGTERM."""
-        import signal
-
-        stop = {"now": False}
-
-        def handler(signum, frame):  # noqa: ARG001 - signal handler signature
-            stop["now"] = True
-
-        signal.signal(signal.SIGTERM, handler)
-        try:
-            while not stop["now"] and self._triton is not None and self._triton.is_alive():
-                time.sleep(0.5)
-        except KeyboardInterrupt:
-            pass
+    def serve_forever(self, stop: threading.Event) -> bool:
+        """Block until ``stop`` is set (True) or the server exits by itself (False: see :meth:`log_tail`)."""
+        while not stop.wait(0.5):
+            if self._triton is None or not self._triton.is_alive():
+                return False
+        return True
 
     def stop(self) -> None:
         if self._triton is not None:
             self._triton.stop()
             self._triton = None
+        self._release.set()
         if self._workdir is not None:
             shutil.rmtree(self._workdir, ignore_errors=True)
             self._workdir = None
