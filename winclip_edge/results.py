@@ -65,9 +65,11 @@ class ResultWriter:
     The Inspector must keep the decoded images (``keep_images=True``) when ``overlays`` is on."""
 
     def __init__(self, out: str | os.PathLike, maps: bool = True, overlays: bool = True, append: bool = False,
-                 rotate_bytes: int | None = None, durable: bool = False):
+                 rotate_bytes: int | None = None, durable: bool = False, unique_names: bool = True):
         """``rotate_bytes``: past this size results.jsonl becomes results.<n>.jsonl (n = 1, 2, ...: never
-        overwritten) and a new one starts. ``durable``: each row is fsync'd before ``append_row`` returns."""
+        overwritten) and a new one starts. ``durable``: each row is fsync'd before ``append_row`` returns.
+        ``unique_names=False``: the caller's names are unique already (a station running for weeks keeps no set
+        of every name)."""
         self.out = Path(out)
         self.maps, self.overlays = maps, overlays
         for wanted, folder in ((maps, MAPS), (overlays, OVERLAYS)):
@@ -75,7 +77,7 @@ class ResultWriter:
                 (self.out / folder).mkdir(parents=True, exist_ok=True)
         self.out.mkdir(parents=True, exist_ok=True)
         self.path = self.out / RESULTS_JSONL
-        self.rotate_bytes, self.durable = rotate_bytes, durable
+        self.rotate_bytes, self.durable, self.unique_names = rotate_bytes, durable, unique_names
         self._jsonl: TextIO = open(self.path, "a" if append else "w", encoding="utf-8")
         self._used: set[str] = set()
         self.summary = Summary()
@@ -90,7 +92,7 @@ class ResultWriter:
             try:
                 t0 = time.perf_counter()
                 if save_outputs and (self.maps or self.overlays):
-                    stem = unique_stem(r.path, self._used)
+                    stem = unique_stem(r.path, self._used) if self.unique_names else Path(r.path).stem
                     if self.maps:
                         record["map"] = str(self.out / MAPS / f"{stem}.npy")
                         write_npy(record["map"], r.anomaly_map)

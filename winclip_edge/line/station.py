@@ -146,7 +146,7 @@ class Station:
         _end_with_newline(self.out / RESULTS_JSONL)
         saving = config.save != "none"
         self.writer = ResultWriter(self.out, maps=saving, overlays=saving, append=True,
-                                   rotate_bytes=int(config.rotate_mb * 2**20), durable=True)
+                                   rotate_bytes=int(config.rotate_mb * 2**20), durable=True, unique_names=False)
         self._run_id = time.strftime("%Y%m%dT%H%M%S")
         self._inflight: queue.Queue = queue.Queue(maxsize=config.inflight)
         self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
