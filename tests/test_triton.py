@@ -171,6 +171,29 @@ def test_fp16_output_graph_matches_fp32(tiny_bundle, tmp_path):
         assert np.abs(g.astype(np.float32) - r).max() < 2e-3, name
 
 
+def test_tensorrt_repository_takes_the_plan_of_this_bundle(bundle_copy, tmp_path):
+    from winclip_edge.engines.engine_cache import BatchProfile, DeviceInfo, EngineKey, save_engine
+    from winclip_edge.triton.repository import RepositoryError
+
+    bundle = Bundle(bundle_copy)
+    device = DeviceInfo(gpu="NVIDIA H100 80GB HBM3", compute_capability=(9, 0), trt_version="10.3.0")
+    other = EngineKey(device, "fp16", "0" * 64, BatchProfile(1, 8, 16))  # built from another visual.onnx
+    save_engine(bundle.root / "engines", other, b"plan of another graph", build={})
+    with pytest.raises(RepositoryError, match="0 fit"):
+        write_repository(bundle, tmp_path / "repo", RepositoryConfig(platform="tensorrt"))
+    assert not any((tmp_path / "repo").iterdir())  # nothing half-written left behind
+    key = EngineKey(device, "fp16", bundle.manifest.files["visual.onnx"], BatchProfile(1, 8, 16))
+    plan = save_engine(bundle.root / "engines", key, b"serialized engine bytes", build={})
+    folder = write_repository(bundle, tmp_path / "repo", RepositoryConfig(platform="tensorrt", max_batch=32))
+    config = read_config(folder / "config.pbtxt")
+    assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+    assert config.max_batch_size == 16  # lowered to the plan's profile maximum
+    assert (folder / "1" / "model.plan").read_bytes() == plan.read_bytes()
+    assert config.parameters["winclip_plan_built_for"].string_value == "NVIDIA H100 80GB HBM3 sm90 TensorRT 10.3.0 fp16"
+    with pytest.raises(RepositoryError, match="--outputs-fp16"):
+        write_repository(bundle, tmp_path / "repo", RepositoryConfig(platform="tensorrt", outputs_fp16=True))
+
+
 def test_python_library_env_puts_this_libpython_first():
     import sysconfig
 

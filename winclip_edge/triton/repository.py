@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..bundle import VISUAL_ONNX, Bundle
@@ -181,6 +181,13 @@ def _find_plan(bundle: Bundle, cfg: RepositoryConfig) -> tuple[Path, dict]:
     return fitting[0]
 
 
+def _built_for(key: dict) -> str:
+    """'NVIDIA H100 80GB HBM3 sm90 TensorRT 10.3.0 fp16': where a plan runs (its build-engine key)."""
+    device = key["device"]
+    cc = "".join(map(str, device["compute_capability"]))
+    return f"{device['gpu']} sm{cc} TensorRT {device['trt_version']} {key['precision']}"
+
+
 def write_repository(bundle: Bundle, out: str | os.PathLike, cfg: RepositoryConfig = RepositoryConfig(),
                      link_model: bool = False) -> Path:
     """Write ``out/<name>/`` (replacing an earlier one only once the new one is complete) and check it by parsing
@@ -191,34 +198,35 @@ def write_repository(bundle: Bundle, out: str | os.PathLike, cfg: RepositoryConf
     partial = out / f".{cfg.name}.partial"
     shutil.rmtree(partial, ignore_errors=True)
     (partial / VERSION).mkdir(parents=True)
-    extra: dict[str, str] = {}
-    cfg_used = cfg
-    if cfg.platform == "tensorrt":
-        plan, sidecar = _find_plan(bundle, cfg)
-        key = sidecar["key"]
-        profile_max = int(key["profile"]["max"])
-        if cfg.max_batch > profile_max:
-            from dataclasses import replace
-
-            cfg_used = replace(cfg, max_batch=profile_max)  # Triton refuses a max_batch_size above the plan's profile
-        extra = {"winclip_plan_built_for": f"{key['device']['gpu']} sm{''.join(map(str, key['device']['compute_capability']))}"
-                                            f" TensorRT {key['device']['trt_version']} {key['precision']}"}
-        shutil.copyfile(plan, partial / VERSION / "model.plan")
-    else:
-        onnx_dst = partial / VERSION / "model.onnx"
-        if cfg.outputs_fp16:
-            fp16_output_graph(bundle.onnx_path, onnx_dst)
-        elif link_model:
-            onnx_dst.symlink_to(bundle.onnx_path.resolve())
+    try:
+        extra: dict[str, str] = {}
+        cfg_used = cfg
+        if cfg.platform == "tensorrt":
+            plan, sidecar = _find_plan(bundle, cfg)
+            key = sidecar["key"]
+            profile_max = int(key["profile"]["max"])
+            if cfg.max_batch > profile_max:  # Triton refuses a max_batch_size above the plan's profile
+                cfg_used = replace(cfg, max_batch=profile_max)
+            extra = {"winclip_plan_built_for": _built_for(key)}
+            shutil.copyfile(plan, partial / VERSION / "model.plan")
         else:
-            shutil.copyfile(bundle.onnx_path, onnx_dst)
-            if sha256_file(onnx_dst) != bundle.manifest.files[VISUAL_ONNX]:
-                raise RepositoryError(f"{onnx_dst}: the copy of {bundle.onnx_path} fails its sha256 check (disk full?)")
-        if cfg.platform == "python":
-            shutil.copyfile(PYTHON_MODEL, partial / VERSION / "model.py")
-    config = model_config(bundle, cfg_used, extra)
-    atomic_write_bytes(partial / CONFIG, config_text(config).encode())
-    check_config(bundle, read_config(partial / CONFIG), str(partial / CONFIG))
+            onnx_dst = partial / VERSION / "model.onnx"
+            if cfg.outputs_fp16:
+                fp16_output_graph(bundle.onnx_path, onnx_dst)
+            elif link_model:
+                onnx_dst.symlink_to(bundle.onnx_path.resolve())
+            else:
+                shutil.copyfile(bundle.onnx_path, onnx_dst)
+                if sha256_file(onnx_dst) != bundle.manifest.files[VISUAL_ONNX]:
+                    raise RepositoryError(f"{onnx_dst}: the copy of {bundle.onnx_path} fails its sha256 check (disk full?)")
+            if cfg.platform == "python":
+                shutil.copyfile(PYTHON_MODEL, partial / VERSION / "model.py")
+        config = model_config(bundle, cfg_used, extra)
+        atomic_write_bytes(partial / CONFIG, config_text(config).encode())
+        check_config(bundle, read_config(partial / CONFIG), str(partial / CONFIG))
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)  # no half-written repository is left behind
+        raise
     if final.exists():
         old = out / f".{cfg.name}.old"
         shutil.rmtree(old, ignore_errors=True)
