@@ -218,6 +218,15 @@ def test_video_file_never_drops_and_paces_with_every_nth(inspector, tmp_path):
     assert [r["frame"] for r in rows_of(tmp_path / "out")] == [0, 2, 4, 6, 8] and source.buffer.dropped == 0
 
 
+def test_video_file_loop_starts_again_and_keeps_counting(inspector, tmp_path):
+    factory = ScriptedFactory([FakeCapture(bgr_frames(3)), FakeCapture(bgr_frames(3))])  # then it no longer opens
+    source = VideoSource(__file__, "vid", VideoOptions(loop=True), capture_factory=factory)
+    with Batcher(inspector) as batcher:
+        Station(StationConfig(save="none", status_every_s=0), tmp_path / "out", batcher, [source]).run(threading.Event())
+    assert [r["frame"] for r in rows_of(tmp_path / "out")] == list(range(6)) and factory.opened == 3
+    assert "cannot open" in source.error
+
+
 # ---------------------------------------------------------------- hot folder recovery
 def write_png(path, seed):
     cv2.imwrite(str(path), cv2.cvtColor(textured_part((64, 64), seed=seed), cv2.COLOR_RGB2BGR))
