@@ -3,8 +3,9 @@
 Stations keep decoding and scoring; the server batches the ViT calls of many stations. Before the first request the
 server's model is checked against the bundle: contract names/dtypes/shapes (model metadata) and the weights id +
 contract id that ``export-triton`` writes into the model config's ``parameters`` (triton/identity.py) — text
-prototypes and memories computed with other weights would score silently wrong. Requests time out, are retried with
-exponential back-off, and then fail as an :class:`EngineError` (the Inspector turns it into error results).
+prototypes and memories computed with other weights would score silently wrong. Requests have a timeout; transient
+failures are retried with exponential back-off; then the call fails as an :class:`EngineError` (the Inspector turns
+it into error results for that batch's images).
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
 DEFAULT_MODEL = "winclip_visual"
 RETRIES = 3  # after the first attempt; a server that stayed down gets one attempt per call until it answers again
 BACKOFF_S = 0.25  # first wait; doubles per retry
-_WIRE_DTYPES = {"FP32": np.float32, "FP16": np.float16}
+WIRE_DTYPES = ("FP32", "FP16")  # outputs as served (export-triton --outputs-fp16); returned as float32
 
 
 def default_url(protocol: str) -> str:
@@ -121,10 +122,11 @@ class TritonEngine:
         try:
             ready = self._call("model ready check", self.client.is_model_ready, self.model)
         except EngineError as err:
-            raise EngineError(f"{err}: server not reachable; start it (winclip-edge triton-serve --bundle "
+            raise EngineError(f"{err}: server not reachable or not answering; start it (winclip-edge triton-serve --bundle "
                               f"{bundle.root}, or Triton on the export-triton repository) or fix --triton-url") from None
         if not ready:
-            raise EngineError(f"{self.where} is not ready (not loaded, or loading failed); see the server's log")
+            raise EngineError(f"{self.where} is not ready (unknown name: see --triton-model; or not loaded, or "
+                              "its loading failed: see the server's log)")
         meta = self._call("model metadata", self.client.get_model_metadata, self.model, **json_kw)
         config = self._call("model config", self.client.get_model_config, self.model, **json_kw)
         config = config.get("config", config)  # gRPC's JSON wraps it
@@ -135,7 +137,7 @@ class TritonEngine:
         if dtypes.get(INPUT_NAME) != "UINT8":
             raise ContractError(f"{self.where}: input '{INPUT_NAME}' is {dtypes.get(INPUT_NAME)}, the contract is UINT8")
         wire = {dtypes[n] for n in self.output_names}
-        if not wire <= set(_WIRE_DTYPES) or len(wire) != 1:
+        if not wire <= set(WIRE_DTYPES) or len(wire) != 1:
             raise ContractError(f"{self.where}: output dtypes {sorted(wire)}; expected all FP32 or all FP16")
         self.output_dtype = wire.pop()
         self.max_batch = int(config.get("max_batch_size", 0))
