@@ -31,6 +31,10 @@ class UnknownProduct(WinclipError, KeyError):
         return str(self.args[0])
 
 
+class ProductServed(WinclipError, ValueError):
+    """The product is in this catalog already."""
+
+
 class SerialEngine:
     """An engine whose ``run`` calls are serialised: Inspectors of several products share it safely."""
 
@@ -127,10 +131,22 @@ class Catalog:
             self._entries = {**self._entries, product: entry}  # one assignment: readers see old or new
             return entry[0]
 
-    def warm_up(self) -> None:
-        """One engine call on a blank image (first-call allocations, lazy kernels) before real traffic."""
+    def add(self, product: str) -> Inspector:
+        """Serve a product that is new to this catalog (its files written since the start, e.g. by add-product);
+        raises on any error, leaving the catalog as it was. Returns its Inspector."""
+        with self._lock:
+            if product in self._entries:
+                raise ProductServed(f"product {product!r} is served already; reload it instead")
+            entry = self._load(product, generation=1)
+            self._entries = {**self._entries, product: entry}  # one assignment: readers see the old or the new list
+            return entry[0]
+
+    def warm_up(self, batch_size: int = 1) -> None:
+        """One engine call on ``batch_size`` blank images before real traffic: first-call allocations and lazy
+        kernels. Give the largest batch the station will run, so memory is at its working level from then on
+        (an engine's arena grows at the first batch of a new size)."""
         h, w = self.bundle.spec.image_size
-        self.engine.run(np.zeros((1, h, w, 3), np.uint8))
+        self.engine.run(np.zeros((batch_size, h, w, 3), np.uint8))
 
     def close(self) -> None:
         self.engine.close()

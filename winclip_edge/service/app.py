@@ -12,12 +12,13 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import List, Mapping, Optional
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 
 from ..catalog import Catalog, UnknownProduct
@@ -25,6 +26,8 @@ from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
 from ..line.schema import ModelIds, payload
+from ..prompts import PromptError, PromptSpec, object_name_for
+from ..text_encoder import ProductExistsError, add_product as encode_product
 from .auth import TokenAuth
 from .config import HttpConfig
 from .metrics import CONTENT_TYPE, ServiceMetrics
@@ -52,6 +55,18 @@ class ServiceContext:
     def __post_init__(self) -> None:
         for product in self.catalog.products:
             self.ids[product] = ModelIds.of(self.catalog.get(product))
+
+
+class NewProduct(BaseModel):
+    """``POST /v1/products``: a product named on the line, encoded by the bundle's text encoder (no torch)."""
+
+    name: str
+    object_name: Optional[str] = None  # default: the name with _ -> space
+    normal_states: List[str] = []  # extra states, "{o}" = the object
+    anomalous_states: List[str] = []
+    templates: List[str] = []  # extra templates, "{c}" = the state phrase
+    prompt_style: str = "cpe"
+    force: bool = False  # re-encode a product that exists
 
 
 def _error(status: int, kind: str, detail: str) -> JSONResponse:
@@ -199,6 +214,38 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         ctx.batchers[product].inspector = inspector  # the next batch is scored with the new files
         metrics.reloads.labels(product, "ok").inc()
         return _product(product)
+
+    adding = asyncio.Lock()  # one product at a time: encoding its prompts takes the CPU for a while
+
+    @app.post("/v1/products", status_code=201,
+              summary="Add (or with force re-encode) a product by name with the bundle's text encoder, and serve it")
+    async def add_product(body: NewProduct):
+        spec = PromptSpec(object_name=body.object_name or object_name_for(body.name), style=body.prompt_style,
+                          extra_normal_states=tuple(body.normal_states),
+                          extra_anomalous_states=tuple(body.anomalous_states), extra_templates=tuple(body.templates))
+        async with adding:
+            try:
+                text = await run_in_threadpool(encode_product, catalog.bundle, body.name, spec, "fp32", body.force)
+            except ProductExistsError as err:
+                return _error(409, "product_exists", str(err))
+            except PromptError as err:
+                return _error(422, "bad_prompt", str(err))
+            except WinclipError as err:  # no text encoder, a damaged one, a bad name: nothing was written
+                metrics.errors.labels("add_product").inc()
+                return _error(409, "add_product_failed", str(err))
+            try:
+                if body.name in ctx.batchers:
+                    inspector = await run_in_threadpool(catalog.reload, body.name)
+                    ctx.batchers[body.name].inspector = inspector  # the next batch uses the new prototypes
+                else:
+                    inspector = await run_in_threadpool(catalog.add, body.name)
+                    first = next(iter(ctx.batchers.values()))
+                    ctx.batchers[body.name] = Batcher(inspector, first.max_batch, first.max_wait * 1e3, first.queue_size)
+            except WinclipError as err:
+                return _error(409, "add_product_failed", f"{body.name!r} was written but cannot be served: {err}")
+            ctx.ids[body.name] = ModelIds.of(inspector)
+        return {**_product(body.name), "prompts": {"normal": len(text.normal_prompts),
+                                                   "anomalous": len(text.anomalous_prompts)}, "encoder": text.encoder}
 
     @app.get("/metrics", summary="Prometheus metrics")
     def prometheus() -> Response:
