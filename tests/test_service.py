@@ -405,6 +405,8 @@ def test_live_source_results_reach_the_store_and_the_page(bundle, images, tmp_pa
         assert {r["id"] for r in live} <= {row["id"] for row in jsonl}  # the same ids as the sinks
         verdicts = ("anomalous", "normal", "undecided")
         assert sum(s.metric("winclip_inspections_total", product="widget", verdict=v) for v in verdicts) == 2
+        text = s.client.get("/metrics").text  # the station's own counters, read at scrape time
+        assert 'winclip_dropped_frames_total{source="line1"} 0.0' in text and 'winclip_source_reconnects_total{source="line1"}' in text
     finally:
         assert s.stop() == 0
 

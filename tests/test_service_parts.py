@@ -85,3 +85,33 @@ def test_token_from_header_or_cookie():
     assert presented_token([(b"cookie", b"a=1; winclip_token=x%20y")]) == b"x y"
     assert presented_token([(b"cookie", b"a=1")]) is None
     assert presented_token([]) is None
+
+
+def test_catalog_serves_products_over_one_engine_and_reloads_atomically(make_bundle, tmp_path):
+    import shutil
+
+    from winclip_edge.catalog import Catalog, UnknownProduct
+    from winclip_edge.bundle import THRESHOLD
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(make_bundle(products=("widget", "gadget")), bundle)
+    catalog = Catalog(bundle, ["widget", "gadget", "widget"])
+    try:
+        assert catalog.products == ["widget", "gadget"]
+        widget, gadget = catalog.get("widget"), catalog.get("gadget")
+        assert widget.engine is gadget.engine is catalog.engine  # one engine, shared
+        with pytest.raises(UnknownProduct, match="gadget"):
+            catalog.get("bolt")
+        image = textured_part(seed=3)
+        before = widget.inspect([image])[0].score
+        assert gadget.inspect([image])[0].score != pytest.approx(before, abs=1e-6)  # products differ
+        catalog.reload("widget")
+        assert catalog.get("widget") is not widget and catalog.info("widget").generation == 2
+        assert catalog.get("widget").inspect([image])[0].score == pytest.approx(before, abs=1e-6)
+        (bundle / "products" / "widget" / THRESHOLD).write_text("{}")  # damaged: refused, the loaded one stays
+        current = catalog.get("widget")
+        with pytest.raises(Exception, match="threshold.json"):
+            catalog.reload("widget")
+        assert catalog.get("widget") is current and catalog.info("widget").generation == 2
+    finally:
+        catalog.close()

@@ -177,7 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
             catalog.get(catalog.products[0]).mode, catalog.engine.device,
             ", ".join(f"{s.name} ({s.kind})" for s in sources) or "none", ", ".join(s.name for s in sinks) or "none")
         if service is not None:
-            catalog.warm_up()
+            catalog.warm_up(args.max_batch)  # memory at its working level before /readyz says ready
             service.set_ready()
         station.run(stop)
     finally:

@@ -20,6 +20,7 @@ function verdictOf(r) {
   return ["undecided", "no threshold"];
 }
 
+function baseName(path) { return path ? String(path).split(/[\\/]/).pop() : ""; }
 function fmtScore(x) { return x === null || x === undefined ? "-" : Number(x).toFixed(4); }
 function fmtTime(iso) { return iso ? new Date(iso).toLocaleString() : ""; }
 
@@ -29,6 +30,7 @@ function card(r) {
   node.append(el("img", {src: r.urls.overlay, alt: "overlay " + (r.file || r.id), loading: "lazy"}));
   node.append(el("div", {class: "meta"},
     el("span", {class: "score"}, fmtScore(r.score)), " ", el("span", {class: "verdict " + cls}, text),
+    el("br"), el("span", {class: "file"}, baseName(r.file) || (r.frame !== null && r.frame !== undefined ? "frame " + r.frame : "")),
     el("br"), el("span", {class: "product"}, r.product || ""), " \u00b7 ", el("span", {class: "source"}, String(r.source || "")),
     el("br"), el("span", {class: "time"}, fmtTime(r.captured_at))));
   node.addEventListener("click", () => openDetail(r));
