@@ -28,7 +28,7 @@ from ..engines.openvino import PIP, int8_paths
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from ..preprocess import ImageError, read_image, resize_to_model
 
-DEFAULT_CALIBRATION_IMAGES = 16
+DEFAULT_CALIBRATION_IMAGES = 8  # enough for the min-max statistics of PTQ; tune measures the fidelity
 TEXTILE_NORMAL = "nominal"
 
 
