@@ -283,6 +283,27 @@ def test_triton_equals_local_onnxruntime(server, tiny_bundle, protocol):
 
 
 @needs_server
+def test_fp16_outputs_on_the_wire(tiny_bundle):
+    from winclip_edge.inspector import Inspector
+
+    fp16 = ServerProcess(tiny_bundle, "--outputs-fp16", "--name", "winclip_fp16")
+    try:
+        config = EngineConfig(backend="triton", triton_url=fp16.url("http"), triton_protocol="http",
+                              triton_model="winclip_fp16")
+        remote, local = Inspector(tiny_bundle, "widget", engine=config), Inspector(tiny_bundle, "widget")
+        assert "FP16 outputs" in remote.engine.device
+        images = [textured_part(seed=i, defect=(60, 60, 40, 40) if i == 1 else None) for i in range(3)]
+        got, ref = remote.embed(np.stack(images)), local.embed(np.stack(images))
+        for name in ref:
+            assert got[name].dtype == np.float32 and np.abs(got[name] - ref[name]).max() < 2e-3, name
+        for a, b in zip(remote.inspect(images), local.inspect(images)):
+            assert a.error is None and abs(a.score - b.score) < 1e-3
+        remote.close()
+    finally:
+        fp16.stop()
+
+
+@needs_server
 def test_infer_on_textile_images_equals_local(server, tiny_bundle, tmp_path):
     files = textile_files(3, "nominal") + textile_files(3, "local")
     rows = {}
