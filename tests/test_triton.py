@@ -156,6 +156,21 @@ def test_repository_config_parses_and_matches_contract(tiny_bundle, tmp_path):
         check_config(bundle, config, "edited")
 
 
+def test_export_triton_command(tiny_bundle, tmp_path, capsys):
+    from tritonclient.grpc import model_config_pb2 as pb
+
+    repo = tmp_path / "repo"
+    assert main(["export-triton", "--bundle", str(tiny_bundle), "--out", str(repo), "--name", "line_a", "--max-batch",
+                 "8", "--preferred-batch", "2,4", "--queue-delay-us", "100", "--instances", "3",
+                 "--instance-kind", "cpu"]) == 0
+    assert "nvcr.io/nvidia/tritonserver" in capsys.readouterr().out
+    config = read_config(repo / "line_a" / "config.pbtxt")
+    assert (config.name, config.max_batch_size, list(config.dynamic_batching.preferred_batch_size)) == ("line_a", 8, [2, 4])
+    assert config.dynamic_batching.max_queue_delay_microseconds == 100
+    assert config.instance_group[0].count == 3 and config.instance_group[0].kind == pb.ModelInstanceGroup.KIND_CPU
+    assert main(["export-triton", "--bundle", str(tiny_bundle), "--out", str(repo), "--max-batch", "0"]) == 2
+
+
 def test_fp16_output_graph_matches_fp32(tiny_bundle, tmp_path):
     import onnxruntime as ort
 

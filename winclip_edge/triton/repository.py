@@ -22,7 +22,7 @@ from ..bundle import VISUAL_ONNX, Bundle
 from ..contract import INPUT_NAME, ContractError, output_names
 from ..errors import WinclipError
 from ..fileio import atomic_write_bytes, sha256_file
-from .identity import model_parameters
+from .identity import check_parameters, model_parameters
 
 PLATFORMS = ("onnxruntime", "tensorrt", "python")
 CONFIG = "config.pbtxt"
@@ -131,8 +131,6 @@ def check_config(bundle: Bundle, config, where: str) -> None:
         raise ContractError(f"{where}: outputs {outs}, the bundle's contract is {want_outs} (FP32 or FP16)")
     if config.max_batch_size < 1:
         raise ContractError(f"{where}: max_batch_size {config.max_batch_size}: the batch axis must be Triton's")
-    from .identity import check_parameters
-
     check_parameters(bundle, {k: v.string_value for k, v in config.parameters.items()}, where)
 
 
