@@ -356,6 +356,28 @@ def test_serve_line_station_with_triton_equals_local(server, tiny_bundle, tmp_pa
 
 
 @needs_server
+def test_register_and_calibrate_through_triton_equal_local(server, bundle_copy, tmp_path):
+    import shutil
+
+    from winclip_edge.products import load_memory, load_threshold
+
+    local_copy = tmp_path / "local"
+    shutil.copytree(bundle_copy, local_copy)
+    references, normals = textile_files(3), textile_files(6)[3:]
+    for bundle, flags in ((bundle_copy, ["--backend", "triton", "--triton-url", server.url("grpc")]),
+                          (local_copy, ["--backend", "onnxruntime"])):
+        common = ["--bundle", str(bundle), "--product", "widget", *flags, "--quiet"]
+        assert main(["register", *common, *references]) == 0
+        assert main(["calibrate", *common, *normals]) == 0
+    remote, local = Bundle(bundle_copy), Bundle(local_copy)
+    m_remote, m_local = load_memory(remote, "widget"), load_memory(local, "widget")
+    assert np.abs(m_remote.patch_tokens - m_local.patch_tokens).max() <= 1e-5
+    assert np.abs(m_remote.image_embeddings - m_local.image_embeddings).max() <= 1e-5
+    t_remote, t_local = load_threshold(remote, "widget", m_remote), load_threshold(local, "widget", m_local)
+    assert abs(t_remote.value - t_local.value) <= 1e-5
+
+
+@needs_server
 def test_concurrent_clients_are_batched_by_the_server(server, tiny_bundle):
     bundle = Bundle(tiny_bundle)
     clients, rounds = 12, 3
