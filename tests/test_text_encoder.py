@@ -139,7 +139,7 @@ def test_a_tampered_text_file_is_refused(text_copy, name):
     assert run.returncode == 2 and "sha256" in run.stderr and not (text_copy / "products" / "cable").exists()
 
 
-def test_add_text_encoder_to_an_existing_bundle(bundle_copy, config_dir):
+def test_add_text_encoder_to_an_existing_bundle(bundle_copy, config_dir, capsys):
     from winclip_edge.export.models import load_from_manifest, load_model
     from winclip_edge.export.text_encoder import TextExportError, add_text_encoder
 
@@ -152,15 +152,17 @@ def test_add_text_encoder_to_an_existing_bundle(bundle_copy, config_dir):
         add_text_encoder(bundle, other)
     assert not (bundle_copy / TEXT_ONNX).exists() and not Bundle(bundle_copy).manifest.text_encoder
 
-    run = _cli(["add-text-encoder", "--bundle", str(bundle_copy)])
-    assert run.returncode == 0, run.stderr
+    from winclip_edge.cli import main
+
+    assert main(["add-text-encoder", "--bundle", str(bundle_copy)]) == 0
     bundle = Bundle(bundle_copy)
     assert bundle.manifest.text_encoder["files"][TEXT_ONNX]
     assert not [p for p in bundle_copy.iterdir() if p.name.startswith(".")]  # no temporary folder left
-    run = _cli(["info", "--bundle", str(bundle_copy)])
-    assert "text encoder: text.onnx + tokenizer.json" in run.stdout, run.stdout
-    run = _cli(["add-text-encoder", "--bundle", str(bundle_copy)])
-    assert run.returncode == 2 and "--force" in run.stderr
+    capsys.readouterr()
+    assert main(["info", "--bundle", str(bundle_copy)]) == 0
+    assert "text encoder: text.onnx + tokenizer.json" in capsys.readouterr().out
+    assert main(["add-text-encoder", "--bundle", str(bundle_copy)]) == 2
+    assert "--force" in capsys.readouterr().err
     with pytest.raises(TextExportError, match="already has"):
         add_text_encoder(bundle, load_from_manifest(bundle.manifest))
 

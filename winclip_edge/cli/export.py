@@ -41,13 +41,13 @@ def run_export(args: argparse.Namespace) -> int:
 def run_add_text_encoder(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
 
+    bundle = Bundle(args.bundle)
+    if bundle.manifest.text_encoder and not args.force:
+        raise CliError(f"{args.bundle} already has a text encoder; pass --force to export it again")
     _export_module()  # the one clear message when torch / open_clip are missing
     from ..export.models import load_from_manifest
     from ..export.text_encoder import add_text_encoder
 
-    bundle = Bundle(args.bundle)
-    if bundle.manifest.text_encoder and not args.force:
-        raise CliError(f"{args.bundle} already has a text encoder; pass --force to export it again")
     t0 = time.perf_counter()
     bundle = add_text_encoder(bundle, load_from_manifest(bundle.manifest), force=args.force)  # refuses other weights
     section = bundle.manifest.text_encoder
