@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
+import shutil
 import sys
 import tempfile
 import warnings
@@ -33,6 +34,7 @@ EXPORT_BATCH = 2  # dummy batch for tracing (the batch axis is dynamic)
 # Verification texts: a product's prompts (a batch size other than the trace's) and one longer than the context.
 VERIFY_SPEC = PromptSpec(object_name="metal nut", extra_normal_states=("{o} 👍 “clean”, Café № 5",))
 LONG_TEXT = "a photo of a scratched, dented and discoloured widget " * 12
+TMP_PREFIX = ".text-encoder-"  # the folder inside the bundle where add_text_encoder makes its files
 
 
 class TextExportError(WinclipError):
@@ -190,7 +192,9 @@ def add_text_encoder(bundle: Bundle, loaded: LoadedModel, opset: int | None = No
         raise TextExportError("the loaded model's weights differ from the bundle's; cannot add its text encoder")
     if bundle.manifest.text_encoder and not force:
         raise TextExportError(f"{bundle.root} already has a text encoder; pass --force to export it again")
-    with tempfile.TemporaryDirectory(prefix=".text-encoder-", dir=bundle.root) as tmp:
+    for stale in bundle.root.glob(f"{TMP_PREFIX}*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+    with tempfile.TemporaryDirectory(prefix=TMP_PREFIX, dir=bundle.root) as tmp:
         section = write_text_encoder(Path(tmp), loaded, opset or bundle.manifest.opset, tolerance)
         for name in section["files"]:
             os.replace(Path(tmp) / name, bundle.root / name)

@@ -154,6 +154,7 @@ def test_add_text_encoder_to_an_existing_bundle(bundle_copy, config_dir, capsys)
 
     from winclip_edge.cli import main
 
+    (bundle_copy / ".text-encoder-killed").mkdir()  # what a killed run leaves
     assert main(["add-text-encoder", "--bundle", str(bundle_copy)]) == 0
     bundle = Bundle(bundle_copy)
     assert bundle.manifest.text_encoder["files"][TEXT_ONNX]
