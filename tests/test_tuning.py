@@ -127,3 +127,7 @@ def test_cli_tune_then_infer_says_which_engine_and_why(bundle_copy, tmp_path, ca
     assert main(["infer", "--bundle", str(bundle_copy), "--product", "widget", "--precision", "fp32",
                  "--out", str(tmp_path / "r2"), str(image)]) == EXIT_OK
     assert "engine: onnxruntime fp32 (--precision/--provider given without --backend)" in capsys.readouterr().err
+    assert main(["info", "--bundle", str(bundle_copy)]) == EXIT_OK
+    info = capsys.readouterr().out
+    assert "engine (--backend auto) on this machine: " + f"{winner['backend']} {winner['precision']}" in info
+    assert "so a threshold calibrated under one holds under another to within" in info

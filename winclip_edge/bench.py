@@ -46,7 +46,7 @@ SYNTHETIC_TEXTURE_CELL = 8  # pixels per random value of the generated texture (
 PERCENTILES = (50, 90, 99)
 # Distributions whose versions a report lists (the ones present).
 VERSIONED_PACKAGES = ("numpy", "opencv-python-headless", "opencv-python", "onnxruntime", "onnxruntime-gpu", "onnx",
-                      "torch", "open_clip_torch", "tensorrt", "anomalib")
+                      "torch", "open_clip_torch", "tensorrt", "anomalib", "openvino", "nncf")
 _KIB_PER_MIB = 1024.0
 
 

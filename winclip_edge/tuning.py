@@ -364,7 +364,7 @@ def render_table(record: dict) -> str:
             f"{record['load_average_after']} (a shared CPU makes every row slower alike: compare rows, not runs)",
             f"images: {record['images']}; product {record['product']!r}; tolerance: score {record['tolerance']['score']:.0e},"
             f" map {record['tolerance']['map']:.0e} vs {record['reference']}", ""]
-    return "\n".join(head) + markdown_table(
+    return "\n".join(head) + "\n" + markdown_table(
         ["rank", "engine", "runs on", "ms / image (batch 1)", "speed-up vs fp32", "score diff", "map diff", "status",
          "why"], rows)
 
