@@ -61,13 +61,13 @@ def test_tensorrt_provider_gets_precision_profile_and_caches(bundle_copy, sessio
     assert sessions[-1].providers[2] == "CPUExecutionProvider"
 
 
-def test_tensorrt_provider_caches_under_engine_dir_on_the_asked_gpu(tiny_bundle, sessions, tmp_path):
-    create_engine(Bundle(tiny_bundle), EngineConfig(provider="tensorrt", engine_dir=tmp_path / "cache", device="cuda:1"))
+def test_tensorrt_provider_caches_under_engine_dir_on_the_asked_gpu(bundle_copy, sessions, tmp_path):
+    create_engine(Bundle(bundle_copy), EngineConfig(provider="tensorrt", engine_dir=tmp_path / "cache", device="cuda:1"))
     options = _trt_options(sessions)
     assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "onnxruntime-tensorrt")
     assert options["device_id"] == 1 and sessions[-1].providers[1] == ("CUDAExecutionProvider", {"device_id": 1})
     assert options["trt_profile_max_shapes"] == "images:8x240x240x3"  # the default batch
-    assert not (tiny_bundle / "engines").exists()  # the (read-only) bundle is not written to
+    assert not (bundle_copy / "engines" / "onnxruntime-tensorrt").exists()  # the (read-only) bundle is not written to
 
 
 def test_tensorrt_provider_batches_beyond_the_profile_are_split(tiny_bundle, sessions):
