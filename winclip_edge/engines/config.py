@@ -27,7 +27,8 @@ class EngineConfig:
     cuda_graphs: bool = False  # torch on CUDA: capture the forward pass per batch size
     mha_fastpath: bool = True  # torch: nn.MultiheadAttention's fused inference kernel
     engine_dir: Optional[Path] = None  # tensorrt / ORT TensorRT provider: engine cache folder (default <bundle>/engines)
-    max_batch: Optional[int] = None  # tensorrt: pick the plan with this profile maximum (default: the largest)
+    max_batch: Optional[int] = None  # tensorrt: pick the plan with this profile maximum (default: the largest);
+    # onnxruntime --provider tensorrt: the batch profile's maximum (default 8)
     performance_hint: str = "latency"  # openvino: latency (one request, all cores) | throughput (streams)
     triton_url: Optional[str] = None  # triton: HOST:PORT (default 127.0.0.1:8001 gRPC / 127.0.0.1:8000 HTTP)
     triton_protocol: str = "grpc"  # triton: grpc | http
