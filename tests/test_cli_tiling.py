@@ -57,7 +57,9 @@ def test_register_records_the_tiling_and_infer_uses_it_with_the_roi(bundle_copy,
     assert row["error"] is None and row["anomalous"] is False and row["image_size"] == [360, 480]
     assert np.load(row["map"])[:, 300:].max() == 0  # zeroed outside the ROI
     overlay = cv2.imread(row["overlay"])
-    assert (np.abs(overlay.astype(int) - overlay[..., ::-1].astype(int)) > 0).any()  # drawn (outline in yellow)
+    banner = overlay.shape[0] - 360
+    b, g, r = (int(v) for v in overlay[banner + 180, 299])  # the ROI's right edge, outlined in yellow
+    assert b < 80 and g > 200 and r > 200
     # the threshold belongs to this tiling and ROI: other flags are refused with the remedy
     capsys.readouterr()
     for flags in (["--tile", "off"], ["--no-roi"], ["--no-global"]):

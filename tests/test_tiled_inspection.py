@@ -121,6 +121,13 @@ def test_the_units_of_all_frames_of_a_batch_go_through_the_engine_in_one_call(bu
     results = inspector.inspect([frame(surface, s) for s in (2, 3, 4)], batch_size=3)
     assert counting.calls == [30] and all(r.timings_ms["units"] == 10 for r in results)
     assert load_tiling(inspector.bundle, "widget") == tiling
+    # position matching needs the references' grid: another frame size is that frame's error, not the batch's
+    other, same = inspector.inspect([part_surface((300, 700)), frame(surface, 5)], batch_size=2)
+    assert "tile grid" in other.error and same.error is None
+    # an ROI that misses a frame: that frame's error too
+    inspector.roi = Roi(rect=(600, 600, 10, 10))
+    missed, = inspector.inspect([frame(surface, 2)])
+    assert "does not overlap" in missed.error
 
 
 def test_a_defect_outside_the_roi_raises_no_alarm(bundle_copy):
@@ -144,6 +151,18 @@ def test_a_defect_outside_the_roi_raises_no_alarm(bundle_copy):
     assert outside_r.score <= value and inside_r.score > value
     assert outside_r.roi is not None and (outside_r.anomaly_map[:, 360:] == 0).all()
     assert outside_r.timings_ms["units"] < 1 + 12  # the tiles right of the ROI were not computed
+
+
+def test_append_adds_tiles_of_new_references(bundle_copy):
+    surface = part_surface((480, 480))
+    tiling = TilingConfig(tile=240)
+    registered(bundle_copy, tiling, [frame(surface, 1)])
+    inspector = Inspector(bundle_copy, "widget", options=ZERO_SHOT, with_threshold=False, roi=None)
+    memory, _ = register(inspector, [frame(surface, 2)], append=True)
+    bundle = Bundle(bundle_copy)
+    tiles = load_tile_memory(bundle, "widget", memory.source_sha256)
+    assert memory.size == 2 and tiles.size == 2 and sorted(set(tiles.reference.tolist())) == [0, 1]
+    assert (tiles.position[tiles.reference == 1] == np.arange(9)).all()
 
 
 def test_thresholds_belong_to_their_tiling_and_roi(bundle_copy):
@@ -193,3 +212,21 @@ def test_a_20px_defect_on_a_2048px_part_is_located_within_40px_with_tiles(bundle
         assert r.score > normal.score
     whole = Inspector(bundle_copy, "widget", engine=inspector.engine, tiling=None, with_threshold=False)
     assert whole.inspect([frame(surface, 10, (*defects[0], 20))])[0].score < results[0].score
+
+
+def test_the_line_batcher_serves_tiled_products_like_the_inspector(bundle_copy):
+    """serve runs frames through the Batcher (Inspector.inspect_decoded): the product's tiling and ROI apply there."""
+    from winclip_edge.line.batcher import Batcher, Job
+    from winclip_edge.roi import save_roi
+
+    surface = part_surface((480, 480))
+    registered(bundle_copy, TilingConfig(tile=240), [frame(surface, 1), frame(surface, 2)])
+    save_roi(Bundle(bundle_copy), "widget", Roi(rect=(0, 0, 200, 480)))
+    inspector = Inspector(bundle_copy, "widget", with_threshold=False)
+    frames = [frame(surface, 3), frame(surface, 4, (100, 100, 30))]
+    expected = inspector.inspect(frames, batch_size=1)
+    with Batcher(inspector, max_batch=1) as batcher:
+        got = [f.result(timeout=60) for f in [batcher.submit(Job(name=f"f{i}", image=x)) for i, x in enumerate(frames)]]
+    for e, g in zip(expected, got):
+        assert g.error is None and g.timings_ms["units"] == e.timings_ms["units"] < 10
+        assert g.score == pytest.approx(e.score, abs=1e-6) and (g.anomaly_map[:, 200:] == 0).all()
