@@ -120,7 +120,7 @@ def add_runtime_options(p: argparse.ArgumentParser, tiling: bool = True) -> None
     add_engine_options(p)
     p.add_argument("--batch", type=int, default=8, help="images per engine call (default 8)")
     add_scoring_options(p)
-    from .roi import add_tiling_options  # cli/roi.py imports this module
+    from .tiling_options import add_tiling_options
 
     if tiling:
         add_tiling_options(p)
@@ -132,7 +132,7 @@ def inspector(args: argparse.Namespace, zero_shot: bool = False, with_threshold:
     from dataclasses import replace
 
     from ..inspector import Inspector
-    from .roi import tiling_and_roi
+    from .tiling_options import tiling_and_roi
 
     options = scoring_options(args)
     options = replace(options, use_memory=False) if zero_shot else options

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..evaluation import DATASETS, DEFAULT_BATCH, DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..prompts import PROMPT_STYLES
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError, add_engine_options, csv, csv_ints, engine_config
-from .roi import add_tiling_options, run_tiling
+from .tiling_options import add_tiling_options, run_tiling
 
 
 def _format_mean(summary: dict, shots: str) -> str:
