@@ -42,7 +42,7 @@ def tiling_and_roi(args: argparse.Namespace) -> tuple:
     from ..bundle import Bundle
     from ..products import load_tiling
     from ..roi import parse_roi
-    from ..tiling import TilingConfig, parse_tile
+    from ..tiling import TilingConfig, TilingError, parse_tile
 
     flags = {"overlap": args.tile_overlap, "use_global": False if args.no_global else None,
              "memory": args.tile_memory, "min_defect": args.min_defect}
@@ -50,6 +50,9 @@ def tiling_and_roi(args: argparse.Namespace) -> tuple:
     if args.tile is not None or any(v is not None for v in flags.values()):
         stored = load_tiling(Bundle(args.bundle, verify=False), args.product) or TilingConfig()
         tile = parse_tile(args.tile) if args.tile is not None else stored.tile
+        if tile is None and args.tile is None:
+            raise TilingError(f"product {args.product!r} is not tiled: --tile-overlap, --no-global, --tile-memory and "
+                              "--min-defect need --tile SIZE|auto")
         tiling = None if tile is None else stored.with_overrides(tile=tile, **flags)
     roi: object = None if args.no_roi else parse_roi(args.roi) if args.roi is not None else "product"
     return tiling, roi
