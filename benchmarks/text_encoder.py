@@ -5,8 +5,9 @@
 Works on a COPY of ``--bundle`` (a bundle without the text encoder, e.g. the shared ViT-B-16-plus-240 one):
 measures its size, runs ``winclip-edge add-text-encoder`` and ``quantize --graph text`` (fp16, int8) on the copy,
 then times ``add-product`` ``--repeats`` times per encoder, each in a fresh process (wall time and the child's
-peak RSS from wait4, so imports and model loading are included: what a user waits for). The runtime runs have
-torch and open_clip made unimportable (a sitecustomize on PYTHONPATH). Run from the repository root::
+peak RSS from wait4, so imports and model loading are included: what a user waits for), and compares each
+encoder's prototypes with the export stage's. The runtime runs have torch and open_clip made unimportable (a
+sitecustomize on PYTHONPATH). Run from the repository root::
 
     python benchmarks/text_encoder.py --bundle /path/to/b16p       # -> benchmarks/results/text_encoder_<model>_<date>.md
 """
@@ -17,6 +18,7 @@ import datetime as _dt
 import os
 import shlex
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,10 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
     sys.path.insert(0, str(REPO))
 
 from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+import numpy as np  # noqa: E402
+
 from winclip_edge.bundle import Bundle  # noqa: E402
+from winclip_edge.products import load_text  # noqa: E402
 
 BLOCKER = """import sys
 class _Block:
@@ -98,11 +103,12 @@ def main(argv: list[str] | None = None) -> int:
         size = (copy / "variants" / f"text.{precision}.onnx").stat().st_size / 2**20
         variant_rows.append([f"variants/text.{precision}.onnx", f"{size:.0f}", f"{seconds:.0f}", f"{rss:.0f}"])
 
-    runs = [("runtime text.onnx fp32 (torch blocked)", ["--text-encoder", "bundle"], runtime_env),
+    runs = [("export stage (torch + open_clip)", ["--text-encoder", "export"], export_env),  # first: the reference
+            ("runtime text.onnx fp32 (torch blocked)", ["--text-encoder", "bundle"], runtime_env),
             ("runtime text.int8.onnx (torch blocked)", ["--text-encoder", "bundle", "--text-precision", "int8"],
-             runtime_env),
-            ("export stage (torch + open_clip)", ["--text-encoder", "export"], export_env)]
+             runtime_env)]
     rows = []
+    reference = None
     for label, extra, env in runs:
         samples = []
         for i in range(args.repeats):
@@ -110,8 +116,13 @@ def main(argv: list[str] | None = None) -> int:
             samples.append(timed(cli("add-product", "--bundle", str(copy), args.product, "--force", "--quiet", *extra),
                                  env))
         times = sorted(s for s, _ in samples)
-        rows.append([label, f"{times[len(times) // 2]:.1f}", f"{min(times):.1f}-{max(times):.1f}",
-                     f"{max(r for _, r in samples):.0f}"])
+        text = load_text(Bundle(copy), args.product)
+        reference = reference or text
+        diff = max(float(np.abs(text.t_normal - reference.t_normal).max()),
+                   float(np.abs(text.t_anomalous - reference.t_anomalous).max()))
+        cosine = min(float(text.t_normal @ reference.t_normal), float(text.t_anomalous @ reference.t_anomalous))
+        rows.append([label, f"{statistics.median(times):.1f}", f"{min(times):.1f}-{max(times):.1f}",
+                     f"{max(r for _, r in samples):.0f}", f"{diff:.1e}", f"{cosine:.6f}"])
     load_after = [round(v, 2) for v in os.getloadavg()]
     machine = machine_info()
     command = shlex.join([sys.executable, *sys.argv]) if argv is None else shlex.join(["benchmarks/text_encoder.py", *argv])
@@ -136,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         f"`add-text-encoder` (export stage, torch): {add_s:.0f} s, peak RSS {add_rss:.0f} MiB.", "",
         markdown_table(["optional variant", "MiB", "made in s", "peak RSS MiB"], variant_rows), "",
         f"## `add-product {args.product}` (CPE: 7 + 4 states x 22 templates = 242 prompts), one fresh process per run, {args.repeats} runs", "",
-        markdown_table(["encoder", "median s", "range s", "peak RSS MiB"], rows), "",
+        markdown_table(["encoder", "median s", "range s", "peak RSS MiB", "prototypes max abs diff vs export stage",
+                        "min cosine"], rows), "",
         "Wall time includes the Python start, imports, loading and verifying the bundle (sha256 of the graphs) and "
         "writing the product; peak RSS is the child's maximum resident set (wait4).",
     ]
