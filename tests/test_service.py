@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -256,7 +257,7 @@ def _raw_http(port: int, head: bytes, chunks=(), read_after: int = 0) -> bytes:
 
 
 def test_oversized_uploads_get_413_before_the_body_is_read(bundle, images, tmp_path):
-    s = Station(bundle, tmp_path / "out", "--max-upload-mb", "1")
+    s = Station(bundle, tmp_path / "out", "--max-upload-mb", "1", "--request-timeout", "0.001")
     try:
         # Declared 200 MB and not one byte of body sent: the answer must come anyway.
         head = (f"POST /v1/inspect?product=widget HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
@@ -270,11 +271,13 @@ def test_oversized_uploads_get_413_before_the_body_is_read(bundle, images, tmp_p
         chunk = f"{len(piece):x}\r\n".encode() + piece + b"\r\n"
         answer = _raw_http(s.port, head, [chunk] * 8 + [b"0\r\n\r\n"])
         assert answer.startswith(b"HTTP/1.1 413") and b"too_large" in answer
-        # The same through multipart, and a small upload still works.
+        # The same through multipart; a small upload passes the limit (and then outlives --request-timeout: 504).
         r = s.client.post("/v1/inspect", params={"product": "widget"}, files={"image": ("big.png", b"\x89PNG" + b"0" * 2**21)})
         assert r.status_code == 413
         assert s.metric("winclip_errors_total", kind="too_large") == 3
-        assert post(s, images["part01.png"], "widget").status_code == 200
+        r = post(s, images["part01.png"], "widget")
+        assert r.status_code == 504 and r.json()["error"] == "timeout"
+        assert s.client.get("/healthz").status_code == 200
     finally:
         assert s.stop() == 0
 
@@ -425,6 +428,11 @@ def test_review_page_renders_the_results_in_chromium(station, images, tmp_path):
     for r in newest:
         assert f'data-id="{r["id"]}"' in dom, r["id"]  # every result the API lists is a card on the page
     assert dom.count('class="card ') == len(newest) and "part09.png" in dom and "gadget" in dom
+    one = newest[0]  # the detail view, opened by its address
+    dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", f"{station.url}/#result={one['id']}"], capture_output=True,
+                         text=True, timeout=120).stdout
+    assert re.search(r'<dialog id="detail" open', dom) and f'src="/v1/results/{one["id"]}/image.jpg"' in dom
+    assert f'src="/v1/results/{one["id"]}/overlay.png"' in dom and f"{one['score']:.6f}" in dom
     shot = tmp_path / "review.png"
     subprocess.run([CHROMIUM, *flags, f"--screenshot={shot}", "--window-size=1280,900", station.url + "/"],
                    capture_output=True, timeout=120)

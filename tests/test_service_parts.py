@@ -69,7 +69,7 @@ def test_bind_safety():
     HttpConfig(host="0.0.0.0", token="t" * 32).check()
     HttpConfig(host="0.0.0.0", insecure=True).check()
     for bad in (HttpConfig(host="0.0.0.0"), HttpConfig(host="::"), HttpConfig(token="  "), HttpConfig(max_upload_mb=0),
-                HttpConfig(port=70000), HttpConfig(keep_results=0)):
+                HttpConfig(port=70000), HttpConfig(keep_results=0), HttpConfig(result_timeout_s=0)):
         with pytest.raises(ServiceError):
             bad.check()
     assert parse_host_port("127.0.0.1:8080") == ("127.0.0.1", 8080) and parse_host_port("[::1]:9") == ("::1", 9)

@@ -6,7 +6,7 @@ import importlib.util
 import os
 
 from ..service import HttpConfig, ServiceError
-from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB
+from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from .common import CliError
 
 TOKEN_ENV = "WINCLIP_TOKEN"
@@ -24,6 +24,8 @@ def add_http_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--insecure", action="store_true", help="allow a non-loopback --http without a token")
     g.add_argument("--max-upload-mb", type=float, default=MAX_UPLOAD_MB,
                    help=f"larger uploads get 413 before they are read (default {MAX_UPLOAD_MB:g})")
+    g.add_argument("--request-timeout", type=float, default=RESULT_TIMEOUT_S,
+                   help=f"seconds a request waits for its result (queue + engine) before 504 (default {RESULT_TIMEOUT_S:g})")
     g.add_argument("--keep-results", type=int, default=KEEP_RESULTS,
                    help=f"newest results kept for the review page and /v1/results (default {KEEP_RESULTS})")
 
@@ -45,7 +47,7 @@ def http_config(args: argparse.Namespace) -> HttpConfig | None:
     host, port = parse_host_port(args.http)
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
     config = HttpConfig(host=host, port=port, token=token, insecure=args.insecure, max_upload_mb=args.max_upload_mb,
-                        keep_results=args.keep_results)
+                        keep_results=args.keep_results, result_timeout_s=args.request_timeout)
     try:
         config.check()
     except ServiceError as err:

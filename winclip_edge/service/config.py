@@ -10,6 +10,7 @@ from ..errors import WinclipError
 DEFAULT_PORT = 8080
 MAX_UPLOAD_MB = 50.0
 KEEP_RESULTS = 500
+RESULT_TIMEOUT_S = 600.0
 
 
 class ServiceError(WinclipError, RuntimeError):
@@ -35,7 +36,9 @@ class HttpConfig:
     max_upload_mb: float = MAX_UPLOAD_MB
     keep_results: int = KEEP_RESULTS  # newest results the review store keeps (image, overlay, map, record)
     submit_timeout_s: float = 10.0  # how long a request waits for room in a full queue before 503
-    result_timeout_s: float = 120.0  # how long a request waits for its result before 504
+    # How long a request waits for its result before 504: queue + one engine batch. Generous by default: a big
+    # model on a busy CPU takes many seconds per image (ViT-B-16+ at batch 8 on 2 shared cores: minutes).
+    result_timeout_s: float = RESULT_TIMEOUT_S
 
     @property
     def max_upload_bytes(self) -> int:
@@ -47,6 +50,8 @@ class HttpConfig:
             raise ServiceError(f"port {self.port} is out of range (0-65535)")
         if self.max_upload_mb <= 0:
             raise ServiceError(f"--max-upload-mb must be > 0, got {self.max_upload_mb}")
+        if self.result_timeout_s <= 0:
+            raise ServiceError(f"--request-timeout must be > 0, got {self.result_timeout_s}")
         if self.keep_results < 1:
             raise ServiceError(f"--keep-results must be >= 1, got {self.keep_results}")
         if self.token is not None and not self.token.strip():

@@ -33,7 +33,7 @@ function card(r) {
     el("br"), el("span", {class: "file"}, baseName(r.file) || (r.frame !== null && r.frame !== undefined ? "frame " + r.frame : "")),
     el("br"), el("span", {class: "product"}, r.product || ""), " \u00b7 ", el("span", {class: "source"}, String(r.source || "")),
     el("br"), el("span", {class: "time"}, fmtTime(r.captured_at))));
-  node.addEventListener("click", () => openDetail(r));
+  node.addEventListener("click", () => { location.hash = "result=" + r.id; });
   return node;
 }
 
@@ -52,6 +52,14 @@ function openDetail(r) {
     table.append(el("tr", {}, el("td", {}, key), el("td", {}, String(value))));
   }
   $("detail").showModal();
+}
+
+// The detail view follows the address (#result=<id>): a link to one inspection opens it directly.
+async function showFromHash() {
+  const match = /^#result=([0-9a-f]{32})$/.exec(location.hash);
+  if (!match) { if ($("detail").open) $("detail").close(); return; }
+  const response = await fetch("/v1/results/" + match[1]);
+  if (response.ok) openDetail(await response.json());
 }
 
 async function loadProducts() {
@@ -88,4 +96,6 @@ function loop() {
 
 $("verdict").addEventListener("change", refresh);
 $("product").addEventListener("change", refresh);
-loadProducts().then(() => { refresh(); setTimeout(loop, POLL_MS); });
+$("detail").addEventListener("close", () => { if (location.hash) history.replaceState(null, "", location.pathname); });
+window.addEventListener("hashchange", showFromHash);
+loadProducts().then(() => { refresh(); showFromHash(); setTimeout(loop, POLL_MS); });
