@@ -81,7 +81,10 @@ class CandidateResult:
 def _installed(module: str) -> bool:
     from importlib.util import find_spec
 
-    return find_spec(module) is not None
+    try:
+        return find_spec(module) is not None
+    except (ImportError, ValueError):  # a broken or blocked installation counts as absent
+        return False
 
 
 def _openvino_devices() -> tuple[list[str], dict[str, list[str]]]:
