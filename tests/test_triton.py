@@ -270,9 +270,11 @@ def test_retries_with_back_off_then_one_attempt_while_down(monkeypatch):
 def test_request_timeout_is_one_error(server, tiny_bundle):
     from winclip_edge.engines import EngineError
 
+    engine = create_engine(Bundle(tiny_bundle), triton_config(server))
+    engine.timeout = 0.001  # a batch of 16 takes far longer than 1 ms on the server
     with pytest.raises(EngineError, match="timed out after 0.001 s"):
-        create_engine(Bundle(tiny_bundle), EngineConfig(backend="triton", triton_url=server.url("grpc"),
-                                                        triton_timeout=0.001))
+        engine.run(np.zeros((16, 240, 240, 3), np.uint8))
+    engine.close()
 
 
 @needs_server
