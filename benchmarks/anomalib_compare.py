@@ -653,7 +653,8 @@ def markdown(result: dict) -> str:
         "",
         "## Speed (same run, same machine)",
         "",
-        "| measure | anomalib (torch eager fp32) | winclip-edge (ORT CPU fp32) | anomalib / ours | target | met |",
+        f"| measure | anomalib (torch eager fp32) | winclip-edge ({' '.join(s.get('engine', ['onnxruntime', 'fp32']))}, CPU) "
+        "| anomalib / ours | target | met |",
         "|---|---|---|---|---|---|",
     ]
     for r in result["speed"]:
