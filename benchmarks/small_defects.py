@@ -209,7 +209,7 @@ def evaluate(bundle: Path, product: str, setting: Setting, roi, frames: list, tr
         if result.error is not None:
             raise SystemExit(f"{setting.name}: {result.error}")
         scores.append(result.score)
-        units = int(result.timings_ms.get("units", 1))
+        units = result.units
         if truth is not None:
             pixels.update(result.anomaly_map, truth)
     inspector.close()

@@ -119,7 +119,7 @@ def test_the_units_of_all_frames_of_a_batch_go_through_the_engine_in_one_call(bu
     counting = CountingEngine(inspector.engine)
     inspector.engine = counting
     results = inspector.inspect([frame(surface, s) for s in (2, 3, 4)], batch_size=3)
-    assert counting.calls == [30] and all(r.timings_ms["units"] == 10 for r in results)
+    assert counting.calls == [30] and all(r.units == 10 for r in results)
     assert load_tiling(inspector.bundle, "widget") == tiling
     # position matching needs the references' grid: another frame size is that frame's error, not the batch's
     other, same = inspector.inspect([part_surface((300, 700)), frame(surface, 5)], batch_size=2)
@@ -150,7 +150,7 @@ def test_a_defect_outside_the_roi_raises_no_alarm(bundle_copy):
     value, outside_r, inside_r = scores["roi"]
     assert outside_r.score <= value and inside_r.score > value
     assert outside_r.roi is not None and (outside_r.anomaly_map[:, 360:] == 0).all()
-    assert outside_r.timings_ms["units"] < 1 + 12  # the tiles right of the ROI were not computed
+    assert outside_r.units < 1 + 12  # the tiles right of the ROI were not computed
 
 
 def test_append_adds_tiles_of_new_references(bundle_copy):
@@ -228,5 +228,5 @@ def test_the_line_batcher_serves_tiled_products_like_the_inspector(bundle_copy):
     with Batcher(inspector, max_batch=1) as batcher:
         got = [f.result(timeout=60) for f in [batcher.submit(Job(name=f"f{i}", image=x)) for i, x in enumerate(frames)]]
     for e, g in zip(expected, got):
-        assert g.error is None and g.timings_ms["units"] == e.timings_ms["units"] < 10
+        assert g.error is None and g.units == e.units < 10
         assert g.score == pytest.approx(e.score, abs=1e-6) and (g.anomaly_map[:, 200:] == 0).all()

@@ -51,6 +51,7 @@ class InspectionResult:
     zero_shot_score: float | None = None  # s(f_img), the text-only image score
     image: np.ndarray | None = None  # the decoded RGB image (kept only when asked for, for overlays)
     roi: np.ndarray | None = None  # bool [H, W]: the inspected region when the product has an ROI (overlays outline it)
+    units: int = 1  # model inputs the frame took: the whole frame and/or its tiles (docs/tiling.md)
     timings_ms: dict = field(default_factory=dict)  # decode, engine (per image share), scoring, resize
     error: str | None = None
 
@@ -336,8 +337,8 @@ class Inspector:
             try:
                 outputs = self.embed(np.stack(inputs))
             except EngineError as err:
-                return [InspectionResult(path=d.name, error=d.error or f"{d.name}: {err}",
-                                         timings_ms={"decode": d.decode_ms}) for d in decoded]
+                return [results.get(id(d)) or InspectionResult(path=d.name, error=d.error or f"{d.name}: {err}",
+                                                               timings_ms={"decode": d.decode_ms}) for d in decoded]
             t1 = time.perf_counter()
             frames = self.score_frames([plans[id(d)] for d in good], outputs)
             t2 = time.perf_counter()
@@ -352,7 +353,7 @@ class Inspector:
                     threshold=threshold, anomaly_map=frame_map(plan, units.token_map, self.sigma),
                     zero_shot_score=zero_shot, image=d.image if keep_images else None, roi=plan.inside,
                     timings_ms={"decode": d.decode_ms, "engine": engine_ms, "scoring": scoring_ms,
-                                "resize": (time.perf_counter() - t3) * 1e3, "units": float(len(plan))})
+                                "resize": (time.perf_counter() - t3) * 1e3}, units=len(plan))
         return [results.get(id(d)) or InspectionResult(path=d.name, error=d.error, timings_ms={"decode": d.decode_ms})
                 for d in decoded]
 
