@@ -71,6 +71,12 @@ def test_register_records_the_tiling_and_infer_uses_it_with_the_roi(bundle_copy,
         capsys.readouterr()
         assert main(["infer", *base, "--out", str(tmp_path / "o4"), *bad, defective]) == 2
         assert capsys.readouterr().err.count("\n") == 1
+    # back to whole frames: register and calibrate record the tiling they ran with
+    assert main(["register", *base, "--tile", "off", refs]) == 0
+    assert load_tiling(Bundle(bundle_copy), "widget").tile is None
+    assert main(["calibrate", *base, "--zero-shot", "--tile", "auto", "--min-defect", "20", normal]) == 0
+    assert load_tiling(Bundle(bundle_copy), "widget") == TilingConfig(tile="auto", min_defect=20)
+    assert main(["infer", *base, "--zero-shot", "--out", str(tmp_path / "o5"), defective]) == 0  # threshold accepted
 
 
 def test_eval_with_tiles_scores_like_the_inspector_with_the_same_references(bundle_copy, tmp_path):

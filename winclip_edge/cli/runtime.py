@@ -29,7 +29,8 @@ def run_register(args: argparse.Namespace) -> int:
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..calibration import calibrate
-    from ..products import THRESHOLD, save_threshold
+    from ..products import THRESHOLD, save_threshold, save_tiling
+    from ..tiling import TilingConfig
 
     inspector = common.inspector(args, with_threshold=False)
     images = collect_inputs(args.images)
@@ -37,6 +38,8 @@ def run_calibrate(args: argparse.Namespace) -> int:
         threshold, failed = calibrate(inspector, images, args.false_alarm_rate, args.batch, progress=bar.update)
     report_failures(failed)
     save_threshold(inspector.bundle, args.product, threshold)
+    if args.tile is not None:  # the threshold belongs to this tiling: make it the product's setting (docs/tiling.md)
+        save_tiling(inspector.bundle, args.product, inspector.tiling or TilingConfig())
     how = "leave-one-out over the memory" if threshold.leave_one_out else "normal images"
     print(f"threshold {threshold.value:.6f} (image score, [0,1]) for {args.product!r}, {threshold.mode}: "
           f"{threshold.n_images} {how}, false alarms on them {threshold.false_alarm_rate:.1%} "
