@@ -50,7 +50,8 @@ def test_peak_rss_sees_an_allocation():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     before, during, after = map(float, run.stdout.split())
-    assert before < 200 and during - before >= 240 and after >= during, (before, during, after)
+    # after: the peak within /proc's rounding (a current-RSS reading would drop by ~256 MiB once the block is freed)
+    assert before < 200 and during - before >= 240 and after >= during - 1, (before, during, after)
 
 
 def test_cold_start_reads_the_marker_line_and_the_child_report():
