@@ -39,7 +39,7 @@ class _Pulled:
     def collect(self) -> Iterator:
         depth = GaugeMetricFamily("winclip_queue_depth", "Jobs waiting for the engine", labels=["product"])
         sizes = HistogramMetricFamily("winclip_engine_batch_size", "Images per engine call", labels=["product"])
-        for product, batcher in self.batchers.items():
+        for product, batcher in list(self.batchers.items()):  # a copy: POST /v1/products may add one meanwhile
             stats = batcher.stats()
             depth.add_metric([product], stats.queue_depth)
             buckets = [(str(b), float(sum(n for s, n in stats.batch_sizes.items() if s <= b))) for b in BATCH_BUCKETS]
