@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
