@@ -44,10 +44,6 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-# Python puts this folder first on sys.path; its triton.py (the Triton benchmark) would shadow the triton package
-# that torch imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]

@@ -29,10 +29,6 @@ from pathlib import Path
 
 import numpy as np
 
-# Python puts this folder first on sys.path; its triton.py (the Triton benchmark) would shadow the triton package
-# that torch imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-
 from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, create_engine

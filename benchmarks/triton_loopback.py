@@ -10,7 +10,7 @@ same number of client threads. Bounded: ``--requests`` per client count (default
 Without ``--bundle`` a tiny random-weight bundle (tests/conftest.py "tiny240": the default model's 15x15 grid) is
 exported in a subprocess (needs the export extra). Run from the repository root::
 
-    python benchmarks/triton.py [--bundle DIR --product P] [--requests 48] [--clients 1,4,16]
+    python benchmarks/triton_loopback.py [--bundle DIR --product P] [--requests 48] [--clients 1,4,16]
     # -> benchmarks/results/triton_<model>_<UTC stamp>.md + .json
 """
 from __future__ import annotations
