@@ -438,3 +438,30 @@ def test_review_page_renders_the_results_in_chromium(station, images, tmp_path):
                    capture_output=True, timeout=120)
     picture = cv2.imread(str(shot))
     assert picture is not None and picture.shape[:2] == (900, 1280) and picture.std() > 10
+
+
+def test_tiling_and_roi_flags_of_serve_equal_infer_with_the_same_flags(bundle, images, tmp_path):
+    """serve takes infer's --tile/--roi flags (over the product's setting): the HTTP score and map equal infer's."""
+    flags = ["--tile", "120", "--tile-overlap", "0.3", "--roi", "10,10,150,150"]
+    paths = list(images.values())[:2]
+    cli("infer", "--bundle", str(bundle), "--product", "widget", "--out", str(tmp_path / "infer"), "--batch", "1",
+        *flags, *map(str, paths))
+    want = {Path(r["path"]).name: r for r in
+            map(json.loads, (tmp_path / "infer" / "results.jsonl").read_text().splitlines())}
+    plain = infer_scores(bundle, "widget", paths, tmp_path / "plain")
+    s = Station(bundle, tmp_path / "out", *flags)
+    try:
+        for path in paths:
+            r = post(s, path, "widget")
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert abs(body["score"] - want[path.name]["score"]) < 1e-6
+            served = np.load(io.BytesIO(s.client.get(f"/v1/results/{body['id']}/map.npy").content))
+            assert np.abs(served - np.load(want[path.name]["map"])).max() < 1e-5
+            assert np.abs(served - np.load(plain[path.name]["map"])).max() > 1e-3, "the flags changed nothing"
+            assert served[:10].max() == 0 and served[:, :10].max() == 0, "outside the ROI"
+    finally:
+        assert s.stop() == 0, s.log.read_text()[-3000:]
+    bad = cli("serve", "--bundle", str(bundle), "--product", "widget", "--out", str(tmp_path / "bad"),
+              "--http", f"127.0.0.1:{free_port()}", "--tile-overlap", "0.3", check=False)
+    assert bad.returncode == 2 and "--tile" in bad.stderr

@@ -13,7 +13,7 @@ import datetime as _dt
 import os
 import threading
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -74,11 +74,14 @@ class Catalog:
 
     def __init__(self, bundle: str | os.PathLike | Bundle, products: Sequence[str],
                  engine: EngineConfig | Engine = EngineConfig(), options: ScoringOptions = ScoringOptions(),
-                 sigma: float = 0.0):
+                 sigma: float = 0.0, settings: Callable[[str], tuple[Any, Any]] | None = None):
+        """``settings(product) -> (tiling, roi)`` for the Inspector (docs/tiling.md); default: the product's own,
+        re-read on every reload."""
         if not products:
             raise ValueError("a catalog needs at least one product")
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.options, self.sigma = options, sigma
+        self.settings = settings or (lambda product: ("product", "product"))
         for product in products:
             self.bundle.check_product(product)  # every name first: a typo fails before the engine is made
         made = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
@@ -109,7 +112,9 @@ class Catalog:
         return self._entry(product)[1]
 
     def _load(self, product: str, generation: int) -> tuple[Inspector, ProductInfo]:
-        inspector = Inspector(self.bundle, product, engine=self.engine, options=self.options, sigma=self.sigma)
+        tiling, roi = self.settings(product)
+        inspector = Inspector(self.bundle, product, engine=self.engine, options=self.options, sigma=self.sigma,
+                              tiling=tiling, roi=roi)
         calibrated_at = None
         if inspector.threshold is not None:
             record = read_checked_json(self.bundle.product_dir(product) / THRESHOLD)

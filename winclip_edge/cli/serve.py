@@ -15,6 +15,7 @@ from ..line.sources import DROP_POLICIES, FolderSource, VideoOptions, VideoSourc
 from ..line.station import SAVE_POLICIES, Station, StationConfig
 from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options, engine_config, scoring_options
 from .serve_http import add_http_options, http_config
+from .tiling_options import add_tiling_options, tiling_and_roi
 
 
 def register(sub: Any) -> None:
@@ -25,6 +26,7 @@ def register(sub: Any) -> None:
                    help="product inside the bundle; repeatable (the sources inspect the first one; the HTTP face serves all)")
     add_engine_options(p)
     add_scoring_options(p)
+    add_tiling_options(p)
     p.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map, pixels (default off)")
     p.add_argument("--out", required=True, help="output folder: results.jsonl, maps/, overlays/, spool/")
     p.add_argument("--station", default=socket.gethostname(), help="station name in every payload (default: host name)")
@@ -157,8 +159,11 @@ def run_serve(args: argparse.Namespace) -> int:
         sinks.append(WebhookSink(args.webhook))
     _log_to_stderr()
     out = Path(args.out).resolve()
+    def settings(product: str) -> tuple:  # the product's tiling / ROI with this run's flags applied
+        return tiling_and_roi(argparse.Namespace(**{**vars(args), "product": product}))
+
     catalog = Catalog(args.bundle, args.product, engine=engine_config(args), options=scoring_options(args),
-                      sigma=args.sigma)
+                      sigma=args.sigma, settings=settings)
     batchers = {p: Batcher(catalog.get(p), args.max_batch, args.max_wait_ms, args.queue_size) for p in catalog.products}
     station = Station(config, out, batchers[catalog.products[0]], sources, sinks)
     service = None
