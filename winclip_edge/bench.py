@@ -19,7 +19,6 @@ import os
 import platform
 import resource
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +33,7 @@ import numpy as np
 
 from .engines.config import EngineConfig
 from .errors import WinclipError
+from .machine import cpu_model, gpus
 from .scoring import ScoringOptions
 
 RESULT_MARKER = "WINCLIP_BENCH_RESULT "  # a cold-start child prints this + JSON when its first result exists
@@ -189,16 +189,6 @@ def cold_start(argv: Sequence[str], marker: str = RESULT_MARKER, timeout_s: floa
     return ColdStart(seconds=seconds, report=report, returncode=proc.returncode)
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _ram_gib() -> float | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
@@ -209,22 +199,9 @@ def _ram_gib() -> float | None:
     return None
 
 
-def _gpus() -> list[str]:
-    """GPU names from nvidia-smi (no CUDA library is imported for this)."""
-    smi = shutil.which("nvidia-smi")
-    if smi is None:
-        return []
-    try:
-        out = subprocess.run([smi, "--query-gpu=name,memory.total,driver_version", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
-
-
 def machine_info() -> dict:
     """CPU model, logical cores, RAM, GPUs, OS and the current load average (the CPU may be shared)."""
-    return {"cpu": _cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "gpus": _gpus(),
+    return {"cpu": cpu_model(), "cores": os.cpu_count(), "ram_gib": _ram_gib(), "gpus": gpus(details=True),
             "os": platform.platform(), "python": platform.python_version(),
             "load_average": [round(v, 2) for v in os.getloadavg()]}
 

@@ -48,13 +48,14 @@ def isa_flags() -> list[str]:
     return sorted({f for f in _cpuinfo()[1] if _ISA_FLAG.match(f)})
 
 
-def gpus() -> list[str]:
-    """GPU names from nvidia-smi (no CUDA library is imported for this)."""
+def gpus(details: bool = False) -> list[str]:
+    """GPU names from nvidia-smi (no CUDA library is imported for this); ``details`` adds memory and driver."""
     smi = shutil.which("nvidia-smi")
     if smi is None:
         return []
+    query = "name,memory.total,driver_version" if details else "name"
     try:
-        out = subprocess.run([smi, "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True,
+        out = subprocess.run([smi, f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True,
                              timeout=20)
     except (OSError, subprocess.TimeoutExpired):
         return []
