@@ -440,8 +440,10 @@ def test_review_page_renders_the_results_in_chromium(station, images, tmp_path):
     assert picture is not None and picture.shape[:2] == (900, 1280) and picture.std() > 10
 
 
-def test_tiling_and_roi_flags_of_serve_equal_infer_with_the_same_flags(bundle, images, tmp_path):
+def test_tiling_and_roi_flags_of_serve_equal_infer_with_the_same_flags(make_bundle, images, tmp_path):
     """serve takes infer's --tile/--roi flags (over the product's setting): the HTTP score and map equal infer's."""
+    bundle = tmp_path / "bundle"  # as exported: the module's bundle gets memories and thresholds from other tests
+    shutil.copytree(make_bundle(products=PRODUCTS), bundle)
     flags = ["--tile", "120", "--tile-overlap", "0.3", "--roi", "10,10,150,150"]
     paths = list(images.values())[:2]
     cli("infer", "--bundle", str(bundle), "--product", "widget", "--out", str(tmp_path / "infer"), "--batch", "1",
