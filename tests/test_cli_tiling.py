@@ -33,6 +33,10 @@ def test_roi_command_sets_shows_and_clears(bundle_copy, tmp_path, capsys):
     assert main(["roi", *base]) == 0 and "mask_sha256" in capsys.readouterr().out
     assert main(["roi", *base, "--rect", "5,6,70,80"]) == 0
     assert load_roi(Bundle(bundle_copy), "widget").rect == (5, 6, 70, 80)
+    capsys.readouterr()
+    assert main(["info", "--bundle", str(bundle_copy)]) == 0
+    widget = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("widget:"))
+    assert "whole frame" in widget and "ROI {'rect': [5, 6, 70, 80]}" in widget, widget
     for bad in (["--rect", "5,6,70"], [str(tmp_path / "missing.png")], ["--clear", "--rect", "1,1,1,1"]):
         capsys.readouterr()
         assert main(["roi", *base, *bad]) == 2
@@ -49,6 +53,9 @@ def test_register_records_the_tiling_and_infer_uses_it_with_the_roi(bundle_copy,
     defective = write_frames(tmp_path / "bad", surface, (5,), defect=(150, 400, 30))
     assert main(["register", *base, "--tile", "240", "--tile-overlap", "0.3", refs]) == 0
     assert load_tiling(Bundle(bundle_copy), "widget") == TilingConfig(tile=240, overlap=0.3)
+    capsys.readouterr()
+    assert main(["info", "--bundle", str(bundle_copy)]) == 0
+    assert "tiles 240 overlap 0.3 position memory" in capsys.readouterr().out
     assert main(["roi", "--bundle", str(bundle_copy), "--product", "widget", "--rect", "0,0,300,360"]) == 0
     assert main(["calibrate", *base, normal]) == 0
     out = tmp_path / "out"

@@ -75,8 +75,10 @@ def run_infer(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from ..bundle import Bundle, BundleError
-    from ..products import load_memory, load_threshold
+    from ..bundle import Bundle
+    from ..errors import WinclipError
+    from ..products import load_memory, load_threshold, load_tiling
+    from ..roi import load_roi
 
     bundle = Bundle(args.bundle)
     m = bundle.manifest
@@ -89,11 +91,16 @@ def run_info(args: argparse.Namespace) -> int:
         try:
             memory = load_memory(bundle, product)
             threshold = load_threshold(bundle, product, memory)
-        except BundleError as err:  # one broken product must not hide the others
+            tiling, roi = load_tiling(bundle, product), load_roi(bundle, product)
+        except WinclipError as err:  # one broken product must not hide the others
             print(f"  {product}: {err}")
             continue
+        tiles = ("whole frame" if tiling is None or not tiling.enabled else
+                 f"tiles {tiling.tile} overlap {tiling.overlap} {tiling.memory} memory"
+                 f"{'' if tiling.use_global else ', no whole-frame pass'}")
         print(f"  {product}: memory {memory.size if memory else 0} image(s), threshold "
-              f"{'none' if threshold is None else f'{threshold.value:.6f} ({threshold.mode}, {threshold.n_images} images)'}")
+              f"{'none' if threshold is None else f'{threshold.value:.6f} ({threshold.mode}, {threshold.n_images} images)'}"
+              f", {tiles}, ROI {'none' if roi is None else roi.identity}")
     from ..tuning import engine_notes
 
     for line in engine_notes(bundle):
