@@ -25,7 +25,6 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -33,7 +32,7 @@ import numpy as np
 
 from .engines.config import EngineConfig
 from .errors import WinclipError
-from .machine import cpu_model, gpus
+from .machine import cpu_model, gpus, installed_versions
 from .scoring import ScoringOptions
 
 RESULT_MARKER = "WINCLIP_BENCH_RESULT "  # a cold-start child prints this + JSON when its first result exists
@@ -208,12 +207,7 @@ def machine_info() -> dict:
 
 def software_versions(packages: Sequence[str] = VERSIONED_PACKAGES) -> dict:
     """Installed versions of ``packages`` (absent ones left out); torch's CUDA version when torch is loaded."""
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            continue
+    versions = installed_versions(packages)
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch.version, "cuda", None):
         versions["torch_cuda"] = torch.version.cuda

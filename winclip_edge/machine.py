@@ -16,6 +16,7 @@ import subprocess
 from functools import lru_cache
 from importlib import metadata
 from pathlib import Path
+from typing import Sequence
 
 # Libraries whose version changes which kernels run (or which candidates exist).
 ENGINE_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "openvino", "torch", "tensorrt", "numpy")
@@ -62,14 +63,19 @@ def gpus(details: bool = False) -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()] if out.returncode == 0 else []
 
 
-def library_versions() -> dict[str, str]:
+def installed_versions(packages: Sequence[str]) -> dict[str, str]:
+    """Versions of the installed ``packages`` (absent ones left out), read from their metadata (no import)."""
     versions = {}
-    for name in ENGINE_PACKAGES:
+    for name in packages:
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             continue
     return versions
+
+
+def library_versions() -> dict[str, str]:
+    return installed_versions(ENGINE_PACKAGES)
 
 
 @lru_cache(maxsize=1)

@@ -11,9 +11,22 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ..line.sources import DROP_POLICIES, FolderSource, VideoOptions, VideoSource, source_kind
+from ..line.sources import (
+    DROP_POLICIES,
+    FolderSource,
+    VideoOptions,
+    VideoSource,
+    source_kind,
+)
 from ..line.station import SAVE_POLICIES, Station, StationConfig
-from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options, engine_config, scoring_options
+from .common import (
+    EXIT_OK,
+    CliError,
+    add_engine_options,
+    add_scoring_options,
+    engine_config,
+    scoring_options,
+)
 from .serve_http import add_http_options, http_config
 from .tiling_options import add_tiling_options, tiling_and_roi
 
@@ -127,8 +140,9 @@ def _log_to_stderr() -> None:
 
 def run_serve(args: argparse.Namespace) -> int:
     from ..catalog import Catalog
+    from ..inputs import parse_host_port
     from ..line.batcher import Batcher
-    from ..line.sinks import MqttConfig, MqttSink, WebhookSink, parse_host_port
+    from ..line.sinks import MqttConfig, MqttSink, WebhookSink
 
     http = http_config(args)  # bad flags fail before anything loads
     if not args.source and http is None:

@@ -5,6 +5,8 @@ import argparse
 import importlib.util
 import os
 
+from .. import inputs
+from ..errors import WinclipError
 from ..service import HttpConfig, ServiceError
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from .common import CliError
@@ -31,11 +33,11 @@ def add_http_options(p: argparse.ArgumentParser) -> None:
 
 
 def parse_host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit():
-        raise CliError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}")
-    return host, int(port)
+    """--http's HOST:PORT (no default port: a listening address is always explicit)."""
+    try:
+        return inputs.parse_host_port(text)
+    except WinclipError:
+        raise CliError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}") from None
 
 
 def http_config(args: argparse.Namespace) -> HttpConfig | None:

@@ -59,16 +59,6 @@ class MqttConfig:
     keepalive_s: int = 30
 
 
-def parse_host_port(text: str, default_port: int) -> tuple[str, int]:
-    """``HOST:PORT`` or ``HOST`` -> (host, port); a clear error for anything else."""
-    host, sep, port = text.rpartition(":")
-    if not sep:
-        host, port = text, str(default_port)
-    if not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise WinclipError(f"expected HOST:PORT, got {text!r}")
-    return host, int(port)
-
-
 class MqttSink:
     """QoS 1 publishing with paho-mqtt's network thread, which reconnects by itself. A message whose PUBACK
     did not come is not published again: paho re-sends it after the reconnect and we keep waiting for it.
