@@ -82,19 +82,13 @@ def build_module(loaded: LoadedModel, options: ExportOptions) -> WindowedVisual:
 def export_onnx(module: WindowedVisual, path: Path, opset: int = DEFAULT_OPSET) -> None:
     spec = module.spec
     dummy = torch.randint(0, 256, (EXPORT_BATCH, *spec.image_size, 3), dtype=torch.uint8)
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    # nn.MultiheadAttention's fused inference kernel has no ONNX symbolic: trace the plain maths instead.
-    torch.backends.mha.set_fastpath_enabled(False)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
-            torch.onnx.export(
-                module, (dummy,), str(path), dynamo=False, input_names=[INPUT_NAME],
-                output_names=output_names(spec.scales), dynamic_axes=spec.dynamic_axes(), opset_version=opset,
-                do_constant_folding=True,
-            )
-    finally:
-        torch.backends.mha.set_fastpath_enabled(fastpath)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notices
+        torch.onnx.export(
+            module, (dummy,), str(path), dynamo=False, input_names=[INPUT_NAME],
+            output_names=output_names(spec.scales), dynamic_axes=spec.dynamic_axes(), opset_version=opset,
+            do_constant_folding=True,
+        )
 
 
 def verify_onnx(module: WindowedVisual, path: Path, images: np.ndarray | None = None, seed: int = 0) -> dict[str, float]:

@@ -175,7 +175,7 @@ def test_cuda_graphs_are_captured_and_replayed_on_the_configured_device():
     engine.torch = SimpleNamespace(cuda=fake_cuda, zeros=torch.zeros, uint8=torch.uint8, no_grad=torch.no_grad,
                                    from_numpy=torch.from_numpy, backends=torch.backends)
     engine.torch_device = SimpleNamespace(type="cuda", index=1)
-    engine.precision, engine.mha_fastpath, engine._graphs = "fp32", True, {}
+    engine.precision, engine._graphs = "fp32", {}
 
     class Pinned:  # stands in for the pinned host / device tensors
         def __init__(self, *shape):

@@ -355,7 +355,7 @@ def built_layers(network: FakeNetwork, config, trt) -> list[dict]:
             precision = "bool" if dtype == np.bool_ else "int"
         else:
             precision = "fp16" if fp16 and layer.precision != trt.float32 else "fp32"
-        if trt.myelin and fp16 and "/resblocks." in layer.name and layer.type != trt.LayerType.CONSTANT:
+        if trt.myelin and fp16 and layer.name.startswith(("/body.", "/last_block")) and layer.type != trt.LayerType.CONSTANT:
             fused.append(layer.name)
             continue
         rows.append({"Name": layer.name, "LayerType": layer.type.name.title(),
@@ -950,19 +950,19 @@ def test_tensorrt_8_5_names_layernorm_only_in_its_log_and_the_hint_comes_from_th
 
 def _old_style_bundle(tmp_path, config_dir, opset: int = 17) -> Path:
     """The graph as exported before the cast-first fix: uint8 images -> Transpose -> Cast."""
+    import torch
+
     from winclip_edge.export.onnx_export import ExportOptions, export_bundle
     from winclip_edge.export.windowed_clip import WindowedVisual
 
-    def permute_then_cast(self, images):  # WindowedVisual._tokens before the fix, verbatim but for this comment
+    def permute_then_cast(self, images):  # WindowedVisual._tokens with the order before the fix
         v = self.visual
         x = images.permute(0, 3, 1, 2).float()  # [N, 3, H, W]: a uint8 Transpose, then the Cast
         x = (x - self.pixel_mean) / self.pixel_std
         x = v.conv1(x)
         x = x.flatten(2).transpose(1, 2)
-        pos = v.positional_embedding.to(x.dtype)
-        patches = v.ln_pre(x + pos[1:])
-        cls = v.ln_pre(v.class_embedding.to(x.dtype) + pos[0]).view(1, 1, -1)
-        return patches, cls
+        cls = v.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)
+        return v.ln_pre(torch.cat([cls, x], dim=1) + v.positional_embedding.to(x.dtype))
 
     out = tmp_path / f"old-opset{opset}"
     with pytest.MonkeyPatch.context() as patch:

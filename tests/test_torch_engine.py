@@ -31,19 +31,11 @@ def reference(tiny_bundle):
     return bundle, images, engine.run(images)
 
 
-@pytest.mark.parametrize("mha_fastpath", [True, False])
-def test_cpu_fp32_equals_onnxruntime(reference, mha_fastpath):
+def test_cpu_fp32_equals_onnxruntime(reference):
     bundle, images, expected = reference
-    engine = create_engine(bundle, EngineConfig(backend="torch", device="cpu", mha_fastpath=mha_fastpath))
+    engine = create_engine(bundle, EngineConfig(backend="torch", device="cpu"))
     assert engine.device == "cpu, torch fp32"
     assert _max_diff(engine.run(images), expected) < FP32_TOLERANCE
-
-
-def test_mha_fastpath_switch_is_restored(reference):
-    bundle, images, _ = reference
-    before = torch.backends.mha.get_fastpath_enabled()
-    create_engine(bundle, EngineConfig(backend="torch", device="cpu", mha_fastpath=not before)).run(images[:1])
-    assert torch.backends.mha.get_fastpath_enabled() == before
 
 
 def test_fp16_keeps_layernorm_fp32_and_stays_close(reference):

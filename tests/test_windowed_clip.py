@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from winclip_edge.export.models import load_model
-from winclip_edge.export.windowed_clip import FullLastBlock, WindowedVisual
+from winclip_edge.export.windowed_clip import UnsupportedModelError, WindowedVisual
 from winclip_edge.windows import window_token_index
 
 
@@ -103,15 +103,38 @@ def test_batch_invariance(config_dir):
         torch.testing.assert_close(batch[name][1:2], alone[name], atol=1e-5, rtol=0)
 
 
-def test_cls_only_last_block_is_exact(config_dir):
+@pytest.mark.parametrize("saving", ["cls_only_last_block", "shared_first_projections"])
+def test_exact_savings_are_exact(config_dir, saving):
     loaded = _model(config_dir, "tiny224p32")
-    fast, full = _module(loaded), _module(loaded, cls_only_last_block=False)
-    assert isinstance(full.last_block_cls, FullLastBlock)
+    fast, plain = _module(loaded), _module(loaded, **{saving: False})
     images = torch.randint(0, 256, (2, 224, 224, 3), dtype=torch.uint8)
     with torch.no_grad():
-        a, b = fast(images), full(images)
+        a, b = fast(images), plain(images)
     for name in a:
         torch.testing.assert_close(a[name], b[name], atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_blocks_equal_open_clip_blocks(config_dir):
+    """export/blocks.py on [sequences * length, width] rows == open_clip's block on [sequences, length, width]."""
+    from winclip_edge.export.blocks import Block, ClsBlock
+
+    loaded = _model(config_dir, "tiny240")
+    for blk in loaded.model.visual.transformer.resblocks:
+        x = torch.randn(5, 7, 64)
+        expected = blk(x)
+        torch.testing.assert_close(Block(blk)(x.reshape(-1, 64), 7).reshape(5, 7, 64), expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(ClsBlock(blk)(x.reshape(-1, 64), 7), expected[:, 0], atol=1e-5, rtol=0)
+        qkv = Block(blk).qkv(x.reshape(-1, 64), 7)
+        torch.testing.assert_close(Block(blk)(x.reshape(-1, 64), 7, qkv).reshape(5, 7, 64), expected, atol=1e-5, rtol=0)
+
+
+def test_custom_blocks_are_refused(config_dir):
+    loaded = _model(config_dir, "tiny240")
+    blocks = loaded.model.visual.transformer.resblocks
+    blocks[1].attn = torch.nn.Identity()
+    with pytest.raises(UnsupportedModelError, match="MultiheadAttention"):
+        _module(loaded)
 
 
 def test_grid_and_dims_come_from_the_model(config_dir):

@@ -25,7 +25,6 @@ class EngineConfig:
     threads: int = 0  # onnxruntime / openvino intra-op threads; 0 = its default
     device: str = "auto"  # torch: auto | cpu | cuda | cuda:<i>; openvino: auto (CPU) | cpu | gpu | npu
     cuda_graphs: bool = False  # torch on CUDA: capture the forward pass per batch size
-    mha_fastpath: bool = True  # torch: nn.MultiheadAttention's fused inference kernel
     engine_dir: Optional[Path] = None  # tensorrt / ORT TensorRT provider: engine cache folder (default <bundle>/engines)
     max_batch: Optional[int] = None  # tensorrt: pick the plan with this profile maximum (default: the largest);
     # onnxruntime --provider tensorrt: the batch profile's maximum (default 8)

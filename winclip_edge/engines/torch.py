@@ -54,10 +54,8 @@ class TorchEngine:
 
     def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="torch")):
         """``config.device``: auto (cuda when available) | cpu | cuda | cuda:<i>; ``config.precision``: fp32 | fp16
-        (LayerNorm stays fp32); ``config.cuda_graphs``: capture the forward pass per batch size (CUDA only);
-        ``config.mha_fastpath``: nn.MultiheadAttention's fused inference kernel (torch.backends.mha; on by default)."""
+        (LayerNorm stays fp32); ``config.cuda_graphs``: capture the forward pass per batch size (CUDA only)."""
         device, precision, cuda_graphs = config.device, config.resolved_precision, config.cuda_graphs
-        mha_fastpath = config.mha_fastpath
         if precision not in TORCH_PRECISIONS:
             raise EngineError(f"the torch backend runs precision {TORCH_PRECISIONS}, got {precision!r}; "
                               "int8 is an ONNX Runtime variant (`winclip-edge quantize`, then --backend onnxruntime)")
@@ -83,7 +81,6 @@ class TorchEngine:
         self.torch = torch
         self.precision = precision
         self.cuda_graphs = cuda_graphs
-        self.mha_fastpath = mha_fastpath
         m = bundle.manifest
         loaded = load_from_manifest(m)
         module = WindowedVisual(loaded.model.visual, mean=m.mean, std=m.std, scales=m.scales, stride=m.stride,
@@ -98,16 +95,14 @@ class TorchEngine:
     # ------------------------------------------------------------ running
     @contextlib.contextmanager
     def _flags(self) -> Iterator[None]:
-        """Process-wide torch switches for the duration of a call, restored afterwards: the MHA fast path,
-        and no TF32 convolutions in fp32 (cuDNN allows them by default; fp32 here means fp32)."""
+        """A process-wide torch switch for the duration of a call, restored afterwards: no TF32 convolutions in
+        fp32 (cuDNN allows them by default; fp32 here means fp32)."""
         torch = self.torch
-        fastpath, tf32 = torch.backends.mha.get_fastpath_enabled(), torch.backends.cudnn.allow_tf32
-        torch.backends.mha.set_fastpath_enabled(self.mha_fastpath)
+        tf32 = torch.backends.cudnn.allow_tf32
         torch.backends.cudnn.allow_tf32 = tf32 and self.precision != "fp32"
         try:
             yield
         finally:
-            torch.backends.mha.set_fastpath_enabled(fastpath)
             torch.backends.cudnn.allow_tf32 = tf32
 
     def _forward(self, images: Any) -> dict:
