@@ -1,6 +1,6 @@
 """open_clip's residual attention block, written out for WinCLIP's many short sequences (docs/method.md §4.3).
 
-The maths of ``ResidualAttentionBlock.forward``, arranged for the exported graph (docs/performance.md §13):
+The maths of ``ResidualAttentionBlock.forward``, arranged for the exported graph (docs/performance.md §5):
 
 - the residual stream is 2-D ``[sequences * length, width]``, so the output projection and the MLP export as
   ``Gemm`` with the bias fused (a 3-D ``Linear`` exports as ``MatMul`` + ``Add``, one more pass over memory);

@@ -95,6 +95,22 @@ def test_auto_picks_the_recorded_winner_and_falls_back_on_another_machine(tuned,
     assert "no tune record for this machine" in selection.reason and record["machine_key"] in selection.reason
 
 
+def test_auto_with_a_precision_takes_the_fastest_accepted_engine_of_that_precision(tuned):
+    bundle, record = tuned
+    faithful = [c for c in record["candidates"] if c["status"] == "accepted" and c["precision"] == "fp32"]
+    fastest = min(faithful, key=lambda c: c["ms_per_image"])
+    selection = auto.resolve(bundle, EngineConfig(backend="auto", precision="fp32"))
+    assert selection.config == EngineConfig(backend=fastest["backend"], precision="fp32", threads=fastest["threads"])
+    assert "fastest fp32 engine `tune` measured" in selection.reason
+    assert selection.config.threads != 1  # the rejected (noisy) 1-thread candidate is never chosen
+    body = json.loads(auto.record_path(bundle).read_text())
+    rows = [c for c in body["candidates"] if c["precision"] == "fp32" and c["status"] == "accepted"]
+    assert auto.fastest_accepted(body, "fp32") == min(rows, key=lambda c: c["ms_per_image"])
+    selection = auto.resolve(bundle, EngineConfig(backend="auto", precision="int8"))  # tune accepted no int8 engine
+    assert selection.record is None and selection.config == EngineConfig(backend="onnxruntime", precision="int8")
+    assert "accepted no int8 engine" in selection.reason
+
+
 def test_auto_refuses_a_record_of_another_graph(tuned, tmp_path):
     import shutil
 
@@ -118,15 +134,20 @@ def test_cli_tune_then_infer_says_which_engine_and_why(bundle_copy, tmp_path, ca
             "--backends", "onnxruntime,openvino", "--no-build"]
     assert main(argv) == EXIT_OK
     out = capsys.readouterr().out
-    assert "winner on this machine" in out and "| rank |" in out
+    assert "winner on this machine" in out and "| rank |" in out and "--precision fp32 runs it" in out
     winner = auto.load_record(Bundle(bundle_copy))["winner"]
     assert main(["infer", "--bundle", str(bundle_copy), "--product", "widget", "--out", str(tmp_path / "r"),
                  str(image)]) == EXIT_OK
     err = capsys.readouterr().err
     assert f"engine: {winner['backend']} {winner['precision']}: tuned winner for this machine" in err
+    fastest_fp32 = auto.fastest_accepted(auto.load_record(Bundle(bundle_copy)), "fp32")
     assert main(["infer", "--bundle", str(bundle_copy), "--product", "widget", "--precision", "fp32",
                  "--out", str(tmp_path / "r2"), str(image)]) == EXIT_OK
-    assert "engine: onnxruntime fp32 (--precision/--provider given without --backend)" in capsys.readouterr().err
+    assert (f"engine: {fastest_fp32['backend']} fp32: fastest fp32 engine `tune` measured for this machine"
+            in capsys.readouterr().err)
+    assert main(["infer", "--bundle", str(bundle_copy), "--product", "widget", "--provider", "cpu",
+                 "--out", str(tmp_path / "r3"), str(image)]) == EXIT_OK
+    assert "engine: onnxruntime fp32 (--provider given without --backend)" in capsys.readouterr().err
     assert main(["info", "--bundle", str(bundle_copy)]) == EXIT_OK
     info = capsys.readouterr().out
     assert "engine (--backend auto) on this machine: " + f"{winner['backend']} {winner['precision']}" in info

@@ -50,7 +50,8 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     """--backend and its options (every command that runs the graph)."""
     p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
                    help="engine (default auto: the winner `winclip-edge tune` recorded for this machine, else onnxruntime "
-                        "fp32; --precision/--provider without --backend mean onnxruntime)")
+                        "fp32; with --precision P: the fastest engine of precision P tune accepted here, e.g. "
+                        "--precision fp32 = the fastest exact one; --provider without --backend means onnxruntime)")
     p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
     p.add_argument("--threads", type=int, default=0, help="ONNX Runtime / OpenVINO intra-op threads (0 = its default)")
     p.add_argument("--precision", choices=ENGINE_PRECISIONS, default=None,
@@ -86,9 +87,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
                           performance_hint=args.performance_hint)
     if config.backend != "auto":
         return config
-    if args.precision is not None or args.provider != "auto":  # what these flags meant before auto existed
-        print(f"engine: onnxruntime {config.resolved_precision} (--precision/--provider given without --backend)",
-              file=sys.stderr)
+    if args.provider != "auto":  # an ONNX Runtime provider asked for: ONNX Runtime, as before auto existed
+        print(f"engine: onnxruntime {config.resolved_precision} (--provider given without --backend)", file=sys.stderr)
         return replace(config, backend="onnxruntime")
     from ..bundle import Bundle
     from ..engines.auto import resolve

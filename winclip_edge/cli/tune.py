@@ -6,6 +6,7 @@ import sys
 from typing import Any
 
 from ..bundle import Bundle
+from ..engines.auto import fastest_accepted
 from ..tuning import DEFAULT_FIDELITY_IMAGES, DEFAULT_MAX_MAP_DIFF, DEFAULT_MAX_SCORE_DIFF, TuneConfig, render_table, \
     run_tune, save_record
 from .common import EXIT_OK, CliError, csv_ints
@@ -42,6 +43,11 @@ def cmd_tune(args: argparse.Namespace) -> int:
           f"{' ' + str(w['threads']) + ' threads' if w['threads'] else ''} ({w['ms_per_image']:.0f} ms/image, "
           f"{record['reference_ms_per_image'] / w['ms_per_image']:.2f}x onnxruntime fp32); recorded in {path}. "
           "register/calibrate/infer/serve/eval use it by default (--backend auto).")
+    exact = fastest_accepted(record, "fp32")
+    if exact is not None:
+        print(f"fastest exact engine: {exact['backend']} fp32{' ' + str(exact['threads']) + ' threads' if exact['threads'] else ''} "
+              f"({exact['ms_per_image']:.0f} ms/image, {record['reference_ms_per_image'] / exact['ms_per_image']:.2f}x "
+              "onnxruntime fp32); --precision fp32 runs it.")
     return EXIT_OK
 
 

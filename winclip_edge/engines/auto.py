@@ -1,5 +1,9 @@
 """``--backend auto``: the engine ``winclip-edge tune`` found fastest and faithful on this machine, else ONNX Runtime fp32.
 
+With a precision (``EngineConfig(backend="auto", precision="fp32")``, the CLI's ``--precision fp32``) it is the
+fastest engine of that precision ``tune`` accepted here -- for fp32 the fastest *exact* engine -- else ONNX Runtime
+at that precision.
+
 The tune record lives in the bundle, one file per machine (machine.py: CPU model + ISA flags, GPUs, inference
 library versions), checksummed::
 
@@ -49,31 +53,47 @@ def load_record(bundle: Bundle, key: str | None = None) -> dict:
     return record
 
 
-def winner_config(record: dict, base: EngineConfig) -> EngineConfig:
-    w = record["winner"]
-    return replace(base, backend=w["backend"], precision=w["precision"], threads=int(w.get("threads", 0)),
-                   performance_hint=w.get("performance_hint", base.performance_hint),
-                   device=w.get("device", base.device), provider=w.get("provider", base.provider))
+def row_config(row: dict, base: EngineConfig) -> EngineConfig:
+    """The EngineConfig of one candidate row of a tune record."""
+    return replace(base, backend=row["backend"], precision=row["precision"], threads=int(row.get("threads", 0)),
+                   performance_hint=row.get("performance_hint", base.performance_hint),
+                   device=row.get("device", base.device), provider=row.get("provider", base.provider))
+
+
+def fastest_accepted(record: dict, precision: str | None) -> dict | None:
+    """The record's winner, or with ``precision`` its fastest accepted candidate of that precision (None: none)."""
+    if precision is None:
+        return record["winner"]
+    rows = [c for c in record["candidates"] if c["status"] == "accepted" and c["precision"] == precision]
+    return min(rows, key=lambda c: c["ms_per_image"]) if rows else None
 
 
 def resolve(bundle: Bundle, config: EngineConfig) -> Selection:
-    """``config`` unchanged unless its backend is ``auto``; then the tuned winner or the exact fallback."""
+    """``config`` unchanged unless its backend is ``auto``; then the tuned choice or the exact fallback.
+
+    ``config.precision`` None: the tuned winner; a precision: the fastest accepted engine of that precision."""
     if config.backend != "auto":
         return Selection(config, f"{config.describe()} (asked for)", None)
-    fallback = replace(config, backend=FALLBACK.backend, precision=FALLBACK.precision)
+    precision = config.precision
+    fallback = replace(config, backend=FALLBACK.backend, precision=precision or FALLBACK.precision)
+    default = "the exact default" if fallback.resolved_precision == "fp32" else "the default backend"
     try:
         record = load_record(bundle)
     except BundleError as err:
-        return Selection(fallback, f"{fallback.describe()}, the exact default: {err}; `winclip-edge tune --bundle "
+        return Selection(fallback, f"{fallback.describe()}, {default}: {err}; `winclip-edge tune --bundle "
                                    f"{bundle.root}` finds the fastest faithful engine here", None)
-    chosen = winner_config(record, config)
-    w = record["winner"]
+    row = fastest_accepted(record, precision)
+    if row is None:
+        return Selection(fallback, f"{fallback.describe()}, {default}: `winclip-edge tune` accepted no {precision} "
+                                   f"engine on this machine", None)
+    chosen = row_config(row, config)
     tol = record["tolerance"]
-    return Selection(chosen, f"{chosen.describe()}: tuned winner for this machine ({record['machine']['cpu']}, "
-                             f"{record['date']}), {w['ms_per_image']:.0f} ms/image vs {record['reference_ms_per_image']:.0f} "
-                             f"for onnxruntime fp32; scores within {w['score_max_abs']:.1e} (limit {tol['score']:.0e}), "
-                             f"maps within {w['map_max_abs']:.1e} (limit {tol['map']:.0e}) of fp32", record)
+    what = "tuned winner" if precision is None else f"fastest {precision} engine `tune` measured"
+    return Selection(chosen, f"{chosen.describe()}: {what} for this machine ({record['machine']['cpu']}, "
+                             f"{record['date']}), {row['ms_per_image']:.0f} ms/image vs {record['reference_ms_per_image']:.0f} "
+                             f"for onnxruntime fp32; scores within {row['score_max_abs']:.1e} (limit {tol['score']:.0e}), "
+                             f"maps within {row['map_max_abs']:.1e} (limit {tol['map']:.0e}) of fp32", record)
 
 
-__all__ = ["FALLBACK", "RECORD_FORMAT", "Selection", "TUNING_DIR", "load_record", "record_path", "resolve",
-           "winner_config"]
+__all__ = ["FALLBACK", "RECORD_FORMAT", "Selection", "TUNING_DIR", "fastest_accepted", "load_record", "record_path",
+           "resolve", "row_config"]
