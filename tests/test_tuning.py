@@ -152,3 +152,4 @@ def test_cli_tune_then_infer_says_which_engine_and_why(bundle_copy, tmp_path, ca
     info = capsys.readouterr().out
     assert "engine (--backend auto) on this machine: " + f"{winner['backend']} {winner['precision']}" in info
     assert "so a threshold calibrated under one holds under another to within" in info
+    assert f"fastest exact engine on this machine (--precision fp32): {fastest_fp32['backend']} fp32" in info

@@ -383,6 +383,9 @@ def engine_notes(bundle: Bundle) -> list[str]:
     selection = resolve(bundle, EngineConfig(backend="auto"))
     lines = [f"engine (--backend auto) on this machine: {selection.reason}"]
     record = selection.record
+    if record is not None:
+        exact = resolve(bundle, EngineConfig(backend="auto", precision="fp32")).config
+        lines.append(f"fastest exact engine on this machine (--precision fp32): {exact.describe()}")
     if record is None:
         lines.append("thresholds: exact only under the engine they were calibrated with (onnxruntime fp32 is the "
                      "reference); `tune` measures how far the other engines' scores differ here")
