@@ -9,10 +9,9 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import cv2
-import numpy as np
 import pytest
 
-from conftest import textured_part
+from conftest import free_port, textured_part, wait_for
 from winclip_edge.fileio import sha256_file
 from winclip_edge.inspector import Inspector
 from winclip_edge.line.batcher import Batcher
@@ -26,14 +25,6 @@ from winclip_edge.line.station import Station, StationBusy, StationConfig, moved
 PAYLOAD_FIELDS = {"schema", "id", "station", "product", "source", "frame", "file", "file_sha256", "captured_at",
                   "score", "anomalous", "threshold", "mode", "model", "weights_id", "memory_id", "threshold_id",
                   "latency_ms", "overlay", "map", "error"}
-
-
-def wait_for(condition, timeout=60.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 # ---------------------------------------------------------------- spool and buffers
@@ -293,14 +284,6 @@ class Receiver(BaseHTTPRequestHandler):
 
     def log_message(self, *args):
         pass
-
-
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_webhook_down_then_up_delivers_everything_in_order(tmp_path):

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import textured_part
+from conftest import free_port, textured_part
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -28,12 +28,6 @@ pytest.importorskip("fastapi")
 PRODUCTS = ("widget", "gadget")
 READY_TIMEOUT_S = 120
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import textured_part
+from conftest import free_ports, textured_part
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'winclip-edge[triton]')")
 
@@ -37,16 +36,6 @@ try:
 except ImportError as err:  # the wheel exists for Linux x86_64/aarch64 with glibc >= 2.35 only
     NO_PYTRITON = f"nvidia-pytriton cannot be imported here ({err}); the real-server tests need its tritonserver"
 needs_server = pytest.mark.skipif(bool(NO_PYTRITON), reason=NO_PYTRITON or "-")
-
-
-def free_ports(n: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(n)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
 
 
 class ServerProcess:

@@ -378,14 +378,15 @@ __all__ = ["CandidateResult", "DEFAULT_MAX_MAP_DIFF", "DEFAULT_MAX_SCORE_DIFF", 
 
 def engine_notes(bundle: Bundle) -> list[str]:
     """What ``info`` says about engines: what auto runs here and how far a threshold carries between engines."""
-    from .engines.auto import TUNING_DIR, resolve
+    from .engines.auto import TUNING_DIR, fastest_accepted, resolve, row_config
 
     selection = resolve(bundle, EngineConfig(backend="auto"))
     lines = [f"engine (--backend auto) on this machine: {selection.reason}"]
     record = selection.record
-    if record is not None:
-        exact = resolve(bundle, EngineConfig(backend="auto", precision="fp32")).config
-        lines.append(f"fastest exact engine on this machine (--precision fp32): {exact.describe()}")
+    exact = fastest_accepted(record, "fp32") if record is not None else None
+    if exact is not None:
+        lines.append(f"fastest exact engine on this machine (--precision fp32): "
+                     f"{row_config(exact, EngineConfig()).describe()}")
     if record is None:
         lines.append("thresholds: exact only under the engine they were calibrated with (onnxruntime fp32 is the "
                      "reference); `tune` measures how far the other engines' scores differ here")
