@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
     sys.path.insert(0, str(REPO))
 
-from winclip_edge.bench import machine_info, peak_rss_mib, software_versions, write_report
+from winclip_edge.performance.bench import machine_info, peak_rss_mib, software_versions, write_report
 from winclip_edge.products import TextPrototypes
 
 ANOMALIB_VERSION = "2.7.0"  # the release whose conventions this harness maps (see the docs)
@@ -482,7 +482,7 @@ def prepare_inputs(path: Path, size: tuple[int, int], n_images: int, shots: int)
     """Textile images (conformal-clip-data), resized once to the model size with the runtime's resize, so
     both sides see the same bytes. Test images alternate local / global defects and normal images;
     the ``shots`` references are other normal images."""
-    from winclip_edge.datasets import GOOD, read_folder, textile_root
+    from winclip_edge.evaluation.datasets import GOOD, read_folder, textile_root
     from winclip_edge.preprocess import read_image, resize_to_model
 
     _, samples = read_folder(textile_root())
@@ -704,7 +704,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> dict:
         (bundle.product_dir(args.product) / name).unlink(missing_ok=True)
     if spec["engine"][1] == "int8":  # made before the timed worker, as `tune` or `quantize` would have
         from winclip_edge.engines import EngineConfig
-        from winclip_edge.tuning import prepare_engine
+        from winclip_edge.performance.tuning import prepare_engine
 
         prepare_engine(bundle, EngineConfig(backend=spec["engine"][0], precision="int8"), args.product, _log)
     _log("winclip-edge worker (same phases) ...")

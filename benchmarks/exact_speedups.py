@@ -42,7 +42,7 @@ from torch import nn  # noqa: E402
 from winclip_edge.export.models import load_model  # noqa: E402
 from winclip_edge.export.onnx_export import export_onnx  # noqa: E402
 from winclip_edge.export.windowed_clip import WindowedVisual  # noqa: E402
-from winclip_edge.bench import interleaved, latency_stats, machine_info, markdown_table, software_versions, \
+from winclip_edge.performance.bench import interleaved, latency_stats, machine_info, markdown_table, software_versions, \
     write_report  # noqa: E402
 from winclip_edge.contract import INPUT_NAME, output_names  # noqa: E402
 

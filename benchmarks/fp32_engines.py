@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, create_engine
 

@@ -35,9 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
     sys.path.insert(0, str(REPO))
 
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
 from winclip_edge.bundle import Bundle  # noqa: E402
-from winclip_edge.datasets import textile_root  # noqa: E402
+from winclip_edge.evaluation.datasets import textile_root  # noqa: E402
 
 PACKAGES = ("onnxruntime", "numpy", "opencv-python-headless", "opencv-python", "paho-mqtt", "watchdog")
 PACED_FRACTION = 0.7

@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
-from winclip_edge.datasets import textile_root  # noqa: E402
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+from winclip_edge.evaluation.datasets import textile_root  # noqa: E402
 
 MAX_RSS_GROWTH = 0.05
 

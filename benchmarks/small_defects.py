@@ -43,12 +43,12 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
     sys.path.insert(0, str(REPO))
 
 from winclip_edge import Inspector  # noqa: E402
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
-from winclip_edge.metrics import PixelMetrics, image_metrics  # noqa: E402
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+from winclip_edge.evaluation.metrics import PixelMetrics, image_metrics  # noqa: E402
 from winclip_edge.registration import register  # noqa: E402
-from winclip_edge.roi import mask_from_array, save_roi  # noqa: E402
+from winclip_edge.tiles.roi import mask_from_array, save_roi  # noqa: E402
 from winclip_edge.scoring import ScoringOptions  # noqa: E402
-from winclip_edge.tiling import AUTO, TilingConfig  # noqa: E402
+from winclip_edge.tiles.tiling import AUTO, TilingConfig  # noqa: E402
 
 PRODUCT = "part"
 TINY_CONFIG = {  # tests/conftest.py "tiny240": the default model's 15x15 grid at a fraction of its cost

@@ -35,8 +35,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
     sys.path.insert(0, str(REPO))
 
 from winclip_edge import cli  # noqa: E402
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
-from winclip_edge.datasets import textile_root  # noqa: E402
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+from winclip_edge.evaluation.datasets import textile_root  # noqa: E402
 
 PRODUCT = "textile"
 TINY_CONFIG = {  # tests/conftest.py "tiny240": the default model's 15x15 grid at a fraction of its cost

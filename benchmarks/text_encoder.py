@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
     sys.path.insert(0, str(REPO))
 
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
 import numpy as np  # noqa: E402
 
 from winclip_edge.bundle import Bundle  # noqa: E402

@@ -33,7 +33,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packages come first
     sys.path.insert(0, str(REPO))
 
-from winclip_edge.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
+from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
 from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.engines import EngineConfig, create_engine  # noqa: E402
 from winclip_edge.preprocess import read_image, resize_to_model  # noqa: E402
@@ -68,7 +68,7 @@ def tiny_bundle(folder: Path) -> Path:
 
 
 def textile_frames(bundle: Bundle, n: int) -> np.ndarray:
-    from winclip_edge.datasets import textile_root
+    from winclip_edge.evaluation.datasets import textile_root
 
     files = sorted((textile_root() / "nominal").glob("*"))[:n]
     return np.stack([resize_to_model(read_image(f), bundle.spec.image_size) for f in files])

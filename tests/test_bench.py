@@ -11,7 +11,7 @@ import pytest
 
 from conftest import textured_part
 from winclip_edge import Inspector
-from winclip_edge.bench import RESULT_MARKER, cold_start, interleaved, latency_stats, machine_info, markdown_table, \
+from winclip_edge.performance.bench import RESULT_MARKER, cold_start, interleaved, latency_stats, machine_info, markdown_table, \
     peak_rss_mib, software_versions, synthetic_images, time_calls
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import EXIT_OK, main
@@ -45,7 +45,7 @@ def test_interleaved_calls_every_entry_once_per_round():
 def test_peak_rss_sees_an_allocation():
     """In a fresh interpreter, whose peak is far below the block (this process's peak may already be above it):
     a touched 256 MiB block raises the peak by that much, and freeing it does not lower the peak."""
-    code = ("import numpy as np; from winclip_edge.bench import peak_rss_mib; before = peak_rss_mib(); "
+    code = ("import numpy as np; from winclip_edge.performance.bench import peak_rss_mib; before = peak_rss_mib(); "
             "block = np.ones(256 * 2**20 // 8); during = peak_rss_mib(); del block; print(before, during, peak_rss_mib())")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr

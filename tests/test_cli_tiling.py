@@ -10,8 +10,8 @@ import pytest
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import main
 from winclip_edge.products import load_tiling
-from winclip_edge.roi import load_roi
-from winclip_edge.tiling import TilingConfig
+from winclip_edge.tiles.roi import load_roi
+from winclip_edge.tiles.tiling import TilingConfig
 
 from test_tiled_inspection import frame, part_surface
 
@@ -89,7 +89,7 @@ def test_register_records_the_tiling_and_infer_uses_it_with_the_roi(bundle_copy,
 def test_eval_with_tiles_scores_like_the_inspector_with_the_same_references(bundle_copy, tmp_path):
     """eval --tile on a folder data set: every test image's score equals inspecting it with the unit's references
     registered with the same tiling (the faithful path), and pixel metrics come from the stitched maps."""
-    from winclip_edge.evaluation import EvalConfig, run_evaluation
+    from winclip_edge.evaluation.runner import EvalConfig, run_evaluation
     from winclip_edge.inspector import Inspector
     from winclip_edge.registration import register
     from winclip_edge.scoring import ScoringOptions

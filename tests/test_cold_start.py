@@ -6,7 +6,7 @@ import numpy as np
 from conftest import textured_part
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, create_engine
-from winclip_edge.machine import machine_key
+from winclip_edge.performance.machine import machine_key
 
 CPU = EngineConfig(backend="onnxruntime", provider="cpu")
 

@@ -1,4 +1,4 @@
-"""winclip_edge.datasets on tiny fake MVTec-AD / VisA / folder trees."""
+"""winclip_edge.evaluation.datasets on tiny fake MVTec-AD / VisA / folder trees."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from winclip_edge.datasets import (
+from winclip_edge.evaluation.datasets import (
     DatasetError,
     Sample,
     mvtec_classes,

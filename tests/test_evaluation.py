@@ -16,9 +16,9 @@ from conftest import textured_part
 from winclip_edge import Inspector
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import main
-from winclip_edge.datasets import read_mvtec, split_references
+from winclip_edge.evaluation.datasets import read_mvtec, split_references
 from winclip_edge.engines import EngineConfig, create_engine
-from winclip_edge.evaluation import (
+from winclip_edge.evaluation.runner import (
     RANDOM_WEIGHTS_WARNING,
     EvalConfig,
     EvaluationError,
@@ -26,10 +26,10 @@ from winclip_edge.evaluation import (
     run_evaluation,
     scoring_options,
 )
-from winclip_edge.metrics import IMAGE_KEYS, PIXEL_KEYS, image_auroc, pixel_auroc_exact, pro_exact
-from winclip_edge.paper import paper_result
+from winclip_edge.evaluation.metrics import IMAGE_KEYS, PIXEL_KEYS, image_auroc, pixel_auroc_exact, pro_exact
+from winclip_edge.evaluation.paper import paper_result
 from winclip_edge.products import load_text, save_memory
-from winclip_edge.report import ReportError
+from winclip_edge.evaluation.report import ReportError
 
 PART_SIZE = (64, 80)  # (H, W): not the model size, so maps are resized back
 DEFECT = (20, 30, 16, 20)  # top, left, height, width

@@ -89,6 +89,51 @@ def test_no_import_circle():
     assert not cycles, "import circles (lazy imports count too):\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
+# docs/architecture.md's layers, lowest first: a module imports its own layer and the ones below, never one above
+# (lazy imports count). A name is a module or a package of winclip_edge (winclip_edge.export = the export stage);
+# the longest prefix decides; the package root (the public API) stands above them all.
+LAYERS = (
+    ("utilities", ("errors", "fileio", "performance.machine")),
+    ("maths and the graph contract", ("contract", "windows", "scoring", "prompts", "evaluation.paper",
+                                      "evaluation.metrics")),
+    ("files and images", ("bundle", "products", "preprocess", "heatmap", "inputs", "tokenizer", "tiles",
+                          "evaluation.datasets")),
+    ("engines", ("engines", "builders", "export", "text_encoder")),
+    ("pipeline", ("inspector", "catalog", "calibration", "registration", "results", "demo", "performance",
+                  "evaluation", "triton")),
+    ("faces", ("line", "service")),
+    ("command line", ("cli",)),
+)
+
+
+def layer_of(name: str) -> int | None:
+    """Index in LAYERS of module ``name`` (None: the package root, or a module no layer names)."""
+    rest = name[len(PACKAGE) + 1:] if name.startswith(PACKAGE + ".") else None
+    best, found = -1, None
+    for index, (_, prefixes) in enumerate(LAYERS):
+        for prefix in prefixes:
+            if rest is not None and (rest == prefix or rest.startswith(prefix + ".")) and len(prefix) > best:
+                best, found = len(prefix), index
+    return found
+
+
+def test_every_module_has_a_layer():
+    files = module_files()
+    assert not [n for n in files if n != PACKAGE and layer_of(n) is None], "add them to LAYERS (docs/architecture.md)"
+
+
+def test_no_import_runs_back_up_a_layer():
+    files = module_files()
+    offenders = []
+    for name in files:
+        here = layer_of(name)
+        for target, _ in imports_of(name, files):
+            there = layer_of(target) if target in files else None
+            if here is not None and there is not None and there > here:
+                offenders.append(f"{name} ({LAYERS[here][0]}) imports {target} ({LAYERS[there][0]})")
+    assert not offenders, "imports running back up a layer:\n" + "\n".join(offenders)
+
+
 def test_argparse_and_the_cli_stay_in_the_cli_package():
     files = module_files()
     offenders = [f"{name} imports {target}" for name in files if not name.startswith(f"{PACKAGE}.cli")
@@ -110,8 +155,8 @@ def test_runtime_never_imports_heavy_libraries_eagerly():
 
 
 def test_importing_the_runtime_and_its_cli_loads_no_heavy_library():
-    code = ("import sys, winclip_edge, winclip_edge.cli, winclip_edge.inspector, winclip_edge.bench, "
-            "winclip_edge.evaluation; heavy = %r; print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
+    code = ("import sys, winclip_edge, winclip_edge.cli, winclip_edge.inspector, winclip_edge.performance.bench, "
+            "winclip_edge.evaluation.runner; heavy = %r; print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))"
             % (HEAVY,))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
     assert out.stdout.strip() == "[]", out.stdout
@@ -127,11 +172,18 @@ def test_the_layer_rules_can_fail(tmp_path, monkeypatch):
     (pkg / "b.py").write_text("def f():\n    from .a import y\n")
     (pkg / "c.py").write_text("def g():\n    import argparse\n")
     (pkg / "cli" / "__init__.py").write_text("import argparse\n")
+    (pkg / "scoring.py").write_text("def h():\n    from .inspector import Inspector\n")
+    (pkg / "inspector.py").write_text("")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     with pytest.raises(AssertionError, match="winclip_edge.a -> winclip_edge.b -> winclip_edge.a"):
         test_no_import_circle()
     with pytest.raises(AssertionError, match="winclip_edge.c imports argparse"):
         test_argparse_and_the_cli_stay_in_the_cli_package()
+    with pytest.raises(AssertionError, match=r"winclip_edge.scoring \(maths and the graph contract\) imports "
+                                             r"winclip_edge.inspector \(pipeline\)"):
+        test_no_import_runs_back_up_a_layer()
+    with pytest.raises(AssertionError, match="add them to LAYERS"):
+        test_every_module_has_a_layer()
 
 
 def tracked_text_files() -> list[str]:

@@ -1,4 +1,4 @@
-"""winclip_edge.metrics against sklearn (image level) and slow loop references (pixel level)."""
+"""winclip_edge.evaluation.metrics against sklearn (image level) and slow loop references (pixel level)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from winclip_edge.metrics import (
+from winclip_edge.evaluation.metrics import (
     IMAGE_KEYS,
     PIXEL_KEYS,
     MetricError,

@@ -14,7 +14,7 @@ from winclip_edge.bundle import Bundle, BundleError, json_with_checksum
 from winclip_edge.cli import EXIT_ERROR, EXIT_OK, main
 from winclip_edge.engines import EngineConfig, create_engine
 from winclip_edge.engines.onnx_variants import VariantError, load_variant, sidecar_path, variant_path
-from winclip_edge.fidelity import FAITHFUL_MAP_MAX_ABS, FAITHFUL_SCORE_MAX_ABS, fidelity
+from winclip_edge.performance.fidelity import FAITHFUL_MAP_MAX_ABS, FAITHFUL_SCORE_MAX_ABS, fidelity
 from winclip_edge.fileio import atomic_write_json
 from winclip_edge.scoring import Scores
 

@@ -1,4 +1,4 @@
-"""ROI masks and rectangles (winclip_edge/roi.py): parsing, scaling to frames, token cells, storage."""
+"""ROI masks and rectangles (winclip_edge/tiles/roi.py): parsing, scaling to frames, token cells, storage."""
 from __future__ import annotations
 
 import cv2
@@ -7,7 +7,7 @@ import pytest
 
 from winclip_edge.bundle import Bundle
 from winclip_edge.errors import WinclipError
-from winclip_edge.roi import (ROI_FILE, ROI_MASK, Roi, RoiError, clear_roi, draw_outline, load_roi, mask_from_array,
+from winclip_edge.tiles.roi import (ROI_FILE, ROI_MASK, Roi, RoiError, clear_roi, draw_outline, load_roi, mask_from_array,
                               parse_rect, parse_roi, read_mask, save_roi, token_mask)
 
 

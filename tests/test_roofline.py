@@ -5,7 +5,7 @@ import pytest
 
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import EXIT_OK, main
-from winclip_edge.roofline import gemm_peak, model_gflop
+from winclip_edge.performance.roofline import gemm_peak, model_gflop
 
 pytest.importorskip("openvino")
 

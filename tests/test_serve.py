@@ -120,7 +120,7 @@ class Subscriber:
 
 
 def textile_images() -> list[Path]:
-    from winclip_edge.datasets import textile_root
+    from winclip_edge.evaluation.datasets import textile_root
 
     root = textile_root()
     return sorted((root / "nominal").glob("*"))[:20] + sorted((root / "local").glob("*"))[:6]

@@ -1,4 +1,4 @@
-"""Tiled inspection and ROI through the Inspector (winclip_edge/tiled.py, tile_memory.py, roi.py), checked against
+"""Tiled inspection and ROI through the Inspector (winclip_edge/tiles/units.py, tile_memory.py, roi.py), checked against
 the untiled path, with random-weight tiny bundles: a conspicuous defect on a fixtured part is found by few-shot
 association with clean references, so location tests fail on a flipped or flat map."""
 from __future__ import annotations
@@ -13,11 +13,11 @@ from winclip_edge.calibration import calibrate
 from winclip_edge.contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from winclip_edge.products import load_tiling, save_threshold
 from winclip_edge.registration import register
-from winclip_edge.roi import Roi
+from winclip_edge.tiles.roi import Roi
 from winclip_edge.scoring import ScoringOptions
-from winclip_edge.tile_memory import TileMemory, load_tile_memory
-from winclip_edge.tiled import GLOBAL, FramePlan
-from winclip_edge.tiling import TilingConfig
+from winclip_edge.tiles.memory import TileMemory, load_tile_memory
+from winclip_edge.tiles.units import GLOBAL, FramePlan
+from winclip_edge.tiles.tiling import TilingConfig
 
 ZERO_SHOT = ScoringOptions(use_memory=False)
 
@@ -217,7 +217,7 @@ def test_a_20px_defect_on_a_2048px_part_is_located_within_40px_with_tiles(bundle
 def test_the_line_batcher_serves_tiled_products_like_the_inspector(bundle_copy):
     """serve runs frames through the Batcher (Inspector.inspect_decoded): the product's tiling and ROI apply there."""
     from winclip_edge.line.batcher import Batcher, Job
-    from winclip_edge.roi import save_roi
+    from winclip_edge.tiles.roi import save_roi
 
     surface = part_surface((480, 480))
     registered(bundle_copy, TilingConfig(tile=240), [frame(surface, 1), frame(surface, 2)])

@@ -1,11 +1,11 @@
-"""Tile geometry, the auto size rule and smooth-window stitching (winclip_edge/tiling.py)."""
+"""Tile geometry, the auto size rule and smooth-window stitching (winclip_edge/tiles/tiling.py)."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
 from winclip_edge.heatmap import upsample_map
-from winclip_edge.tiling import (AUTO, TilingConfig, TilingError, auto_tile_size, axis_starts, is_whole_frame,
+from winclip_edge.tiles.tiling import (AUTO, TilingConfig, TilingError, auto_tile_size, axis_starts, is_whole_frame,
                                  parse_tile, smooth_window, stitch, tile_boxes)
 
 

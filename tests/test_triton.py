@@ -25,7 +25,7 @@ from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.cli import main  # noqa: E402
 from winclip_edge.contract import ContractError, output_names  # noqa: E402
 from winclip_edge.engines import EngineConfig, create_engine  # noqa: E402
-from winclip_edge.triton.identity import WEIGHTS_ID, model_parameters  # noqa: E402
+from winclip_edge.engines.triton_identity import WEIGHTS_ID, model_parameters  # noqa: E402
 from winclip_edge.triton.repository import (RepositoryConfig, check_config, read_config,  # noqa: E402
                                             write_repository)
 
@@ -104,7 +104,7 @@ def triton_config(server: ServerProcess, protocol: str = "grpc") -> EngineConfig
 
 
 def textile_files(n: int, folder: str = "nominal") -> list[str]:
-    from winclip_edge.datasets import textile_root
+    from winclip_edge.evaluation.datasets import textile_root
 
     return [str(p) for p in sorted((textile_root() / folder).glob("*"))[:n]]
 

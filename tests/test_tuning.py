@@ -8,7 +8,7 @@ from winclip_edge.bundle import Bundle
 from winclip_edge.cli import EXIT_OK, main
 from winclip_edge.engines import EngineConfig, create_engine
 from winclip_edge.engines import auto
-from winclip_edge.tuning import TuneConfig, render_table, run_tune, save_record
+from winclip_edge.performance.tuning import TuneConfig, render_table, run_tune, save_record
 
 FAST = dict(fidelity_images=2, warmup=0, backends=("onnxruntime",), build_variants=False)
 

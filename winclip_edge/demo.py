@@ -57,7 +57,7 @@ def _images(folder: Path) -> list[str]:
 
 def pick_images(seed: int, shots: int, calibration: int, per_class: int) -> tuple[list[str], list[str], list[str]]:
     """(references, calibration images, test images): disjoint nominal draws + local and global defects."""
-    from .datasets import textile_root
+    from .evaluation.datasets import textile_root
 
     root = textile_root()
     nominal = _images(root / "nominal")

@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from .fileio import atomic_write_bytes
-from .roi import draw_outline
+from .tiles.roi import draw_outline
 
 OVERLAY_ALPHA = 0.45  # heatmap weight over the image
 BANNER_HEIGHT_FRACTION = 0.06  # banner height as a fraction of the image height (at least 18 px)

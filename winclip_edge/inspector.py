@@ -28,12 +28,12 @@ from .errors import WinclipError
 from .heatmap import upsample_map
 from .preprocess import ImageError, as_rgb, read_image, resize_to_model
 from .products import Memory, Threshold, load_memory, load_text, load_threshold, load_tiling
-from .roi import Roi, load_roi
+from .tiles.roi import Roi, load_roi
 from .scoring import Scores, ScoringOptions, score_batch
-from .tile_memory import TileMemory, load_tile_memory
-from .tiled import GLOBAL, POOLED, FramePlan, UnitScores, frame_map, frame_score, plan_frame, reference_plan, \
+from .tiles.memory import TileMemory, load_tile_memory
+from .tiles.units import GLOBAL, POOLED, FramePlan, UnitScores, frame_map, frame_score, plan_frame, reference_plan, \
     score_units, token_masks, unit_inputs
-from .tiling import TilingConfig
+from .tiles.tiling import TilingConfig
 
 ImageInput = Union[str, os.PathLike, np.ndarray]
 DEFAULT_BATCH = 8

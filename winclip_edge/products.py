@@ -20,7 +20,7 @@ from .bundle import (
 )
 from .contract import PATCH_TOKENS, window_output_name
 from .fileio import atomic_write_json
-from .tiling import TilingConfig
+from .tiles.tiling import TilingConfig
 
 TILING = "tiling.json"  # the product's tiling setting (docs/tiling.md)
 
@@ -88,7 +88,7 @@ class Memory:
     sources: list[str]  # where each reference came from (path)
     source_sha256: list[str]  # sha256 of each reference file ("" for in-memory arrays)
     checksum: str = ""  # the file's sha256 once saved/loaded (thresholds record it)
-    tiles: Any = None  # TileMemory of the same references when registered with tiling (winclip_edge/tile_memory.py)
+    tiles: Any = None  # TileMemory of the same references when registered with tiling (winclip_edge/tiles/memory.py)
 
     @property
     def size(self) -> int:

@@ -6,8 +6,8 @@ from typing import Any, Sequence
 from .errors import WinclipError
 from .inspector import DEFAULT_BATCH, ImageInput, InspectionResult, Inspector
 from .products import TILING, Memory, load_memory, save_memory, save_tiling
-from .tile_memory import load_tile_memory, save_tile_memory
-from .tiling import TilingConfig
+from .tiles.memory import load_tile_memory, save_tile_memory
+from .tiles.tiling import TilingConfig
 
 
 class RegistrationError(WinclipError, ValueError):

@@ -56,7 +56,7 @@ def calibration_images(bundle: Bundle, product: str | None = None, limit: int = 
     if not chosen:
         chosen, source = reference_images(bundle, product), "the product's registered reference images"
     if not chosen:
-        from ..datasets import textile_root
+        from ..evaluation.datasets import textile_root
 
         root = textile_root() / TEXTILE_NORMAL
         chosen = sorted(str(p) for p in root.iterdir() if p.is_file())

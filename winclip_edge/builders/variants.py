@@ -9,7 +9,7 @@
 
 A variant is an opt-in trade-off (docs/method.md §11): it is written atomically, verified by sha256 on load and
 refused when the bundle's visual.onnx has changed since. Whether it is faithful enough is measured, not
-assumed: winclip_edge/fidelity.py compares maps and scores with the fp32 graph on the same images
+assumed: winclip_edge/performance/fidelity.py compares maps and scores with the fp32 graph on the same images
 (`winclip-edge bench --precision ...` reports it). The ONNX Runtime backend loads them through
 winclip_edge/engines/onnx_variants.py. Needs the ``onnx`` package (the export extra) to create variants.
 """

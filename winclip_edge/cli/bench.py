@@ -1,4 +1,4 @@
-"""``bench`` and ``bench-table``: the benchmark tables of winclip_edge/bench.py."""
+"""``bench`` and ``bench-table``: the benchmark tables of winclip_edge/performance/bench.py."""
 from __future__ import annotations
 
 import argparse
@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from ..bench import (
+from ..performance.bench import (
     DEFAULT_BATCHES,
     DEFAULT_FIDELITY_IMAGES,
     DEFAULT_OUT,

@@ -1,11 +1,11 @@
-"""``eval``: the paper's protocol on MVTec-AD, VisA, a folder or the textile set (winclip_edge/evaluation.py)."""
+"""``eval``: the paper's protocol on MVTec-AD, VisA, a folder or the textile set (winclip_edge/evaluation/runner.py)."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation import DATASETS, DEFAULT_BATCH, DEFAULT_SEEDS, DEFAULT_SHOTS
+from ..evaluation.runner import DATASETS, DEFAULT_BATCH, DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..prompts import PROMPT_STYLES
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError, add_engine_options, csv, csv_ints, engine_config
 from .tiling_options import add_tiling_options, run_tiling
@@ -23,9 +23,9 @@ def _format_mean(summary: dict, shots: str) -> str:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from ..datasets import DatasetError
-    from ..evaluation import EvalConfig, EvaluationError, run_evaluation
-    from ..report import ReportError
+    from ..evaluation.datasets import DatasetError
+    from ..evaluation.runner import EvalConfig, EvaluationError, run_evaluation
+    from ..evaluation.report import ReportError
 
     tiling, roi = run_tiling(args)
     config = EvalConfig(

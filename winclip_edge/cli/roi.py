@@ -8,7 +8,7 @@ from .common import EXIT_OK, CliError
 
 def run_roi(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
-    from ..roi import ROI_FILE, Roi, clear_roi, load_roi, parse_rect, read_mask, save_roi
+    from ..tiles.roi import ROI_FILE, Roi, clear_roi, load_roi, parse_rect, read_mask, save_roi
 
     bundle = Bundle(args.bundle, verify=False)
     given = [x for x in (args.mask, args.rect, args.clear or None) if x is not None]

@@ -30,7 +30,7 @@ def run_register(args: argparse.Namespace) -> int:
 def run_calibrate(args: argparse.Namespace) -> int:
     from ..calibration import calibrate
     from ..products import THRESHOLD, save_threshold, save_tiling
-    from ..tiling import TilingConfig
+    from ..tiles.tiling import TilingConfig
 
     inspector = common.inspector(args, with_threshold=False)
     images = collect_inputs(args.images)
@@ -78,7 +78,7 @@ def run_info(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
     from ..errors import WinclipError
     from ..products import load_memory, load_threshold, load_tiling
-    from ..roi import load_roi
+    from ..tiles.roi import load_roi
 
     bundle = Bundle(args.bundle)
     m = bundle.manifest
@@ -101,7 +101,7 @@ def run_info(args: argparse.Namespace) -> int:
         print(f"  {product}: memory {memory.size if memory else 0} image(s), threshold "
               f"{'none' if threshold is None else f'{threshold.value:.6f} ({threshold.mode}, {threshold.n_images} images)'}"
               f", {tiles}, ROI {'none' if roi is None else roi.identity}")
-    from ..tuning import engine_notes
+    from ..performance.tuning import engine_notes
 
     for line in engine_notes(bundle):
         print(f"  {line}")

@@ -26,8 +26,8 @@ def add_tiling_options(p: argparse.ArgumentParser, of_product: bool = True) -> N
 
 def run_tiling(args: argparse.Namespace) -> tuple:
     """(TilingConfig or None, Roi or None) of the flags alone (eval: no product setting applies)."""
-    from ..roi import parse_roi
-    from ..tiling import TilingConfig, parse_tile
+    from ..tiles.roi import parse_roi
+    from ..tiles.tiling import TilingConfig, parse_tile
 
     tile = parse_tile(args.tile) if args.tile is not None else None
     tiling = None if tile is None else TilingConfig(tile=tile).with_overrides(
@@ -41,8 +41,8 @@ def tiling_and_roi(args: argparse.Namespace) -> tuple:
     applied (None = off)."""
     from ..bundle import Bundle
     from ..products import load_tiling
-    from ..roi import parse_roi
-    from ..tiling import TilingConfig, TilingError, parse_tile
+    from ..tiles.roi import parse_roi
+    from ..tiles.tiling import TilingConfig, TilingError, parse_tile
 
     flags = {"overlap": args.tile_overlap, "use_global": False if args.no_global else None,
              "memory": args.tile_memory, "min_defect": args.min_defect}

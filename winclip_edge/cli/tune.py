@@ -7,7 +7,7 @@ from typing import Any
 
 from ..bundle import Bundle
 from ..engines.auto import fastest_accepted
-from ..tuning import DEFAULT_FIDELITY_IMAGES, DEFAULT_MAX_MAP_DIFF, DEFAULT_MAX_SCORE_DIFF, TuneConfig, render_table, \
+from ..performance.tuning import DEFAULT_FIDELITY_IMAGES, DEFAULT_MAX_MAP_DIFF, DEFAULT_MAX_SCORE_DIFF, TuneConfig, render_table, \
     run_tune, save_record
 from .common import EXIT_OK, CliError, csv_ints
 

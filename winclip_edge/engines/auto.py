@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..bundle import VISUAL_ONNX, Bundle, BundleError, read_checked_json
-from ..machine import machine_identity, machine_key
+from ..performance.machine import machine_identity, machine_key
 from .config import EngineConfig
 
 TUNING_DIR = "tuning"

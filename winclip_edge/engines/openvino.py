@@ -29,7 +29,7 @@ import numpy as np
 from ..bundle import VISUAL_ONNX, Bundle, read_checked_json
 from ..contract import INPUT_NAME, check_io, output_names
 from ..fileio import sha256_file
-from ..machine import machine_key
+from ..performance.machine import machine_key
 from .base import EngineError
 from .config import EngineConfig
 from .onnx_variants import VARIANTS, VariantError

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..bundle import VISUAL_ONNX, Bundle, BundleError, json_with_checksum, read_checked_json
 from ..fileio import atomic_write_json, fsync_dir, sha256_file
-from ..machine import machine_key
+from ..performance.machine import machine_key
 from .config import EngineConfig
 
 ENGINE_DIR = "engines"

@@ -22,7 +22,7 @@ from ..bundle import VISUAL_ONNX, Bundle
 from ..contract import INPUT_NAME, ContractError, output_names
 from ..errors import WinclipError
 from ..fileio import atomic_write_bytes, sha256_file
-from .identity import check_parameters, model_parameters
+from ..engines.triton_identity import check_parameters, model_parameters
 
 PLATFORMS = ("onnxruntime", "tensorrt", "python")
 CONFIG = "config.pbtxt"

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import cv2
 import numpy as np
 
-from .bundle import Bundle
+from ..bundle import Bundle
 from .datasets import (
     NORMAL_FOLDERS,
     DatasetError,
@@ -34,19 +34,19 @@ from .datasets import (
     textile_root,
     visa_classes,
 )
-from .engines import Engine, EngineConfig, create_engine
-from .errors import WinclipError
-from .fileio import atomic_write_bytes, atomic_write_json
-from .heatmap import upsample_map
-from .inspector import Inspector, iter_decoded
-from .roi import Roi
-from .tiled import FramePlan, frame_map, frame_score, unit_inputs
-from .tiling import TilingConfig
+from ..engines import Engine, EngineConfig, create_engine
+from ..errors import WinclipError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..heatmap import upsample_map
+from ..inspector import Inspector, iter_decoded
+from ..tiles.roi import Roi
+from ..tiles.units import FramePlan, frame_map, frame_score, unit_inputs
+from ..tiles.tiling import TilingConfig
 from .metrics import IMAGE_KEYS, PIXEL_KEYS, MetricError, PixelMetrics, image_metrics
 from .paper import PAPER_DATASETS, PAPER_SCALES, paper_result
-from .products import Memory, load_text
-from .prompts import PROMPT_STYLES, PromptSpec, object_name_for
-from .scoring import ScoringOptions
+from ..products import Memory, load_text
+from ..prompts import PROMPT_STYLES, PromptSpec, object_name_for
+from ..scoring import ScoringOptions
 
 DATASETS = ("mvtec", "visa", "folder", "textile")
 FIXED_ABLATIONS = ("none", "no_image_scale", "arithmetic")

@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from .scoring import Scores
+from ..scoring import Scores
 
 FAITHFUL_SCORE_MAX_ABS = 5e-3
 FAITHFUL_MAP_MAX_ABS = 2e-2

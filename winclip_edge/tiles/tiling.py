@@ -13,8 +13,8 @@ from typing import Sequence, Tuple, Union
 
 import numpy as np
 
-from .errors import WinclipError
-from .heatmap import upsample_map
+from ..errors import WinclipError
+from ..heatmap import upsample_map
 
 Box = Tuple[int, int, int, int]  # top, left, height, width
 TileSize = Union[int, str, None]  # source pixels, "auto", or None (whole frame only)

@@ -3,7 +3,7 @@
 Source: the paper's tables (Jeong et al., CVPR 2023): image- and pixel-level results on MVTec-AD and VisA,
 the few-shot standard deviations, the prompt baselines and the segmentation ablations. Only means
 over classes are published there, no per-class values. Numbers are stored as printed (percent) and
-returned as fractions in [0, 1], the unit of `winclip_edge.metrics`.
+returned as fractions in [0, 1], the unit of `winclip_edge.evaluation.metrics`.
 """
 from __future__ import annotations
 
@@ -68,7 +68,7 @@ class PaperValue:
 @dataclass(frozen=True)
 class PaperResult:
     method: str  # e.g. "WinCLIP+ (2-shot)"
-    values: dict[str, PaperValue]  # metric key (winclip_edge.metrics) -> value; missing = not published
+    values: dict[str, PaperValue]  # metric key (winclip_edge.evaluation.metrics) -> value; missing = not published
 
     def to_dict(self) -> dict:
         return {"method": self.method, "model": PAPER_MODEL, "weights": PAPER_WEIGHTS,
@@ -78,7 +78,7 @@ class PaperResult:
 def paper_result(dataset: str, shots: int, prompts: str = "cpe", ablation: str = "none") -> PaperResult | None:
     """The paper's mean-over-classes numbers for this setting, or None when it published none.
 
-    ``ablation`` names follow `winclip_edge.evaluation` (none, no_image_scale, no_scale_<k>,
+    ``ablation`` names follow `winclip_edge.evaluation.runner` (none, no_image_scale, no_scale_<k>,
     arithmetic); ``no_scale_<k>`` refers to PAPER_SCALES, so compare only with a bundle using those.
     """
     row = _TABLE.get((dataset, shots, prompts, ablation))

@@ -16,7 +16,7 @@ from typing import Union
 import cv2
 import numpy as np
 
-from .errors import WinclipError
+from ..errors import WinclipError
 
 PRO_FPR_LIMIT = 0.3  # PRO is integrated over FPR in [0, 0.3], then divided by 0.3 (MVTec-AD)
 DEFAULT_BINS = 10_000  # binning error ~1e-4 for scores spread over the range (PixelMetrics)

@@ -14,10 +14,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .heatmap import smooth, upsample_map
-from .preprocess import resize_to_model
+from ..heatmap import smooth, upsample_map
+from ..preprocess import resize_to_model
 from .roi import Roi, RoiError, token_mask
-from .scoring import Scores
+from ..scoring import Scores
 from .tiling import Box, TilingConfig, is_whole_frame, stitch, tile_boxes
 
 GLOBAL = -1  # the unit key of the whole-frame pass

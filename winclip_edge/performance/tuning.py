@@ -21,14 +21,14 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .bundle import VISUAL_ONNX, Bundle, json_with_checksum
-from .engines import create_engine
-from .engines.auto import RECORD_FORMAT, record_path
-from .engines.base import Engine, EngineError
-from .engines.config import EngineConfig
-from .errors import WinclipError
+from ..bundle import VISUAL_ONNX, Bundle, json_with_checksum
+from ..engines import create_engine
+from ..engines.auto import RECORD_FORMAT, record_path
+from ..engines.base import Engine, EngineError
+from ..engines.config import EngineConfig
+from ..errors import WinclipError
 from .fidelity import fidelity
-from .fileio import atomic_write_json
+from ..fileio import atomic_write_json
 from .machine import machine_identity, machine_key
 
 DEFAULT_MAX_SCORE_DIFF = 2e-3
@@ -161,14 +161,14 @@ def candidates(config: TuneConfig, log: Callable[[str], None] = lambda m: None) 
 
 # ---------------------------------------------------------------- measuring
 def _fidelity_images(bundle: Bundle, config: TuneConfig, product: str) -> tuple[np.ndarray, str]:
-    from .builders.openvino import calibration_images, reference_images
+    from ..builders.openvino import calibration_images, reference_images
 
     if config.images:
         return calibration_images(bundle, product, config.fidelity_images, config.images)
     if reference_images(bundle, product):
         return calibration_images(bundle, product, config.fidelity_images)
     from .bench import synthetic_images
-    from .preprocess import read_image, resize_to_model
+    from ..preprocess import read_image, resize_to_model
 
     with tempfile.TemporaryDirectory(prefix="winclip-tune-") as tmp:
         paths = synthetic_images(config.fidelity_images, bundle.spec.image_size, tmp)
@@ -179,8 +179,8 @@ def _fidelity_images(bundle: Bundle, config: TuneConfig, product: str) -> tuple[
 def prepare_engine(bundle: Bundle, cfg: EngineConfig, product: str | None, log: Callable[[str], None],
                    build: bool = True) -> None:
     """Make the int8 model ``cfg`` needs when it is missing (once per bundle; minutes for ViT-B)."""
-    from .engines.onnx_variants import VariantError, load_variant
-    from .engines.openvino import load_int8
+    from ..engines.onnx_variants import VariantError, load_variant
+    from ..engines.openvino import load_int8
 
     if cfg.resolved_precision != "int8" or not build:
         return
@@ -188,7 +188,7 @@ def prepare_engine(bundle: Bundle, cfg: EngineConfig, product: str | None, log: 
         try:
             load_variant(bundle, "int8")
         except VariantError:
-            from .builders.variants import make_variant
+            from ..builders.variants import make_variant
 
             log("making the ONNX Runtime int8 variant (dynamic quantisation) ...")
             make_variant(bundle, "int8")
@@ -196,7 +196,7 @@ def prepare_engine(bundle: Bundle, cfg: EngineConfig, product: str | None, log: 
         try:
             load_int8(bundle)
         except VariantError:
-            from .builders.openvino import calibration_images, make_int8
+            from ..builders.openvino import calibration_images, make_int8
 
             frames, described = calibration_images(bundle, product)
             make_int8(bundle, frames, described)
@@ -242,7 +242,7 @@ def _interleaved(engines: dict[int, Engine], images: np.ndarray, rounds: int) ->
 def run_tune(bundle: Bundle, config: TuneConfig = TuneConfig(), factory: EngineFactory = create_engine,
              log: Callable[[str], None] = lambda m: None) -> dict:
     """Measure every candidate and return the record (not yet saved; :func:`save_record` writes it)."""
-    from .inspector import Inspector
+    from ..inspector import Inspector
 
     if config.max_score_diff < 0 or config.max_map_diff < 0:
         raise TuneError("--max-score-diff and --max-map-diff must be >= 0")
@@ -378,7 +378,7 @@ __all__ = ["CandidateResult", "DEFAULT_MAX_MAP_DIFF", "DEFAULT_MAX_SCORE_DIFF", 
 
 def engine_notes(bundle: Bundle) -> list[str]:
     """What ``info`` says about engines: what auto runs here and how far a threshold carries between engines."""
-    from .engines.auto import TUNING_DIR, fastest_accepted, resolve, row_config
+    from ..engines.auto import TUNING_DIR, fastest_accepted, resolve, row_config
 
     selection = resolve(bundle, EngineConfig(backend="auto"))
     lines = [f"engine (--backend auto) on this machine: {selection.reason}"]

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .bundle import Bundle, BundleError, load_arrays, save_arrays
-from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
+from ..bundle import Bundle, BundleError, load_arrays, save_arrays
+from ..contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 
 TILE_MEMORY = "tile_memory.npz"
 POOLED = None  # rows(POOLED): every tile of every reference

@@ -15,9 +15,9 @@ from typing import Tuple
 import cv2
 import numpy as np
 
-from .bundle import Bundle, json_with_checksum, read_checked_json
-from .errors import WinclipError
-from .fileio import atomic_write_bytes, atomic_write_json, sha256_file
+from ..bundle import Bundle, json_with_checksum, read_checked_json
+from ..errors import WinclipError
+from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
 
 ROI_FILE = "roi.json"
 ROI_MASK = "roi.png"

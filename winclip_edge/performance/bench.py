@@ -30,10 +30,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .engines.config import EngineConfig
-from .errors import WinclipError
+from ..engines.config import EngineConfig
+from ..errors import WinclipError
 from .machine import cpu_model, gpus, installed_versions
-from .scoring import ScoringOptions
+from ..scoring import ScoringOptions
 
 RESULT_MARKER = "WINCLIP_BENCH_RESULT "  # a cold-start child prints this + JSON when its first result exists
 DEFAULT_OUT = "benchmarks/results"
@@ -222,7 +222,7 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: str) -> tuple[Path, Path]:
     """Write ``<stem>.md`` and ``<stem>.json`` under ``out_dir`` (atomically); returns both paths."""
-    from .fileio import atomic_write_bytes, atomic_write_json
+    from ..fileio import atomic_write_bytes, atomic_write_json
 
     out = Path(out_dir)
     md, js = out / f"{stem}.md", out / f"{stem}.json"
@@ -257,9 +257,9 @@ STAGES = ("decode", "engine", "scoring", "resize_overlay")
 
 def pipeline_once(inspector: Any, items: Sequence[Any]) -> dict[str, float]:
     """One batch through the Inspector's building blocks, each stage timed alone: stage -> ms for the batch."""
-    from .heatmap import overlay, upsample_map
-    from .inspector import decode, name_of
-    from .preprocess import ImageError
+    from ..heatmap import overlay, upsample_map
+    from ..inspector import decode, name_of
+    from ..preprocess import ImageError
 
     t0 = time.perf_counter()
     decoded = [decode(item, inspector.model_size, name_of(item, i))
@@ -303,11 +303,11 @@ def bench_batch(inspector: Any, images: Sequence[Any], batch: int, warmup: int, 
 
 
 # ---------------------------------------------------------------- cold start child
-_CHILD_CODE = "import sys; from winclip_edge.bench import cold_start_child; cold_start_child(sys.argv[1], sys.argv[2])"
+_CHILD_CODE = "import sys; from winclip_edge.performance.bench import cold_start_child; cold_start_child(sys.argv[1], sys.argv[2])"
 
 
 def _inspector(config: BenchConfig, engine: EngineConfig | None = None) -> Any:
-    from .inspector import Inspector
+    from ..inspector import Inspector
 
     return Inspector(config.bundle, config.product, engine=engine or config.engine, options=config.options,
                      sigma=config.sigma)
@@ -323,8 +323,8 @@ def _child_args(config: BenchConfig) -> str:
 
 def cold_start_child(args_json: str, image: str) -> None:
     """Run in a fresh interpreter: build the Inspector as the benchmark did, inspect one image, print the marker."""
-    from .inspector import Inspector
-    from .scoring import ScoringOptions
+    from ..inspector import Inspector
+    from ..scoring import ScoringOptions
 
     t1 = time.perf_counter()
     spec = json.loads(args_json)
@@ -344,7 +344,7 @@ def cold_start_child(args_json: str, image: str) -> None:
 
 # ---------------------------------------------------------------- the benchmark
 def _images(spec: str, folder: Path, size: tuple[int, int]) -> tuple[list[str], str]:
-    from .inputs import collect_inputs
+    from ..inputs import collect_inputs
 
     if spec.isdigit():
         count = int(spec)
@@ -358,8 +358,8 @@ def _images(spec: str, folder: Path, size: tuple[int, int]) -> tuple[list[str], 
 
 
 def _model_inputs(inspector: Any, paths: Sequence[str], count: int) -> np.ndarray:
-    from .inspector import decode
-    from .preprocess import ImageError
+    from ..inspector import decode
+    from ..preprocess import ImageError
 
     decoded = [decode(p, inspector.model_size, p) for p in paths[:count]]
     failed = [d.error for d in decoded if d.error is not None]
@@ -379,7 +379,7 @@ def run_bench(config: BenchConfig) -> dict:
     """The whole benchmark of one backend / precision; returns the report (write it with :func:`write_report`)."""
     from tqdm import tqdm
 
-    from .engines.onnx_variants import variant_metadata
+    from ..engines.onnx_variants import variant_metadata
     from .fidelity import embed_and_score, fidelity
 
     config.check()

@@ -13,9 +13,9 @@ from typing import Sequence
 
 import numpy as np
 
-from .errors import WinclipError
-from .fileio import atomic_write_bytes, atomic_write_json
-from .heatmap import upsample_map
+from ..errors import WinclipError
+from ..fileio import atomic_write_bytes, atomic_write_json
+from ..heatmap import upsample_map
 
 SUMMARY_JSON = "summary.json"
 METRICS_CSV = "metrics.csv"
@@ -246,7 +246,7 @@ def _bars_figure(summary: dict, path: Path) -> Path:
 
 def _cases_figure(summary: dict, record: dict, path: Path) -> Path:
     from .datasets import read_mask
-    from .preprocess import read_image
+    from ..preprocess import read_image
 
     cases = record["cases"]
     has_masks = summary["pixel_metrics"][record["class"]] is None

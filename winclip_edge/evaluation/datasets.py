@@ -17,8 +17,8 @@ from typing import Union
 import cv2
 import numpy as np
 
-from .errors import WinclipError
-from .preprocess import IMAGE_EXTENSIONS
+from ..errors import WinclipError
+from ..preprocess import IMAGE_EXTENSIONS
 
 GOOD = "good"  # defect type of normal samples, in every reader
 NORMAL_FOLDERS = (GOOD, "nominal")  # folder names of normal images in `read_folder`
