@@ -16,7 +16,7 @@ def test_demo_equals_the_commands_it_replaces(config_dir, tmp_path):
     assert main(demo) == 0
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     references, calibration, tests = pick_images(0, 2, 3, 1)
-    assert [r["path"] for r in rows] == tests and all(r["error"] is None for r in rows)
+    assert [r["file"] for r in rows] == tests and all(r["error"] is None for r in rows)
     assert all(r["anomalous"] is not None for r in rows), "the demo calibrates a threshold"
 
     common = ["--bundle", str(bundle), "--product", DEMO_PRODUCT, "--batch", "2", "--quiet"]

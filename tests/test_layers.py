@@ -99,7 +99,7 @@ LAYERS = (
     ("files and images", ("bundle", "products", "preprocess", "heatmap", "inputs", "tokenizer", "tiles",
                           "evaluation.datasets")),
     ("engines", ("engines", "builders", "export", "text_encoder")),
-    ("pipeline", ("inspector", "catalog", "calibration", "registration", "results", "demo", "performance",
+    ("pipeline", ("inspector", "catalog", "calibration", "registration", "rows", "results", "demo", "performance",
                   "evaluation", "triton")),
     ("faces", ("line", "service")),
     ("command line", ("cli",)),

@@ -15,7 +15,7 @@ from conftest import free_port, textured_part, wait_for
 from winclip_edge.fileio import sha256_file
 from winclip_edge.inspector import Inspector
 from winclip_edge.line.batcher import Batcher
-from winclip_edge.line.schema import SCHEMA, ModelIds, payload, utc_iso
+from winclip_edge.rows import SCHEMA, ModelIds, ResultRow, utc_iso
 from winclip_edge.line.sinks import SpooledSink, WebhookSink
 from winclip_edge.line.sources import FolderSource, Frame, FrameBuffer, SourceError, VideoOptions, VideoSource, \
     gstreamer_available, source_kind
@@ -24,7 +24,8 @@ from winclip_edge.line.station import Station, StationBusy, StationConfig, moved
 
 PAYLOAD_FIELDS = {"schema", "id", "station", "product", "source", "frame", "file", "file_sha256", "captured_at",
                   "score", "anomalous", "threshold", "mode", "model", "weights_id", "memory_id", "threshold_id",
-                  "latency_ms", "overlay", "map", "error"}
+                  "latency_ms", "overlay", "map", "error",
+                  "zero_shot_score", "image_size", "timings_ms", "moved_to"}  # result/2: results.jsonl's extras, everywhere
 
 
 # ---------------------------------------------------------------- spool and buffers
@@ -310,7 +311,7 @@ def test_webhook_down_then_up_delivers_everything_in_order(tmp_path):
 
 def test_payload_schema(inspector):
     [result] = inspector.inspect([textured_part((64, 64))])
-    message = payload(result, ModelIds.of(inspector), "st", "cam", 0.5, 12.3456, frame=3)
+    message = ResultRow.of(result, ModelIds.of(inspector), 0.5, 12.3456, station="st", source="cam", frame=3).as_dict()
     assert set(message) == PAYLOAD_FIELDS
     assert message["captured_at"] == "1970-01-01T00:00:00.500Z" == utc_iso(0.5)
     assert message["weights_id"] == inspector.bundle.manifest.weights_id and message["latency_ms"] == 12.346

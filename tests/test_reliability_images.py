@@ -320,7 +320,7 @@ def test_mixed_folder_through_infer(tmp_path, tiny_bundle, capsys):
     code = cli.main(["infer", "--bundle", str(tiny_bundle), "--product", "widget", "--out", str(out), "--quiet",
                      "--batch", "4", str(folder)])
     assert code == cli.EXIT_SOME_FAILED
-    records = {str(Path(r["path"]).relative_to(folder)): r
+    records = {str(Path(r["file"]).relative_to(folder)): r
                for r in map(json.loads, (out / "results.jsonl").read_text(encoding="utf-8").splitlines())}
     assert set(records) == set(bad) | set(good)
     stderr = capsys.readouterr().err

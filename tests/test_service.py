@@ -123,7 +123,7 @@ def infer_scores(bundle: Path, product: str, paths: list[Path], out: Path) -> di
     """What `winclip-edge infer` writes for ``paths``: file name -> results.jsonl row."""
     cli("infer", "--bundle", str(bundle), "--product", product, "--out", str(out), "--batch", "1", *map(str, paths))
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
-    return {Path(r["path"]).name: r for r in rows}
+    return {Path(r["file"]).name: r for r in rows}
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +153,7 @@ def test_inspect_equals_infer_multipart_and_raw(station, images, expected):
         r = post(station, path, "widget", multipart=i % 2 == 0)
         assert r.status_code == 200, r.text
         body = r.json()
-        assert body["schema"] == "winclip-edge/line-result/1" and body["product"] == "widget" and body["source"] == "http"
+        assert body["schema"] == "winclip-edge/result/2" and body["product"] == "widget" and body["source"] == "http"
         assert body["file"] == name and body["station"] == "test-station" and body["error"] is None
         assert body["score"] == pytest.approx(expected["widget"][name]["score"], abs=1e-5)
         assert body["mode"] == expected["widget"][name]["mode"] and body["anomalous"] is None  # no threshold yet
@@ -442,7 +442,7 @@ def test_tiling_and_roi_flags_of_serve_equal_infer_with_the_same_flags(make_bund
     paths = list(images.values())[:2]
     cli("infer", "--bundle", str(bundle), "--product", "widget", "--out", str(tmp_path / "infer"), "--batch", "1",
         *flags, *map(str, paths))
-    want = {Path(r["path"]).name: r for r in
+    want = {Path(r["file"]).name: r for r in
             map(json.loads, (tmp_path / "infer" / "results.jsonl").read_text().splitlines())}
     plain = infer_scores(bundle, "widget", paths, tmp_path / "plain")
     s = Station(bundle, tmp_path / "out", *flags)

@@ -462,7 +462,7 @@ def test_server_killed_mid_run_gives_error_rows_and_exit_1(tiny_bundle, tmp_path
     rows = [json.loads(line) for line in results.read_text().splitlines()]
     assert client.returncode == 1, stderr[-2000:]
     assert "Traceback" not in stderr
-    assert [r["path"] for r in rows] == files  # every input has its row, in order
+    assert [r["file"] for r in rows] == files  # every input has its row, in order
     ok = [r for r in rows if r["error"] is None]
     failed = [r for r in rows if r["error"] is not None]
     assert len(ok) >= 3 and failed, (len(ok), len(failed))

@@ -1,20 +1,22 @@
 """What an inspection leaves on disk: ``results.jsonl`` (one JSON object per input, flushed as it comes),
 ``maps/<stem>.npy`` and ``overlays/<stem>.png``, with stems made unique within one run.
 
-Shared by ``infer``, ``demo``, the soak benchmark and the line service, so every face writes the same rows.
+Shared by ``infer``, ``demo``, the soak benchmark and the line station; the rows are :mod:`winclip_edge.rows`'
+(the same the HTTP face answers), so every face writes the same row for the same image.
 """
 from __future__ import annotations
 
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterable, TextIO
 
 from .fileio import fsync_dir
 from .heatmap import overlay, write_npy, write_png
 from .inspector import InspectionResult
+from .rows import ModelIds, ResultRow
 
 RESULTS_JSONL = "results.jsonl"
 MAPS = "maps"
@@ -59,8 +61,18 @@ def write_overlay(path: str | os.PathLike, result: InspectionResult) -> None:
                             (float(result.anomaly_map.min()), hi), roi=result.roi))
 
 
+@dataclass(frozen=True)
+class Saved:
+    """What :meth:`ResultWriter.save_outputs` wrote: the paths (None when not written) or why it failed."""
+
+    map: str | None = None
+    overlay: str | None = None
+    error: str | None = None
+
+
 class ResultWriter:
-    """Writes one row per result under ``out``; maps and overlays only for inspected inputs and only when asked.
+    """Writes one row per result under ``out`` (the row of :mod:`winclip_edge.rows`, as every face writes it); maps
+    and overlays only for inspected inputs and only when asked.
 
     The Inspector must keep the decoded images (``keep_images=True``) when ``overlays`` is on."""
 
@@ -82,44 +94,41 @@ class ResultWriter:
         self._used: set[str] = set()
         self.summary = Summary()
 
-    def record(self, r: InspectionResult, mode: str, save_outputs: bool = True) -> dict[str, Any]:
-        """The row of ``r`` (writing its map / overlay when ``save_outputs``); a failed write is the row's error."""
-        record: dict[str, Any] = {
-            "path": r.path, "score": r.score, "anomalous": r.anomalous, "threshold": r.threshold,
-            "zero_shot_score": r.zero_shot_score, "mode": mode, "map": None, "overlay": None,
-            "image_size": None, "timings_ms": None, "error": r.error}
+    def save_outputs(self, r: InspectionResult, save: bool = True) -> Saved:
+        """Write the map / overlay of ``r`` when ``save`` (and this writer keeps them); a failed write is the error."""
+        saved = Saved()
         if r.error is None:
             try:
                 t0 = time.perf_counter()
-                if save_outputs and (self.maps or self.overlays):
+                if save and (self.maps or self.overlays):
                     stem = unique_stem(r.path, self._used) if self.unique_names else Path(r.path).stem
                     if self.maps:
-                        record["map"] = str(self.out / MAPS / f"{stem}.npy")
-                        write_npy(record["map"], r.anomaly_map)
+                        saved = replace(saved, map=str(self.out / MAPS / f"{stem}.npy"))
+                        write_npy(saved.map, r.anomaly_map)
                     if self.overlays:
-                        record["overlay"] = str(self.out / OVERLAYS / f"{stem}.png")
-                        write_overlay(record["overlay"], r)
+                        saved = replace(saved, overlay=str(self.out / OVERLAYS / f"{stem}.png"))
+                        write_overlay(saved.overlay, r)
                 r.timings_ms["write"] = (time.perf_counter() - t0) * 1e3
-                record["image_size"] = list(r.anomaly_map.shape)
             except OSError as err:
-                record["error"] = f"{r.path}: cannot write outputs ({err})"
-            record["timings_ms"] = {k: round(v, 3) for k, v in r.timings_ms.items()}
-        return record
+                saved = replace(saved, error=f"{r.path}: cannot write outputs ({err})")
+        return saved
 
-    def write(self, r: InspectionResult, mode: str, extra: dict[str, Any] | None = None,
-              save_outputs: bool = True) -> dict[str, Any]:
-        """Record ``r``, append the row (plus ``extra`` fields) to results.jsonl, update the summary; returns the row."""
-        record = {**self.record(r, mode, save_outputs), **(extra or {})}
-        self.append_row(record)
+    def write(self, r: InspectionResult, ids: ModelIds, save_outputs: bool = True, **where: Any) -> dict[str, Any]:
+        """Save the outputs of ``r``, append its row (:class:`~winclip_edge.rows.ResultRow`, ``where`` = the
+        face's own fields) to results.jsonl, update the summary; returns the row."""
+        saved = self.save_outputs(r, save_outputs)
+        row = ResultRow.of(r, ids, **{"file": r.path, **where}, map=saved.map, overlay=saved.overlay,
+                           error=saved.error).as_dict()
+        self.append_row(row)
         s = self.summary
         s.total += 1
-        if record["error"] is not None:
+        if row["error"] is not None:
             s.failed += 1
         else:
             s.anomalous += bool(r.anomalous)
             s.engine_ms += r.timings_ms.get("engine", 0.0)
             s.total_ms += sum(r.timings_ms.values())
-        return record
+        return row
 
     def append_row(self, record: dict[str, Any]) -> None:
         self._jsonl.write(json.dumps(record) + "\n")
@@ -146,8 +155,9 @@ class ResultWriter:
 def inspect_into(writer: ResultWriter, inspector: Any, inputs: Iterable[Any], batch_size: int,
                  on_row: Callable[[dict[str, Any]], None] | None = None) -> Summary:
     """Inspect ``inputs`` with ``inspector`` and write every result with ``writer``; ``on_row`` sees each row."""
+    ids = ModelIds.of(inspector)
     for r in inspector.iter_inspect(inputs, batch_size, keep_images=writer.overlays):
-        row = writer.write(r, inspector.mode)
+        row = writer.write(r, ids)
         if on_row is not None:
             on_row(row)
     return writer.summary

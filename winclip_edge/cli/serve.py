@@ -1,53 +1,71 @@
-"""``winclip-edge serve``: the long-running line station (docs/line.md), optionally with its HTTP face (docs/service.md)."""
+"""``winclip-edge serve``: the long-running line station (docs/line.md), optionally with its HTTP face (docs/service.md).
+
+The station is a :class:`~winclip_edge.line.spec.StationSpec`: read from ``--config FILE`` (a TOML station file)
+or empty, with every flag actually given laid over it; ``--print-config`` prints that spec as a station file
+and exits. The library wires and runs it (``line.build_station``); this module only maps flags onto the spec
+and turns signals into a stop.
+"""
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import signal
-import socket
 import sys
 import threading
-from pathlib import Path
+from dataclasses import fields, replace
 from typing import Any
 
-from ..line.sources import (
-    DROP_POLICIES,
-    FolderSource,
-    VideoOptions,
-    VideoSource,
-    source_kind,
+from .. import inputs
+from ..line.build import build_station
+from ..line.registry import resolve_source, source_plugins
+from ..line.sinks import MqttOptions, WebhookOptions
+from ..line.sources import DROP_POLICIES
+from ..line.spec import (
+    EngineSpec,
+    HttpSpec,
+    SinkSpec,
+    SourceSpec,
+    StationSpec,
+    dump_spec,
+    load_spec,
 )
-from ..line.station import SAVE_POLICIES, Station, StationConfig
-from .common import (
-    EXIT_OK,
-    CliError,
-    add_engine_options,
-    add_scoring_options,
-    engine_config,
-    scoring_options,
-)
-from .serve_http import add_http_options, http_config
-from .tiling_options import add_tiling_options, tiling_and_roi
+from ..line.station import SAVE_POLICIES
+from ..line.typed import SpecError
+from ..tiles.overrides import TilingOverrides
+from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options
+from .serve_http import add_http_options, parse_host_port
+from .tiling_options import add_tiling_options
+
+# Flags that set one option of every source whose kind has an option of that name (VideoOptions, FolderOptions, ...).
+SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reconnect_max_s", "settle_s",
+                       "ignore_existing")
+NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
+# Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
+FLAG_OF_KEY = {"products": "--product", "scoring.scales": "--use-scales", "scoring.use_image_scale": "--no-image-scale",
+               "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source"}
 
 
 def register(sub: Any) -> None:
     p = sub.add_parser("serve", help="run a line station: cameras, videos, streams, hot folders -> results.jsonl, "
                                      "MQTT, webhooks (and an HTTP API with --http)")
-    p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
-    p.add_argument("--product", action="append", required=True,
+    p.add_argument("--config", metavar="FILE", default=None,
+                   help="a station file (TOML, docs/line.md); flags given too override what it says")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the station file of this command line (and --config) and exit without starting")
+    p.add_argument("--bundle", help="bundle folder made by `winclip-edge export` (required, here or in --config)")
+    p.add_argument("--product", action="append",
                    help="product inside the bundle; repeatable (the sources inspect the first one; the HTTP face serves all)")
     add_engine_options(p)
     add_scoring_options(p)
     add_tiling_options(p)
     p.add_argument("--sigma", type=float, default=0.0, help="Gaussian smoothing of the map, pixels (default off)")
-    p.add_argument("--out", required=True, help="output folder: results.jsonl, maps/, overlays/, spool/")
-    p.add_argument("--station", default=socket.gethostname(), help="station name in every payload (default: host name)")
+    p.add_argument("--out", help="output folder: results.jsonl, maps/, overlays/, spool/ (required, here or in --config)")
+    p.add_argument("--station", help="station name in every row (default: host name)")
 
     s = p.add_argument_group("sources (docs/line.md)")
     s.add_argument("--source", action="append", default=[], metavar="[NAME=]SRC",
                    help="repeatable: camera index (0), video file, rtsp:// or http:// URL, gst:<pipeline ending in "
-                        "appsink>, folder:DIR (hot folder)")
+                        "appsink>, folder:DIR (hot folder), or a plugin's PREFIX:...; replaces the sources of --config")
     s.add_argument("--drop", choices=DROP_POLICIES, default="oldest",
                    help="cameras/streams when the engine falls behind: drop the oldest frames (default) or wait; "
                         "video files and folders never drop")
@@ -83,20 +101,41 @@ def register(sub: Any) -> None:
                    help="at exit, seconds the sinks may take to deliver what is spooled (the rest waits on disk)")
     o.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (0 = none)")
     add_http_options(p)
+    # The defaults above are for --help; a flag not given leaves no value, so only the flags given override the
+    # station file (the spec's dataclasses hold the same defaults).
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
     p.set_defaults(run=run_serve)
 
 
-def _named_sources(specs: list[str]) -> list[tuple[str, str]]:
+# ---------------------------------------------------------------- flags -> spec
+def _flag_message(err: SpecError) -> str:
+    last = err.key.rsplit(".", 1)[-1].split("[")[0]
+    flag = FLAG_OF_KEY.get(err.key) or FLAG_OF_KEY.get(last) or "--" + last.replace("_", "-")
+    return f"{flag} {err.problem}"
+
+
+def _replace(obj: Any, where: str, **changes: Any) -> Any:
+    """``replace(obj, **changes)`` for flags: a refused value is a CliError naming the flag."""
+    if not changes:
+        return obj
+    try:
+        return replace(obj, **changes)
+    except SpecError as err:
+        raise CliError(_flag_message(err.at(where))) from None
+
+
+def _named_sources(texts: list[str]) -> list[tuple[str, str]]:
     """(name, spec) per --source: NAME=SRC, else a name made from the spec (never a URL's credentials)."""
+    plugins = source_plugins()
     named, used = [], set()
-    for i, text in enumerate(specs):
+    for i, text in enumerate(texts):
         head, sep, tail = text.partition("=")
         if sep and head.replace("-", "").replace("_", "").isalnum() and not head.isdigit():
             name, spec = head, tail
         else:
-            kind, target = source_kind(text)
-            name = {"camera": f"camera{target}", "video": Path(target).stem, "folder": Path(target).name or "folder"
-                    }.get(kind, f"{kind}{i}")
+            plugin, target = resolve_source(text, plugins)
+            name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
             spec = text
         base, n = name, 1
         while name in used:
@@ -107,27 +146,80 @@ def _named_sources(specs: list[str]) -> list[tuple[str, str]]:
     return named
 
 
-def _sources(args: argparse.Namespace) -> list[Any]:
-    options = VideoOptions(fps_limit=args.fps_limit, every_nth=args.every_nth, loop=args.loop, drop=args.drop,
-                           buffer=args.buffer, reconnect_max_s=args.reconnect_max_s)
-    sources: list[Any] = []
-    for name, spec in _named_sources(args.source):
-        kind, target = source_kind(spec)
-        source = (FolderSource(target, name, settle_s=args.settle_s, ignore_existing=args.ignore_existing,
-                               buffer=args.buffer) if kind == "folder" else VideoSource(spec, name, options))
-        source.check()
-        sources.append(source)
-    return sources
+def _source_options(options: Any, given: dict[str, Any]) -> Any:
+    """``options`` with the source flags given that this kind has."""
+    own = {f.name for f in fields(options)}
+    return replace(options, **{k: given[k] for k in SOURCE_OPTION_FLAGS if k in given and k in own})
 
 
-def _require_extra(module: str, what: str, needed: bool) -> None:
-    if needed:
-        try:
-            importlib.import_module(module)
-        except ImportError:
-            raise CliError(f"{what} needs the line extra: pip install \"winclip-edge[line]\"") from None
+def _sources(base: tuple[SourceSpec, ...], given: dict[str, Any]) -> tuple[SourceSpec, ...]:
+    if "source" in given:
+        plugins = source_plugins()
+        return tuple(SourceSpec(spec, name, _source_options(resolve_source(spec, plugins)[0].options(), given))
+                     for name, spec in _named_sources(given["source"]))
+    return tuple(replace(s, options=_source_options(s.options, given)) for s in base)
 
 
+def _put(sinks: list[SinkSpec], new: SinkSpec) -> list[SinkSpec]:
+    """``new`` in place of the sinks of its kind (at the first one's position), else at the end."""
+    at = next((i for i, s in enumerate(sinks) if s.kind == new.kind), len(sinks))
+    rest = [s for s in sinks if s.kind != new.kind]
+    return rest[:at] + [new] + rest[at:]
+
+
+def _sinks(base: tuple[SinkSpec, ...], given: dict[str, Any]) -> tuple[SinkSpec, ...]:
+    sinks = list(base)
+    mqtt = {key: given[flag] for flag, key in (("mqtt_topic", "topic"), ("mqtt_tls", "tls"), ("mqtt_ca", "ca_file"))
+            if flag in given}
+    if "mqtt" in given:
+        host, port = inputs.parse_host_port(given["mqtt"], 8883 if given.get("mqtt_tls") else 1883)
+        sinks = _put(sinks, SinkSpec("mqtt", "mqtt", MqttOptions(host=host, port=port, **mqtt)))
+    elif mqtt:
+        sinks = [replace(s, options=replace(s.options, **mqtt)) if s.kind == "mqtt" else s for s in sinks]
+    if "webhook" in given:
+        sinks = _put(sinks, SinkSpec("webhook", "webhook", WebhookOptions(given["webhook"])))
+    return tuple(sinks)
+
+
+def _http(base: HttpSpec | None, given: dict[str, Any]) -> HttpSpec | None:
+    http = base
+    if "http" in given:
+        parse_host_port(given["http"])  # the flag's own message
+        http = _replace(http or HttpSpec(), "http", listen=given["http"])
+    changes = {k: given[k] for k in ("token", "insecure", "max_upload_mb", "request_timeout", "keep_results")
+               if k in given}
+    if http is None:
+        if "token" in changes or "insecure" in changes:
+            raise CliError("--token/--insecure need --http HOST:PORT")
+        return None  # the other HTTP flags without an HTTP face change nothing
+    return _replace(http, "http", **changes)
+
+
+def spec_of(given: dict[str, Any], base: StationSpec = StationSpec()) -> StationSpec:
+    """``base`` (a station file, or the defaults) with the flags ``given`` (flag dest -> value) laid over it."""
+    top = {"station": given.get("station"), "bundle": given.get("bundle"), "sigma": given.get("sigma"),
+           "products": tuple(given["product"]) if "product" in given else None}
+    scoring = {"temperature": given.get("temperature"), "scales": given.get("use_scales"), "mean": given.get("mean"),
+               "use_image_scale": False if given.get("no_image_scale") else None,
+               "use_memory": False if given.get("zero_shot") else None}
+    tiling = {f.name: given[f.name] for f in fields(TilingOverrides) if f.name in given}
+    batching = {k: given[k] for k in ("max_batch", "max_wait_ms", "queue_size") if k in given}
+    outputs = {k: given[k] for k in ("out", "save", "rotate_mb", "spool_max", "flush_timeout", "status_every")
+               if k in given}
+    try:
+        parts = dict(
+            engine=_replace(base.engine, "engine", **{f.name: given[f.name] for f in fields(EngineSpec) if f.name in given}),
+            scoring=replace(base.scoring, **{k: v for k, v in scoring.items() if v is not None}),
+            tiling=_replace(base.tiling, "tiling", **tiling),
+            batching=_replace(base.batching, "batching", **batching),
+            outputs=_replace(base.outputs, "outputs", **outputs),
+            sources=_sources(base.sources, given), sinks=_sinks(base.sinks, given), http=_http(base.http, given))
+        return _replace(base, "", **{k: v for k, v in top.items() if v is not None}, **parts)
+    except SpecError as err:  # a value that is refused with the others, e.g. two sources of one name
+        raise CliError(_flag_message(err)) from None
+
+
+# ---------------------------------------------------------------- running
 def _log_to_stderr() -> None:
     logger = logging.getLogger("winclip_edge.line")
     if not logger.handlers:
@@ -139,70 +231,23 @@ def _log_to_stderr() -> None:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from ..catalog import Catalog
-    from ..inputs import parse_host_port
-    from ..line.batcher import Batcher
-    from ..line.sinks import MqttConfig, MqttSink, WebhookSink
-
-    http = http_config(args)  # bad flags fail before anything loads
-    if not args.source and http is None:
-        raise CliError("nothing to serve: give --source (repeatable) and/or --http HOST:PORT")
-    for flag, value, low in (("--max-batch", args.max_batch, 1), ("--queue-size", args.queue_size, 1),
-                             ("--buffer", args.buffer, 1)):
-        if value < low:
-            raise CliError(f"{flag} must be >= {low}, got {value}")
-    if args.max_wait_ms < 0:
-        raise CliError(f"--max-wait-ms must be >= 0, got {args.max_wait_ms}")
+    given = {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
+    config = getattr(args, "config", None)
+    spec = spec_of(given, load_spec(config) if config else StationSpec())
     try:
-        config = StationConfig(station=args.station, save=args.save, rotate_mb=args.rotate_mb,
-                               status_every_s=args.status_every, flush_timeout_s=args.flush_timeout,
-                               spool_max=args.spool_max, keep_running=http is not None)
-    except ValueError as err:
+        spec.check()
+    except SpecError as err:
         raise CliError(str(err)) from None
-    _require_extra("paho.mqtt.client", "--mqtt", args.mqtt is not None)
-    _require_extra("watchdog", "a folder: source", any(source_kind(s)[0] == "folder" for _, s in _named_sources(args.source)))
-    sources = _sources(args)
-    mqtt = None
-    if args.mqtt is not None:
-        host, port = parse_host_port(args.mqtt, 8883 if args.mqtt_tls else 1883)
-        topic = args.mqtt_topic or f"winclip/{args.station}/{args.product[0]}/result"
-        mqtt = MqttConfig(host=host, port=port, topic=topic, tls=args.mqtt_tls, ca_file=args.mqtt_ca,
-                          client_id=f"winclip-edge-{args.station}")
-    sinks: list[Any] = [MqttSink(mqtt)] if mqtt is not None else []  # made here, connected once the station runs
-    if args.webhook is not None:
-        sinks.append(WebhookSink(args.webhook))
+    if getattr(args, "print_config", False):
+        sys.stdout.write(dump_spec(spec))
+        return EXIT_OK
     _log_to_stderr()
-    out = Path(args.out).resolve()
-    def settings(product: str) -> tuple:  # the product's tiling / ROI with this run's flags applied
-        return tiling_and_roi(argparse.Namespace(**{**vars(args), "product": product}))
-
-    catalog = Catalog(args.bundle, args.product, engine=engine_config(args), options=scoring_options(args),
-                      sigma=args.sigma, settings=settings)
-    batchers = {p: Batcher(catalog.get(p), args.max_batch, args.max_wait_ms, args.queue_size) for p in catalog.products}
-    station = Station(config, out, batchers[catalog.products[0]], sources, sinks)
-    service = None
+    station = build_station(spec)  # everything that can be refused is, before the engine loads
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    try:
-        if http is not None:
-            from ..service import start_http
-
-            service = start_http(http, catalog, batchers, out, station=args.station, station_stats=station.stats)
-            station.on_result.append(lambda result, product, row: service.record(result, row))
-            logging.getLogger("winclip_edge.line").info("HTTP on %s", service.url)
-        logging.getLogger("winclip_edge.line").info(
-            "station %s: %s %s with %s, sources %s, sinks %s", args.station, catalog.products[0],
-            catalog.get(catalog.products[0]).mode, catalog.engine.device,
-            ", ".join(f"{s.name} ({s.kind})" for s in sources) or "none", ", ".join(s.name for s in sinks) or "none")
-        if service is not None:
-            catalog.warm_up(args.max_batch)  # memory at its working level before /readyz says ready
-            service.set_ready()
-        station.run(stop)
-    finally:
-        if service is not None:
-            service.stop()
-        for batcher in batchers.values():
-            batcher.close(drain=True)
-        catalog.close()
+    station.run(stop)
     return EXIT_OK
+
+
+__all__ = ["register", "run_serve", "spec_of"]

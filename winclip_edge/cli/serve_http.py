@@ -1,18 +1,14 @@
-"""The ``--http`` flags of ``winclip-edge serve`` (the station's HTTP face, docs/service.md)."""
+"""The ``--http`` flags of ``winclip-edge serve`` (the station's HTTP face, docs/service.md); serve maps them onto the
+station spec's ``[http]`` table (line/spec.py's HttpSpec)."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 
 from .. import inputs
 from ..errors import WinclipError
-from ..service import HttpConfig, ServiceError
+from ..line.build import TOKEN_ENV
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from .common import CliError
-
-TOKEN_ENV = "WINCLIP_TOKEN"
-SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 
 
 def add_http_options(p: argparse.ArgumentParser) -> None:
@@ -38,23 +34,3 @@ def parse_host_port(text: str) -> tuple[str, int]:
         return inputs.parse_host_port(text)
     except WinclipError:
         raise CliError(f"--http {text!r}: expected HOST:PORT, e.g. 127.0.0.1:{DEFAULT_PORT} or [::1]:{DEFAULT_PORT}") from None
-
-
-def http_config(args: argparse.Namespace) -> HttpConfig | None:
-    """The HttpConfig of the flags (None without --http); unsafe or impossible settings are a CliError."""
-    if args.http is None:
-        if args.token is not None or args.insecure:
-            raise CliError("--token/--insecure need --http HOST:PORT")
-        return None
-    host, port = parse_host_port(args.http)
-    token = args.token if args.token is not None else os.environ.get(TOKEN_ENV) or None
-    config = HttpConfig(host=host, port=port, token=token, insecure=args.insecure, max_upload_mb=args.max_upload_mb,
-                        keep_results=args.keep_results, result_timeout_s=args.request_timeout)
-    try:
-        config.check()
-    except ServiceError as err:
-        raise CliError(str(err)) from None
-    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]  # fail before the engine loads
-    if missing:
-        raise CliError(f"--http needs the serve extra ({', '.join(missing)} missing): pip install \"winclip-edge[serve]\"")
-    return config

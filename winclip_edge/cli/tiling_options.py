@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..tiles.overrides import TilingOverrides
 
 
 def add_tiling_options(p: argparse.ArgumentParser, of_product: bool = True) -> None:
@@ -36,23 +40,18 @@ def run_tiling(args: argparse.Namespace) -> tuple:
     return tiling, parse_roi(args.roi) if args.roi is not None else None
 
 
+def tiling_overrides(args: argparse.Namespace) -> "TilingOverrides":
+    """The TilingOverrides of the flags of :func:`add_tiling_options`."""
+    from ..tiles.overrides import TilingOverrides
+
+    return TilingOverrides(tile=args.tile, tile_overlap=args.tile_overlap, no_global=args.no_global,
+                           tile_memory=args.tile_memory, min_defect=args.min_defect, roi=args.roi,
+                           no_roi=getattr(args, "no_roi", False))
+
+
 def tiling_and_roi(args: argparse.Namespace) -> tuple:
     """(tiling, roi) for the Inspector: "product" where no flag was given, else the product's setting with the flags
     applied (None = off)."""
-    from ..bundle import Bundle
-    from ..products import load_tiling
-    from ..tiles.roi import parse_roi
-    from ..tiles.tiling import TilingConfig, TilingError, parse_tile
+    from ..tiles.overrides import resolve_tiling
 
-    flags = {"overlap": args.tile_overlap, "use_global": False if args.no_global else None,
-             "memory": args.tile_memory, "min_defect": args.min_defect}
-    tiling: object = "product"
-    if args.tile is not None or any(v is not None for v in flags.values()):
-        stored = load_tiling(Bundle(args.bundle, verify=False), args.product) or TilingConfig()
-        tile = parse_tile(args.tile) if args.tile is not None else stored.tile
-        if tile is None and args.tile is None:
-            raise TilingError(f"product {args.product!r} is not tiled: --tile-overlap, --no-global, --tile-memory and "
-                              "--min-defect need --tile SIZE|auto")
-        tiling = None if tile is None else stored.with_overrides(tile=tile, **flags)
-    roi: object = None if args.no_roi else parse_roi(args.roi) if args.roi is not None else "product"
-    return tiling, roi
+    return resolve_tiling(args.bundle, args.product, tiling_overrides(args))

@@ -1,4 +1,5 @@
-"""Where decisions go besides results.jsonl: MQTT (paho-mqtt, QoS 1) and webhooks (HTTP POST of JSON).
+"""Where decisions go besides results.jsonl: MQTT (paho-mqtt, QoS 1) and webhooks (HTTP POST of JSON), the
+built-in sinks (:data:`BUILTIN_SINKS`; the Sink protocol and other packages' sinks: plugins.py, registry.py).
 
 Every message passes through its sink's on-disk :class:`~winclip_edge.line.spool.Spool` and one delivery
 thread sends them one at a time, oldest first, removing each only when the sink confirmed it (MQTT PUBACK,
@@ -17,9 +18,10 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Optional
 
 from ..errors import WinclipError
+from .plugins import Sink, SinkContext, SinkPlugin
 from .spool import Spool
 
 log = logging.getLogger("winclip_edge.line")
@@ -32,20 +34,6 @@ CONNECT_WAIT_S = 1.0  # an MQTT attempt waits this long for a (re)connection bef
 
 class SinkUnavailable(WinclipError, RuntimeError):
     """A delivery attempt failed (not connected, no confirmation, HTTP error); the message stays spooled."""
-
-
-class Sink(Protocol):
-    """Sends one message; raises on failure. ``key`` is the same for every retry of one message. ``open`` is
-    called once, from the delivery thread, before the first message (connections start there, not at
-    construction, so a station that cannot start never touches the broker)."""
-
-    name: str
-
-    def open(self) -> None: ...
-
-    def deliver(self, key: int, message: bytes, timeout: float) -> None: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -137,14 +125,18 @@ class MqttSink:
         self._client.loop_stop()
 
 
+def check_webhook_url(url: str) -> None:
+    if not url.startswith(("http://", "https://")):
+        raise WinclipError(f"--webhook needs an http:// or https:// URL, got {url!r}")
+
+
 class WebhookSink:
     """POSTs each message as ``application/json``; any 2xx answer confirms it."""
 
     name = "webhook"
 
     def __init__(self, url: str):
-        if not url.startswith(("http://", "https://")):
-            raise WinclipError(f"--webhook needs an http:// or https:// URL, got {url!r}")
+        check_webhook_url(url)
         self.url = url
 
     def open(self) -> None:
@@ -233,11 +225,12 @@ class SpooledSink:
                     self._closing.wait(pause)
                 delay = min(delay * 2, self.retry_max_s)
                 continue
+            waiting = len(self.spool)  # this one included: it waited too
             self.spool.pop(key)
             self.delivered += 1
             delay = self.retry_min_s
             if not self._up:
-                log.warning("sink %s is back; delivering the spooled decisions (%d waiting)", self.name, len(self.spool))
+                log.warning("sink %s is back; delivering the spooled decisions (%d waiting)", self.name, waiting)
                 self._up = True
 
     def close(self, timeout: float = 10.0) -> None:
@@ -251,3 +244,56 @@ class SpooledSink:
             log.warning("sink %s: %d decisions stay spooled in %s and are sent at the next start", self.name, left,
                         self.spool.folder)
         self.sink.close()
+
+
+# ---------------------------------------------------------------- the built-in kinds (registry.py)
+@dataclass(frozen=True)
+class MqttOptions:
+    """An MQTT sink in a station file. ``port`` None: 8883 with TLS, else 1883; ``topic`` None:
+    ``winclip/<station>/<first product>/result``; ``client_id`` None: ``winclip-edge-<station>``."""
+
+    host: str
+    port: Optional[int] = None
+    topic: Optional[str] = None
+    tls: bool = False
+    ca_file: Optional[str] = None
+    client_id: Optional[str] = None
+    keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise WinclipError("an mqtt sink needs a host")
+        if self.port is not None and not 0 < self.port < 65536:
+            raise WinclipError(f"mqtt port must be in 1-65535, got {self.port}")
+
+    def config(self, context: SinkContext) -> MqttConfig:
+        return MqttConfig(host=self.host, port=self.port or (8883 if self.tls else 1883),
+                          topic=self.topic or f"winclip/{context.station}/{context.products[0]}/result", tls=self.tls,
+                          ca_file=self.ca_file, client_id=self.client_id or f"winclip-edge-{context.station}",
+                          keepalive_s=self.keepalive_s)
+
+
+@dataclass(frozen=True)
+class WebhookOptions:
+    url: str
+
+    def __post_init__(self) -> None:
+        check_webhook_url(self.url)
+
+
+def _mqtt(name: str, options: MqttOptions, context: SinkContext) -> MqttSink:
+    sink = MqttSink(options.config(context))
+    sink.name = name
+    return sink
+
+
+def _webhook(name: str, options: WebhookOptions, context: SinkContext) -> WebhookSink:
+    sink = WebhookSink(options.url)
+    sink.name = name
+    return sink
+
+
+BUILTIN_SINKS = (
+    SinkPlugin("mqtt", MqttOptions, _mqtt, requires=("paho.mqtt.client",), install='pip install "winclip-edge[line]"'),
+    SinkPlugin("webhook", WebhookOptions, _webhook),
+)

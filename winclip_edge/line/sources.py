@@ -1,8 +1,9 @@
-"""Where frames come from: cameras, video files, RTSP/HTTP streams, GStreamer pipelines (OpenCV VideoCapture)
-and hot folders (watchdog), each feeding a bounded buffer.
+"""The built-in sources: cameras, video files, RTSP/HTTP streams, GStreamer pipelines (OpenCV VideoCapture)
+and hot folders (watchdog), each feeding a bounded buffer (the Source protocol of plugins.py).
 
 Source specs (``serve --source``): ``0`` (camera index), ``part.avi`` (video file), ``rtsp://...`` /
-``http://...`` (stream), ``gst:<pipeline ending in appsink>`` (GStreamer), ``folder:DIR`` (hot folder).
+``http://...`` (stream), ``gst:<pipeline ending in appsink>`` (GStreamer), ``folder:DIR`` (hot folder);
+:data:`BUILTIN_SOURCES` registers them (registry.py adds the entry points of other packages).
 Camera-like sources (camera, stream, gst) keep only the newest frames when the engine falls behind
 (``drop="oldest"``, counted); finite sources (video files, folders) never drop: they wait.
 """
@@ -14,90 +15,26 @@ import os
 import re
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Deque
+from typing import Any, Callable
 
 import cv2
-import numpy as np
 
-from ..errors import WinclipError
 from ..fileio import fsync_dir, sha256_file
 from ..preprocess import IMAGE_EXTENSIONS
+from .frames import Frame, FrameBuffer, SourceError
+from .plugins import SourcePlugin
+
+__all__ = ["BUILTIN_SOURCES", "DROP_POLICIES", "FolderOptions", "FolderSource", "Frame", "FrameBuffer", "SourceError",
+           "VideoOptions", "VideoSource", "gstreamer_available", "source_kind"]
 
 log = logging.getLogger("winclip_edge.line")
 
+LINE_EXTRA = 'pip install "winclip-edge[line]"'
 LIVE_KINDS = frozenset({"camera", "stream", "gstreamer"})
 DROP_POLICIES = ("oldest", "none")
 DONE, FAILED = "done", "failed"
-
-
-class SourceError(WinclipError, ValueError):
-    """A source spec that cannot work (missing file or folder, unreadable video, bad option)."""
-
-
-@dataclass
-class Frame:
-    """One captured frame or one complete file. ``captured_at`` is wall-clock (for the payload),
-    ``captured_mono`` monotonic (for the latency)."""
-
-    source: str
-    index: int  # frame number within the source (raw capture count), or the file's pick-up order
-    captured_at: float
-    captured_mono: float
-    image: np.ndarray | None = None  # RGB uint8 (video sources)
-    path: str | None = None  # hot-folder file
-    sha256: str | None = None
-
-
-class FrameBuffer:
-    """Bounded FIFO between a capture thread and the batcher. ``drop_oldest``: a full buffer discards its
-    oldest frame (counted in ``dropped``); otherwise ``put`` waits for room."""
-
-    def __init__(self, capacity: int, drop_oldest: bool):
-        if capacity < 1:
-            raise SourceError(f"a frame buffer holds at least 1 frame, got {capacity}")
-        self.capacity, self.drop_oldest = capacity, drop_oldest
-        self.dropped = 0
-        self._items: Deque[Frame] = deque()
-        self._cond = threading.Condition()
-        self._closed = False
-
-    def put(self, frame: Frame) -> bool:
-        """Add ``frame``; False when the buffer was closed (the frame is not taken)."""
-        with self._cond:
-            while len(self._items) >= self.capacity and not self.drop_oldest and not self._closed:
-                self._cond.wait()
-            if self._closed:
-                return False
-            if len(self._items) >= self.capacity:
-                self._items.popleft()
-                self.dropped += 1
-            self._items.append(frame)
-            self._cond.notify_all()
-            return True
-
-    def get(self) -> Frame | None:
-        """The oldest frame, waiting for one; None once the buffer is closed and empty."""
-        with self._cond:
-            while not self._items and not self._closed:
-                self._cond.wait()
-            if not self._items:
-                return None
-            frame = self._items.popleft()
-            self._cond.notify_all()
-            return frame
-
-    def close(self) -> None:
-        """No more frames: ``get`` returns what is left, then None."""
-        with self._cond:
-            self._closed = True
-            self._cond.notify_all()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
 
 
 @dataclass(frozen=True)
@@ -113,6 +50,8 @@ class VideoOptions:
     reconnect_max_s: float = 30.0
 
     def __post_init__(self) -> None:
+        if self.buffer < 1:
+            raise SourceError(f"--buffer must be >= 1, got {self.buffer}")
         if self.drop not in DROP_POLICIES:
             raise SourceError(f"--drop must be one of {DROP_POLICIES}, got {self.drop!r}")
         if self.every_nth < 1:
@@ -256,6 +195,24 @@ class VideoSource:
                 delay = self._backoff(delay, "the stream stopped delivering frames" if got else f"no frame from {self.target}")
         finally:
             self.buffer.close()
+
+
+@dataclass(frozen=True)
+class FolderOptions:
+    """Settings of a hot folder."""
+
+    settle_s: float = 1.0  # a file written in place is complete when its size and mtime stayed this long
+    ignore_existing: bool = False  # skip the files already there at start
+    buffer: int = 8  # files waiting for the engine
+    rescan_s: float = 5.0  # a full listing this often catches what watchdog's events missed
+
+    def __post_init__(self) -> None:
+        if self.settle_s < 0 or not math.isfinite(self.settle_s):
+            raise SourceError(f"--settle-s must be >= 0, got {self.settle_s}")
+        if self.buffer < 1:
+            raise SourceError(f"--buffer must be >= 1, got {self.buffer}")
+        if not self.rescan_s > 0:
+            raise SourceError(f"rescan_s must be > 0, got {self.rescan_s}")
 
 
 class FolderSource:
@@ -430,3 +387,24 @@ class FolderSource:
         os.replace(path, destination)
         fsync_dir(Path(destination).parent)
         fsync_dir(self.folder)
+
+
+# ---------------------------------------------------------------- the built-in kinds (registry.py)
+def _video(name: str, target: str, options: VideoOptions) -> VideoSource:
+    return VideoSource(target, name, options)
+
+
+BUILTIN_SOURCES = (
+    SourcePlugin("folder", "folder:", FolderOptions,
+                 lambda name, target, o: FolderSource(target, name, settle_s=o.settle_s,
+                                                      ignore_existing=o.ignore_existing, buffer=o.buffer,
+                                                      rescan_s=o.rescan_s),
+                 default_name=lambda target, i: Path(target).name or "folder", requires=("watchdog",),
+                 install=LINE_EXTRA),
+    SourcePlugin("gstreamer", "gst:", VideoOptions, lambda name, target, o: VideoSource("gst:" + target, name, o)),
+    SourcePlugin("camera", None, VideoOptions, _video, default_name=lambda target, i: f"camera{target}",
+                 matches=str.isdigit),
+    SourcePlugin("stream", None, VideoOptions, _video, matches=lambda spec: "://" in spec),
+    SourcePlugin("video", None, VideoOptions, _video, default_name=lambda target, i: Path(target).stem,
+                 matches=lambda spec: True),
+)

@@ -5,9 +5,10 @@ blocks while the engine is behind, so camera buffers drop their oldest frames), 
 worker, and one collector that takes results in submission order and delivers each decision:
 
 1. maps / overlays (``save``: anomalous | all | none), through :class:`~winclip_edge.results.ResultWriter`;
-2. the payload into every sink's on-disk spool;
+2. the row (:class:`~winclip_edge.rows.ResultRow`, the same object in every sink) into every sink's on-disk spool;
 3. the row into results.jsonl, flushed and fsync'd (rotated by size, never truncated);
-4. for a hot-folder file, the move to done/ or failed/ -- only now, so a crash never loses a decision.
+4. for a source whose frames are files (the hot folder: plugins.FileSource), the move to done/ or failed/ --
+   only now, so a crash never loses a decision.
 
 A restart after a crash between 3 and 4 finds the row (same path and sha256, its ``moved_to`` not there
 yet) and only moves the file: every file gets exactly one row. A crash between 2 and 3 re-inspects the
@@ -25,22 +26,22 @@ from collections import deque
 from concurrent.futures import CancelledError
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Deque, Iterable, Sequence, TextIO, Union
+from typing import Any, Callable, Deque, Iterable, Sequence, TextIO
 
 import numpy as np
 
 from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..results import RESULTS_JSONL, ResultWriter
+from ..rows import ModelIds, ResultRow
 from .batcher import Batcher, BatcherClosed, Job
-from .schema import ModelIds, payload
-from .sinks import Sink, SinkStats, SpooledSink
-from .sources import FolderSource, Frame, VideoSource
+from .plugins import FileSource, Sink, Source
+from .sinks import SinkStats, SpooledSink
+from .sources import Frame
 from .spool import Spool
 
 log = logging.getLogger("winclip_edge.line")
 
-Source = Union[VideoSource, FolderSource]
 SAVE_POLICIES = ("anomalous", "all", "none")
 LATENCY_WINDOW = 1000  # decisions behind the p50/p99 of the status line
 LOCK = ".station.lock"
@@ -73,7 +74,7 @@ class StationStats:
     """Counters since start, per source / per sink where it matters (for the status line and /metrics)."""
 
     frames_in: int  # frames or files taken by the sources
-    frames_out: int  # decisions written
+    frames_out: int  # decisions made: the sources' (written) and the HTTP face's (answered)
     errors: int  # decisions with an error
     dropped: dict[str, int]  # per source: frames discarded by drop-oldest
     reconnects: dict[str, int]  # per source
@@ -82,6 +83,7 @@ class StationStats:
     latency_p50_ms: float | None  # capture -> decision, over the last LATENCY_WINDOW decisions
     latency_p99_ms: float | None
     queues: dict[str, int] = field(default_factory=dict)  # source buffers, engine queue, awaiting write
+    decided: dict[str, int] = field(default_factory=dict)  # per source ("http" for the HTTP face): decisions
 
 
 def results_files(out: Path) -> list[Path]:
@@ -151,6 +153,7 @@ class Station:
         self._inflight: queue.Queue = queue.Queue(maxsize=config.inflight)
         self._latencies: Deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._counts = {"out": 0, "errors": 0}
+        self._decided: dict[str, int] = {}
         self._ids: tuple[Any, ModelIds] | None = None  # (the Inspector they were read from, its ids)
         self._lock = threading.Lock()
         self._collected = threading.Event()  # every source ended and its decisions are written
@@ -159,10 +162,10 @@ class Station:
     # ------------------------------------------------------------ running
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set (or, without ``keep_running``, every source ended): then drain and flush."""
-        index = moved_rows(self.out) if any(isinstance(s, FolderSource) for s in self.sources) else {}
-        for source in self.sources:
-            if isinstance(source, FolderSource):
-                source.recover(lambda path, sha: index.get((path, sha), []))
+        file_sources = [s for s in self.sources if isinstance(s, FileSource)]
+        index = moved_rows(self.out) if file_sources else {}
+        for source in file_sources:
+            source.recover(lambda path, sha: index.get((path, sha), []))
         for source in self.sources:
             source.start()
         self._threads = [threading.Thread(target=self._submit, args=(s,), name=f"winclip-submit-{s.name}", daemon=True)
@@ -241,39 +244,44 @@ class Station:
     def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float) -> None:
         ids = self._model_ids()
         save = self.config.save == "all" or (self.config.save == "anomalous" and bool(result.anomalous))
-        record = self.writer.record(result, ids.mode, save_outputs=save)
-        message = payload(result, ids, self.config.station, source.name, frame.captured_at, latency_ms,
-                          frame=frame.index if frame.path is None else None, file=frame.path,
-                          file_sha256=frame.sha256, overlay=record["overlay"], map_path=record["map"])
-        message["error"] = record["error"]
-        row = {**message, "zero_shot_score": result.zero_shot_score, "image_size": record["image_size"],
-               "timings_ms": record["timings_ms"]}
-        destination = None
-        if isinstance(source, FolderSource):
-            destination = source.destination(frame, failed=message["error"] is not None)
-            row["moved_to"] = destination
+        saved = self.writer.save_outputs(result, save)
+        files = source if isinstance(source, FileSource) and frame.path is not None else None
+        failed = (saved.error or result.error) is not None
+        destination = files.destination(frame, failed=failed) if files is not None else None
+        row = ResultRow.of(result, ids, frame.captured_at, latency_ms, station=self.config.station, source=source.name,
+                           frame=frame.index if frame.path is None else None, file=frame.path,
+                           file_sha256=frame.sha256, overlay=saved.overlay, map=saved.map, moved_to=destination,
+                           error=saved.error).as_dict()
         for sink in self.sinks:
-            sink.put(message)
+            sink.put(row)
         self.writer.append_row(row)
-        if destination is not None:
-            source.finish(frame, destination)
-        with self._lock:
-            self._counts["out"] += 1
-            self._counts["errors"] += message["error"] is not None
-            self._latencies.append(latency_ms)
-        if message["error"] is not None:
-            log.warning("source %s: %s", source.name, message["error"])
+        if files is not None:
+            files.finish(frame, destination)
+        self.count(row)
+        if row["error"] is not None:
+            log.warning("source %s: %s", source.name, row["error"])
         for hook in self.on_result:
             try:
-                hook(result, ids.product, message)
+                hook(result, ids.product, row)
             except Exception as err:
                 log.error("result hook failed: %s: %s", type(err).__name__, err)
+
+    def count(self, row: dict) -> None:
+        """Count one decision in the status line and stats: the sources' (from ``_deliver``) and those the HTTP
+        face made with this station's engine (it calls this for each answered inspection)."""
+        with self._lock:
+            self._counts["out"] += 1
+            self._counts["errors"] += row.get("error") is not None
+            name = str(row.get("source"))
+            self._decided[name] = self._decided.get(name, 0) + 1
+            if row.get("latency_ms") is not None:
+                self._latencies.append(row["latency_ms"])
 
     # ------------------------------------------------------------ reporting
     def stats(self) -> StationStats:
         with self._lock:
             latencies = np.array(self._latencies) if self._latencies else None
-            out, errors = self._counts["out"], self._counts["errors"]
+            out, errors, decided = self._counts["out"], self._counts["errors"], dict(self._decided)
         sinks: list[SinkStats] = [s.stats() for s in self.sinks]
         queues = {f"source:{s.name}": len(s.buffer) for s in self.sources}
         queues["engine"] = self.batcher.stats().queue_depth
@@ -285,7 +293,7 @@ class Station:
             spool_pending={s.name: s.pending for s in sinks}, spool_overflow={s.name: s.overflow for s in sinks},
             latency_p50_ms=None if latencies is None else float(np.percentile(latencies, 50)),
             latency_p99_ms=None if latencies is None else float(np.percentile(latencies, 99)),
-            queues=queues)
+            queues=queues, decided=decided)
 
     def status_line(self, previous: StationStats | None = None, seconds: float = 0.0) -> str:
         s = self.stats()
@@ -297,7 +305,9 @@ class Station:
                    else f"latency p50 {s.latency_p50_ms:.0f} ms p99 {s.latency_p99_ms:.0f} ms")
         sinks = "".join(f", {name} spool {n}" + (f" (overflow {s.spool_overflow[name]})" if s.spool_overflow[name] else "")
                         for name, n in s.spool_pending.items())
-        return (f"{rate}captured {s.frames_in}, decided {s.frames_out} ({s.errors} errors), dropped {sum(s.dropped.values())}, "
+        http = f", {s.decided['http']} over HTTP" if s.decided.get("http") else ""
+        return (f"{rate}captured {s.frames_in}, decided {s.frames_out} ({s.errors} errors{http}), "
+                f"dropped {sum(s.dropped.values())}, "
                 f"reconnects {sum(s.reconnects.values())}, {latency}, queues "
                 + " ".join(f"{k}={v}" for k, v in s.queues.items()) + sinks)
 

@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import List, Mapping, Optional
+from typing import Callable, List, Mapping, Optional
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,7 @@ from ..catalog import Catalog, UnknownProduct
 from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
-from ..line.schema import ModelIds, payload
+from ..rows import ModelIds, ResultRow
 from ..prompts import PromptError, PromptSpec, object_name_for
 from ..text_encoder import ProductExistsError, add_product as encode_product
 from .auth import TokenAuth
@@ -51,6 +51,7 @@ class ServiceContext:
     station: str
     ready: threading.Event = field(default_factory=threading.Event)
     ids: dict[str, ModelIds] = field(default_factory=dict)  # per product, renewed by a reload
+    on_decision: Optional[Callable[[dict], None]] = None  # the station counts HTTP decisions with its own
 
     def __post_init__(self) -> None:
         for product in self.catalog.products:
@@ -86,6 +87,11 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     app = FastAPI(title="winclip-edge station", version="1",
                   description="Anomaly inspection of uploaded images; results, products, health and metrics.")
     metrics, store, catalog = ctx.metrics, ctx.store, ctx.catalog
+
+    def _decided(row: dict) -> None:
+        """The station counts HTTP decisions with its sources' (status line, Station.stats)."""
+        if ctx.on_decision is not None:
+            ctx.on_decision(row)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -134,6 +140,10 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             except asyncio.TimeoutError:
                 raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
             if result.error is not None:
+                failed = ResultRow.of(result, ctx.ids[product], received, (time.perf_counter() - t0) * 1e3,
+                                      station=ctx.station, source="http", file=label).as_dict()
+                _decided(failed)
+                metrics.observe_result(product, "http", None, result.error, result.timings_ms, None)
                 raise UploadError(500, "inspection_failed", result.error)
         except UploadError as err:
             metrics.errors.labels(err.kind).inc()
@@ -141,9 +151,11 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         # decode = bytes -> RGB here + the resize to the model input in submit
         result.timings_ms.update(upload=(t1 - t0) * 1e3, decode=(t2 - t1) * 1e3 + result.timings_ms.get("decode", 0.0))
         t3 = time.perf_counter()
-        row = payload(result, ctx.ids[product], ctx.station, "http", received, (t3 - t0) * 1e3, file=label)
+        row = ResultRow.of(result, ctx.ids[product], received, (t3 - t0) * 1e3, station=ctx.station, source="http",
+                           file=label).as_dict()
         urls = _urls(row["id"])
-        row.update(overlay=urls["overlay"], map=urls["map"], timings_ms={k: round(v, 3) for k, v in result.timings_ms.items()})
+        row.update(overlay=urls["overlay"], map=urls["map"])
+        _decided(row)
         try:
             rid = await run_in_threadpool(store.add, row, result)
         except OSError as err:

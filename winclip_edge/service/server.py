@@ -9,7 +9,7 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping, Optional
 
 from ..catalog import Catalog
 from ..inspector import InspectionResult
@@ -75,7 +75,7 @@ class HttpService:
         self.context.ready.set()
 
     def record(self, result: InspectionResult, row: dict) -> str | None:
-        """Add a live source's finished result (its line-schema ``row``) to the review store and the metrics.
+        """Add a live source's finished result (its row, winclip_edge/rows.py) to the review store and the metrics.
         Returns the id, or None when it could not be stored (counted; the station goes on)."""
         ctx = self.context
         latency = row.get("latency_ms")
@@ -95,16 +95,19 @@ class HttpService:
 
 
 def start_http(config: HttpConfig, catalog: Catalog, batchers: Mapping[str, Batcher], out_dir: str | Path,
-               station: str = "station", station_stats: StationStats | None = None) -> HttpService:
+               station: str = "station", station_stats: StationStats | None = None,
+               on_decision: Optional[Callable[[dict], None]] = None) -> HttpService:
     """Check ``config``, bind, start serving; returns once the socket accepts connections. ``/readyz`` stays 503
-    until :meth:`HttpService.set_ready`. The review store is ``<out_dir>/review/``."""
+    until :meth:`HttpService.set_ready`. The review store is ``<out_dir>/review/``. ``on_decision(row)`` sees the
+    row of every inspection the HTTP face answers (the station counts them with its sources')."""
     config.check()
     missing = sorted(set(catalog.products) - set(batchers))
     if missing:
         raise ServiceError(f"no batcher for product(s) {missing}")
     context = ServiceContext(config=config, catalog=catalog, batchers=batchers,
                              store=ResultStore(Path(out_dir) / STORE_FOLDER, config.keep_results),
-                             metrics=ServiceMetrics(batchers, station_stats), station=station)
+                             metrics=ServiceMetrics(batchers, station_stats), station=station,
+                             on_decision=on_decision)
     service = HttpService(context, _bind(config.host, config.port))
     service._start()
     return service

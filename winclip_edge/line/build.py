@@ -1,0 +1,150 @@
+"""A station wired from its spec (spec.py): everything that can be refused is checked before the engine loads,
+then the catalog (one engine, one Inspector per product), one batcher per product, the sources and sinks of
+their registries (registry.py) and the station; the HTTP face starts when it runs. ``serve`` only maps its
+flags onto the spec and handles the signals.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import threading
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..catalog import Catalog
+from ..engines import EngineConfig
+from ..tiles.overrides import resolve_tiling
+from .batcher import Batcher
+from .plugins import SinkContext
+from .registry import check_requirements, resolve_source, sink_plugin, sink_plugins, source_plugins
+from .spec import HttpSpec, StationSpec, engine_config
+from .station import Station, StationConfig
+
+log = logging.getLogger("winclip_edge.line")
+
+TOKEN_ENV = "WINCLIP_TOKEN"
+SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
+
+
+def http_config(spec: HttpSpec, environ: Mapping[str, str] = os.environ) -> Any:
+    """The HttpConfig of ``[http]`` (the token from WINCLIP_TOKEN when the spec has none), checked: an unsafe bind
+    or a missing serve extra is refused here, before the engine loads."""
+    from ..service import HttpConfig, ServiceError
+
+    host, port = spec.host_port
+    token = spec.token if spec.token is not None else environ.get(TOKEN_ENV) or None
+    config = HttpConfig(host=host, port=port, token=token, insecure=spec.insecure, max_upload_mb=spec.max_upload_mb,
+                        keep_results=spec.keep_results, result_timeout_s=spec.request_timeout)
+    config.check()
+    missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
+    if missing:
+        raise ServiceError(f"--http needs the serve extra ({', '.join(missing)} missing): "
+                           "pip install \"winclip-edge[serve]\"")
+    return config
+
+
+def resolve_engine(bundle: str, config: EngineConfig) -> tuple[EngineConfig, str | None]:
+    """``auto`` resolved as the commands resolve it (cli/common.py's engine_config): with a provider, ONNX Runtime;
+    else the tune record's winner. Returns the config and the reason to log (None when nothing was resolved)."""
+    if config.backend != "auto":
+        return config, None
+    if config.provider != "auto":
+        return replace(config, backend="onnxruntime"), \
+            f"onnxruntime {config.resolved_precision} (--provider given without --backend)"
+    from ..bundle import Bundle
+    from ..engines.auto import resolve
+
+    selection = resolve(Bundle(bundle, verify=False), config)  # the Inspector verifies the files
+    return selection.config, selection.reason
+
+
+class LineStation:
+    """A wired station: :meth:`run` until ``stop`` is set (or its finite sources ended), then everything is closed."""
+
+    def __init__(self, spec: StationSpec, catalog: Catalog, batchers: dict[str, Batcher], station: Station,
+                 http: Any):
+        self.spec, self.catalog, self.batchers, self.station, self.http = spec, catalog, batchers, station, http
+        self.service: Any = None
+        self._closed = False
+
+    def start_line(self) -> str:
+        """What runs, in one line: every product served, the engine, the sources (and what they inspect), the sinks."""
+        catalog, station = self.catalog, self.station
+        products = ", ".join(f"{p} ({catalog.get(p).mode})" for p in catalog.products)
+        sources = ", ".join(f"{s.name} ({s.kind})" for s in station.sources)
+        return (f"station {station.config.station}: products {products} on {catalog.engine.name} "
+                f"({catalog.engine.device}); sources {sources + ' -> ' + catalog.products[0] if sources else 'none'}; "
+                f"sinks {', '.join(s.name for s in station.sinks) or 'none'}"
+                + ("; HTTP serves every product" if self.http is not None else ""))
+
+    def run(self, stop: threading.Event) -> None:
+        try:
+            if self.http is not None:
+                from ..service import start_http
+
+                self.service = start_http(self.http, self.catalog, self.batchers, self.station.out,
+                                          station=self.station.config.station, station_stats=self.station.stats,
+                                          on_decision=self.station.count)
+                service = self.service
+                self.station.on_result.append(lambda result, product, row: service.record(result, row))
+                log.info("HTTP on %s", self.service.url)
+            log.info("%s", self.start_line())
+            if self.service is not None:
+                self.catalog.warm_up(self.spec.batching.max_batch)  # memory at its working level before /readyz
+                self.service.set_ready()
+            self.station.run(stop)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self.service is not None:
+            self.service.stop()
+        for batcher in self.batchers.values():
+            batcher.close(drain=True)
+        self.catalog.close()
+
+
+def build_station(spec: StationSpec) -> LineStation:
+    """Check ``spec``, load the engine and wire the station (nothing runs yet; see :meth:`LineStation.run`)."""
+    spec.check()
+    http = http_config(spec.http) if spec.http is not None else None
+    outputs = spec.outputs
+    name = spec.station_name
+    config = StationConfig(station=name, save=outputs.save, rotate_mb=outputs.rotate_mb,
+                           status_every_s=outputs.status_every, flush_timeout_s=outputs.flush_timeout,
+                           spool_max=outputs.spool_max, keep_running=http is not None)
+    sources_known, sinks_known = source_plugins(), sink_plugins()
+    resolved = [(s, *resolve_source(s.spec, sources_known)) for s in spec.sources]
+    for s, plugin, _ in resolved:
+        check_requirements(f"a {plugin.kind} source ({s.name})", plugin.requires, plugin.install)
+    sink_kinds = [(s, sink_plugin(s.kind, sinks_known)) for s in spec.sinks]
+    for s, plugin in sink_kinds:
+        check_requirements(f"the {s.kind} sink {s.name}", plugin.requires, plugin.install)
+    sources = []
+    for s, plugin, target in resolved:
+        source = plugin.create(s.name, target, s.options)
+        source.check()
+        sources.append(source)
+    context = SinkContext(station=name, products=tuple(spec.products))
+    sinks = [plugin.create(s.name, s.options, context) for s, plugin in sink_kinds]  # connected once it runs
+    engine, reason = resolve_engine(spec.bundle, engine_config(spec.engine))
+    if reason is not None:
+        log.info("engine: %s", reason)
+    catalog = Catalog(spec.bundle, list(spec.products), engine=engine, options=spec.scoring, sigma=spec.sigma,
+                      settings=lambda product: resolve_tiling(spec.bundle, product, spec.tiling))
+    batchers: dict[str, Batcher] = {}
+    try:
+        b = spec.batching
+        batchers.update({p: Batcher(catalog.get(p), b.max_batch, b.max_wait_ms, b.queue_size) for p in catalog.products})
+        station = Station(config, Path(outputs.out), batchers[catalog.products[0]], sources, sinks)
+    except BaseException:
+        for batcher in batchers.values():
+            batcher.close(drain=False)
+        catalog.close()
+        raise
+    return LineStation(spec, catalog, batchers, station, http)

@@ -1,0 +1,412 @@
+"""The station as data: which bundle and products, which engine, sources, sinks, batching, outputs and HTTP face
+(docs/line.md, "The station file"). ``winclip-edge serve --config station.toml`` reads it,
+``serve ... --print-config`` writes the one its flags describe, :func:`winclip_edge.line.build_station` wires it.
+
+Every part is a frozen dataclass with the defaults of ``serve``'s flags; a file is read strictly (typed.py):
+an unknown key or a wrong type is refused naming the key path and the file. A source's or a sink's own keys are
+those of its kind's options dataclass (plugins.py), so a new kind brings its keys with it.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import sys
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional
+
+from ..engines import BACKENDS, EngineConfig
+from ..engines.config import ENGINE_PRECISIONS
+from ..inputs import parse_host_port
+from ..scoring import ScoringOptions
+from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
+from ..tiles.overrides import TilingOverrides
+from .station import SAVE_POLICIES
+from .registry import PluginError, resolve_source, sink_plugin, sink_plugins, source_plugins
+from .typed import SpecError, build, from_table, to_table
+
+DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """``[engine]``: the engine flags of ``serve`` as plain values; :func:`engine_config` turns them into the
+    library's EngineConfig (the one place that knows both)."""
+
+    backend: str = "auto"
+    precision: Optional[str] = None
+    provider: str = "auto"
+    threads: int = 0
+    device: str = "auto"
+    performance_hint: str = "latency"
+    cuda_graphs: bool = False
+    engine_dir: Optional[str] = None
+    triton_url: Optional[str] = None
+    triton_protocol: str = "grpc"
+    triton_model: str = "winclip_visual"
+    triton_timeout: float = 30.0
+
+    def __post_init__(self) -> None:
+        for key, value, allowed in (("backend", self.backend, ("auto", *BACKENDS)),
+                                    ("precision", self.precision, (None, *ENGINE_PRECISIONS)),
+                                    ("performance_hint", self.performance_hint, ("latency", "throughput")),
+                                    ("triton_protocol", self.triton_protocol, ("grpc", "http"))):
+            if value not in allowed:
+                raise SpecError(key, f"must be one of {', '.join(a for a in allowed if a)}, got {value!r}")
+        if self.threads < 0:
+            raise SpecError("threads", f"must be >= 0, got {self.threads}")
+
+
+def engine_config(spec: EngineSpec) -> EngineConfig:
+    """The EngineConfig of ``[engine]`` (``auto`` not resolved yet)."""
+    return EngineConfig(backend=spec.backend, precision=spec.precision, provider=spec.provider, threads=spec.threads,
+                        device=spec.device, cuda_graphs=spec.cuda_graphs,
+                        engine_dir=Path(spec.engine_dir) if spec.engine_dir else None, triton_url=spec.triton_url,
+                        triton_protocol=spec.triton_protocol, triton_model=spec.triton_model,
+                        triton_timeout=spec.triton_timeout, performance_hint=spec.performance_hint)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One ``[[sources]]`` entry: ``spec`` as ``--source`` takes it (``0``, ``line.avi``, ``rtsp://...``,
+    ``gst:...``, ``folder:DIR``, a plugin's ``prefix:...``), its ``name`` (None: made from the spec by
+    :class:`StationSpec`) and ``options``, an instance of its kind's options dataclass (None: its defaults)."""
+
+    spec: str
+    name: Optional[str] = None
+    options: Any = None
+    kind: str = field(default="", init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            plugin, _ = resolve_source(self.spec, source_plugins())
+        except PluginError as err:
+            raise SpecError("spec", str(err)) from None
+        options = plugin.options() if self.options is None else self.options
+        if not isinstance(options, plugin.options):
+            raise SpecError("options", f"a {plugin.kind} source takes {plugin.options.__name__}, got "
+                                       f"{type(options).__name__}")
+        object.__setattr__(self, "options", options)
+        object.__setattr__(self, "kind", plugin.kind)
+
+    @property
+    def target(self) -> str:
+        return resolve_source(self.spec, source_plugins())[1]
+
+    @classmethod
+    def from_table(cls, table: Any, key: str) -> "SourceSpec":
+        if not isinstance(table, dict):
+            raise SpecError(key, "expected a table with spec = ... (and name, options of its kind)")
+        rest = dict(table)
+        head = build(_SourceHead, {k: rest.pop(k) for k in ("spec", "name") if k in rest}, key)
+        try:
+            plugin, _ = resolve_source(head.spec, source_plugins())
+        except PluginError as err:
+            raise SpecError(f"{key}.spec", str(err)) from None
+        options = build(plugin.options, rest, key)
+        try:
+            return cls(spec=head.spec, name=head.name, options=options)
+        except SpecError as err:
+            raise err.at(key) from None
+
+    def to_table(self) -> dict:
+        return {"name": self.name, "spec": self.spec, **to_table(self.options)}
+
+
+@dataclass(frozen=True)
+class _SourceHead:
+    spec: str
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """One ``[[sinks]]`` entry: its ``kind`` (``mqtt``, ``webhook``, a plugin's), ``name`` (None: the kind; the
+    spool folder is ``OUT/spool/<name>``) and ``options`` of that kind."""
+
+    kind: str
+    name: Optional[str] = None
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        try:
+            plugin = sink_plugin(self.kind, sink_plugins())
+        except PluginError as err:
+            raise SpecError("kind", str(err)) from None
+        if self.options is None:
+            raise SpecError("options", f"a {self.kind} sink needs its options ({plugin.options.__name__})")
+        if not isinstance(self.options, plugin.options):
+            raise SpecError("options", f"a {self.kind} sink takes {plugin.options.__name__}, got "
+                                       f"{type(self.options).__name__}")
+
+    @classmethod
+    def from_table(cls, table: Any, key: str) -> "SinkSpec":
+        if not isinstance(table, dict):
+            raise SpecError(key, "expected a table with kind = ... (and name, options of its kind)")
+        rest = dict(table)
+        head = build(_SinkHead, {k: rest.pop(k) for k in ("kind", "name") if k in rest}, key)
+        try:
+            plugin = sink_plugin(head.kind, sink_plugins())
+        except PluginError as err:
+            raise SpecError(f"{key}.kind", str(err)) from None
+        options = build(plugin.options, rest, key)
+        try:
+            return cls(kind=head.kind, name=head.name, options=options)
+        except SpecError as err:
+            raise err.at(key) from None
+
+    def to_table(self) -> dict:
+        return {"kind": self.kind, "name": self.name, **to_table(self.options)}
+
+
+@dataclass(frozen=True)
+class _SinkHead:
+    kind: str
+    name: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class BatchingSpec:
+    """``[batching]``: one Batcher per product over the shared engine."""
+
+    max_batch: int = 8  # frames per engine call at most
+    max_wait_ms: float = 10.0  # a batch closes when its oldest frame waited this long
+    queue_size: int = 64  # frames waiting for the engine at most
+
+    def __post_init__(self) -> None:
+        for key, value in (("max_batch", self.max_batch), ("queue_size", self.queue_size)):
+            if value < 1:
+                raise SpecError(key, f"must be >= 1, got {value}")
+        if not self.max_wait_ms >= 0 or not math.isfinite(self.max_wait_ms):
+            raise SpecError("max_wait_ms", f"must be >= 0, got {self.max_wait_ms}")
+
+
+@dataclass(frozen=True)
+class OutputsSpec:
+    """``[outputs]``: the output folder (results.jsonl, maps/, overlays/, spool/, review/) and how it is kept."""
+
+    out: str = ""
+    save: str = "anomalous"  # maps + overlays for: anomalous results | all | none
+    rotate_mb: float = 100.0  # results.jsonl is renamed to results.<n>.jsonl beyond this size
+    spool_max: int = 10000  # messages a sink keeps on disk while it is down
+    flush_timeout: float = 10.0  # at exit, seconds the sinks may take to deliver their spools
+    status_every: float = 10.0  # seconds between status lines (0 = none)
+
+    def __post_init__(self) -> None:
+        if self.save not in SAVE_POLICIES:
+            raise SpecError("save", f"must be one of {', '.join(SAVE_POLICIES)}, got {self.save!r}")
+        if not self.rotate_mb > 0:
+            raise SpecError("rotate_mb", f"must be > 0, got {self.rotate_mb}")
+        if self.spool_max < 1:
+            raise SpecError("spool_max", f"must be >= 1, got {self.spool_max}")
+        for key, value in (("flush_timeout", self.flush_timeout), ("status_every", self.status_every)):
+            if not value >= 0:
+                raise SpecError(key, f"must be >= 0, got {value}")
+
+
+@dataclass(frozen=True)
+class HttpSpec:
+    """``[http]``: the HTTP face (docs/service.md); no table, no HTTP face. ``token`` None: the environment
+    variable WINCLIP_TOKEN (prefer it: a file or a flag is easier to read than a process's environment)."""
+
+    listen: str = DEFAULT_LISTEN  # HOST:PORT ([::1]:PORT for IPv6; port 0 = any free port)
+    token: Optional[str] = None
+    insecure: bool = False  # allow a non-loopback listen without a token
+    max_upload_mb: float = MAX_UPLOAD_MB
+    request_timeout: float = RESULT_TIMEOUT_S  # seconds a request waits for its result before 504
+    keep_results: int = KEEP_RESULTS  # newest results the review store keeps
+
+    def __post_init__(self) -> None:
+        try:
+            parse_host_port(self.listen)
+        except Exception:
+            raise SpecError("listen", f"expected HOST:PORT, e.g. {DEFAULT_LISTEN} or [::1]:{DEFAULT_PORT}, got "
+                                      f"{self.listen!r}") from None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
+
+
+@dataclass(frozen=True)
+class StationSpec:
+    """A whole station. Sources inspect the first product; the HTTP face serves all of them."""
+
+    station: Optional[str] = None  # the name in every row; None: the host name
+    bundle: str = ""
+    products: tuple[str, ...] = ()
+    sigma: float = 0.0  # Gaussian smoothing of the map, pixels
+    engine: EngineSpec = EngineSpec()
+    scoring: ScoringOptions = ScoringOptions()
+    tiling: TilingOverrides = TilingOverrides()
+    batching: BatchingSpec = BatchingSpec()
+    outputs: OutputsSpec = OutputsSpec()
+    sources: tuple[SourceSpec, ...] = ()
+    sinks: tuple[SinkSpec, ...] = ()
+    http: Optional[HttpSpec] = None
+
+    def __post_init__(self) -> None:
+        if self.sigma < 0:
+            raise SpecError("sigma", f"must be >= 0, got {self.sigma}")
+        object.__setattr__(self, "sources", tuple(named_sources(self.sources)))
+        object.__setattr__(self, "sinks", tuple(named_sinks(self.sinks)))
+
+    @property
+    def station_name(self) -> str:
+        import socket
+
+        return self.station or socket.gethostname()
+
+    def check(self) -> None:
+        """Refuse a spec that names no station to run (every part is valid on its own already)."""
+        if not self.bundle:
+            raise SpecError("bundle", "missing: give --bundle or bundle = \"...\" in the station file")
+        if not self.products:
+            raise SpecError("products", "missing: give --product or products = [\"...\"] in the station file")
+        if not self.outputs.out:
+            raise SpecError("outputs.out", "missing: give --out or out = \"...\" under [outputs] in the station file")
+        if not self.sources and self.http is None:
+            raise SpecError("", "nothing to serve: give --source (repeatable) and/or --http HOST:PORT "
+                                "([[sources]] / [http] in a station file)")
+
+
+def _unique(name: str, used: set[str]) -> str:
+    base, n = name, 1
+    while name in used:
+        n += 1
+        name = f"{base}-{n}"
+    used.add(name)
+    return name
+
+
+def named_sources(sources: tuple[SourceSpec, ...]) -> list[SourceSpec]:
+    """Sources with a name each: the given one, else one made from the spec (``camera0``, the video's stem, the
+    folder's name, ``<kind><position>``; never a URL's credentials), made unique with ``-2``, ``-3`` ..."""
+    plugins, used, named = source_plugins(), {s.name for s in sources if s.name}, []
+    for i, source in enumerate(sources):
+        if source.name:
+            named.append(source)
+            continue
+        plugin, target = resolve_source(source.spec, plugins)
+        name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
+        named.append(replace(source, name=_unique(name, used)))
+    names = [s.name for s in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SpecError("sources", f"two sources are named {twice[0]!r}: give each its own name")
+    return named
+
+
+def named_sinks(sinks: tuple[SinkSpec, ...]) -> list[SinkSpec]:
+    used, named = {s.name for s in sinks if s.name}, []
+    for sink in sinks:
+        named.append(sink if sink.name else replace(sink, name=_unique(sink.kind, used)))
+    names = [s.name for s in named]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise SpecError("sinks", f"two sinks are named {twice[0]!r} (their spools would be one folder)")
+    return named
+
+
+# ---------------------------------------------------------------- the file
+def _toml_loads(text: str) -> dict:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - the pyproject's tomli for older Pythons
+        import tomli as tomllib
+    return tomllib.loads(text)
+
+
+def spec_from_table(table: dict, file: str | None = None) -> StationSpec:
+    """The StationSpec of a parsed station file; SpecError naming the key (and ``file``)."""
+    try:
+        return from_table(StationSpec, table, "")
+    except SpecError as err:
+        raise err.in_file(file) if file else err
+
+
+def load_spec(path: str | os.PathLike) -> StationSpec:
+    """Read a station file (TOML)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("", "no such station file", str(path)) from None
+    except UnicodeDecodeError as err:
+        raise SpecError("", f"not UTF-8 text ({err})", str(path)) from None
+    try:
+        table = _toml_loads(text)
+    except ValueError as err:  # tomllib.TOMLDecodeError
+        raise SpecError("", f"not TOML: {err}", str(path)) from None
+    return spec_from_table(table, str(path))
+
+
+HEADER = ("# A winclip-edge station: `winclip-edge serve --config FILE` (flags given too override it).\n"
+          "# Every key is described in docs/line.md, \"The station file\".\n")
+
+
+def dump_spec(spec: StationSpec) -> str:
+    """The station file of ``spec``: ``load_spec`` of it gives ``spec`` back."""
+    return HEADER + dumps_toml(to_table(spec))
+
+
+# A small TOML writer for this one shape (scalars, tables, arrays of tables; deeper tables inline): the file is
+# written for people to edit, so every [[sources]] / [[sinks]] entry is a section of its own (tomli-w puts short
+# ones inline), and printing a station needs no extra package. tests/test_station_spec.py round-trips it through
+# the standard library's TOML reader on generated strings and numbers.
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _toml_string(text: str) -> str:
+    out = []
+    for ch in text:
+        if ch in _ESCAPES:
+            out.append(_ESCAPES[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.fullmatch(key) else _toml_string(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"no TOML form for {type(value).__name__} {value!r}")
+
+
+def _is_table_array(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(v, dict) for v in value)
+
+
+def dumps_toml(table: dict) -> str:
+    """TOML of ``table``: its plain values, then each sub-table as ``[key]`` and each array of tables as
+    ``[[key]]`` entries (values inside those are written inline)."""
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()
+             if not isinstance(v, dict) and not _is_table_array(v)]
+    for key, value in table.items():
+        entries = [value] if isinstance(value, dict) else value if _is_table_array(value) else []
+        header = f"[{_toml_key(key)}]" if isinstance(value, dict) else f"[[{_toml_key(key)}]]"
+        for entry in entries:
+            lines += ["", header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items()]
+    return "\n".join(lines) + "\n"
