@@ -160,24 +160,27 @@ def _sources(base: tuple[SourceSpec, ...], given: dict[str, Any]) -> tuple[Sourc
     return tuple(replace(s, options=_source_options(s.options, given)) for s in base)
 
 
-def _put(sinks: list[SinkSpec], new: SinkSpec) -> list[SinkSpec]:
-    """``new`` in place of the sinks of its kind (at the first one's position), else at the end."""
-    at = next((i for i, s in enumerate(sinks) if s.kind == new.kind), len(sinks))
-    rest = [s for s in sinks if s.kind != new.kind]
-    return rest[:at] + [new] + rest[at:]
-
-
 def _sinks(base: tuple[SinkSpec, ...], given: dict[str, Any]) -> tuple[SinkSpec, ...]:
-    sinks = list(base)
+    """The file's sinks with the sink flags given: ``--mqtt`` / ``--webhook`` set the address of the file's sinks of
+    that kind (the rest of their settings stays), or add one; ``--mqtt-topic/-tls/-ca`` set those of every MQTT sink."""
     mqtt = {key: given[flag] for flag, key in (("mqtt_topic", "topic"), ("mqtt_tls", "tls"), ("mqtt_ca", "ca_file"))
             if flag in given}
-    if "mqtt" in given:
-        host, port = inputs.parse_host_port(given["mqtt"], 8883 if given.get("mqtt_tls") else 1883)
-        sinks = _put(sinks, SinkSpec("mqtt", "mqtt", MqttOptions(host=host, port=port, **mqtt)))
-    elif mqtt:
-        sinks = [replace(s, options=replace(s.options, **mqtt)) if s.kind == "mqtt" else s for s in sinks]
+
+    def mqtt_address(tls: bool) -> dict:
+        if "mqtt" not in given:
+            return {}
+        host, port = inputs.parse_host_port(given["mqtt"], 8883 if tls else 1883)
+        return {"host": host, "port": port}
+
+    sinks = [replace(s, options=replace(s.options, **mqtt, **mqtt_address(mqtt.get("tls", s.options.tls))))
+             if s.kind == "mqtt" else s for s in base]
+    if "mqtt" in given and not any(s.kind == "mqtt" for s in base):
+        sinks.append(SinkSpec("mqtt", None, MqttOptions(**mqtt_address(mqtt.get("tls", False)), **mqtt)))
     if "webhook" in given:
-        sinks = _put(sinks, SinkSpec("webhook", "webhook", WebhookOptions(given["webhook"])))
+        sinks = [replace(s, options=replace(s.options, url=given["webhook"])) if s.kind == "webhook" else s
+                 for s in sinks]
+        if not any(s.kind == "webhook" for s in base):
+            sinks.append(SinkSpec("webhook", None, WebhookOptions(given["webhook"])))
     return tuple(sinks)
 
 
@@ -244,9 +247,12 @@ def run_serve(args: argparse.Namespace) -> int:
     _log_to_stderr()
     station = build_station(spec)  # everything that can be refused is, before the engine loads
     stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-    station.run(stop)
+    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        station.run(stop)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     return EXIT_OK
 
 

@@ -104,7 +104,16 @@ class SourceSpec:
             plugin, _ = resolve_source(head.spec, source_plugins())
         except PluginError as err:
             raise SpecError(f"{key}.spec", str(err)) from None
-        options = build(plugin.options, rest, key)
+        try:
+            options = build(plugin.options, rest, key)
+        except SpecError as err:
+            if not err.problem.startswith("unknown key"):
+                raise
+            prefix = re.match(r"[A-Za-z][\w.+-]*:(?!//)", head.spec)
+            hint = (f"; no installed source kind has the prefix {prefix.group(0)!r}" if prefix and plugin.prefix is None
+                    else "")
+            raise SpecError(err.key, f"unknown key for a {plugin.kind} source{err.problem[len('unknown key'):]}{hint}",
+                            err.file) from None
         try:
             return cls(spec=head.spec, name=head.name, options=options)
         except SpecError as err:

@@ -1,0 +1,276 @@
+"""The station as a file (winclip_edge/line/spec.py): ``serve <flags> --print-config > s.toml`` then ``serve --config
+s.toml`` runs the same station; flags given override the file and only those; an unknown key or a wrong type is
+refused naming the key and the file; the written TOML reads back to the same spec for any values (hypothesis)."""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import cv2
+import pytest
+
+from conftest import textured_part
+from winclip_edge.cli import main
+from winclip_edge.cli.serve import spec_of
+from winclip_edge.line.sinks import MqttOptions, WebhookOptions
+from winclip_edge.line.sources import FolderOptions, VideoOptions
+from winclip_edge.line.spec import (
+    BatchingSpec,
+    EngineSpec,
+    HttpSpec,
+    OutputsSpec,
+    SinkSpec,
+    SourceSpec,
+    StationSpec,
+    dump_spec,
+    dumps_toml,
+    load_spec,
+    spec_from_table,
+)
+from winclip_edge.line.typed import SpecError
+from winclip_edge.scoring import ScoringOptions
+from winclip_edge.tiles.overrides import TilingOverrides
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+def write_video(path: Path, n: int) -> None:
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10.0, (64, 48))
+    assert writer.isOpened()
+    for i in range(n):
+        writer.write(cv2.cvtColor(textured_part((48, 64), seed=i), cv2.COLOR_RGB2BGR))
+    writer.release()
+
+
+def rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+MOVING = ("id", "captured_at", "latency_ms", "timings_ms")  # what differs between two runs of one station
+
+
+def test_print_config_then_config_runs_the_same_station(tiny_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    write_video(tmp_path / "line.avi", 5)
+    flags = ["--bundle", str(tiny_bundle), "--product", "widget", "--station", "st1", "--source", "cam=line.avi",
+             "--every-nth", "2", "--max-batch", "2", "--max-wait-ms", "5", "--save", "all", "--out", "out",
+             "--status-every", "0", "--tile", "off", "--temperature", "0.05"]
+    assert main(["serve", *flags, "--print-config"]) == 0
+    printed = capsys.readouterr()
+    assert not (tmp_path / "out").exists(), "--print-config starts nothing"
+    (tmp_path / "s.toml").write_text(printed.out)
+    assert load_spec(tmp_path / "s.toml") == spec_of(_given(flags))  # parse(print(spec)) == spec
+    assert main(["serve", "--config", "s.toml", "--print-config"]) == 0
+    assert capsys.readouterr().out == printed.out
+
+    assert main(["serve", *flags]) == 0  # the video ends: the run ends
+    by_flags = rows(tmp_path / "out")
+    shutil.move(tmp_path / "out", tmp_path / "by-flags")
+    assert main(["serve", "--config", "s.toml"]) == 0
+    by_file = rows(tmp_path / "out")
+    assert [r["frame"] for r in by_file] == [0, 2, 4]
+    # the same rows but for what two runs of one station never share (ids, times; pictures are named by start time)
+    same = lambda r: {k: v for k, v in r.items() if k not in MOVING + ("map", "overlay")}  # noqa: E731
+    assert [same(r) for r in by_file] == [same(r) for r in by_flags]
+    assert all(r["station"] == "st1" and r["source"] == "cam" and Path(r["overlay"]).is_file() for r in by_file)
+
+
+def _given(flags: list[str]) -> dict:
+    from winclip_edge.cli import build_parser
+
+    args = build_parser().parse_args(["serve", *flags])
+    return {k: v for k, v in vars(args).items() if k not in ("run", "command")}
+
+
+@pytest.fixture
+def station_file(tmp_path) -> Path:
+    path = tmp_path / "station.toml"
+    path.write_text(f"""
+station = "line2"
+bundle = "b"
+products = ["widget", "gadget"]
+
+[batching]
+max_batch = 3
+queue_size = 5
+
+[outputs]
+out = "{tmp_path / 'out'}"
+
+[[sources]]
+spec = "0"
+fps_limit = 4.0
+
+[[sources]]
+name = "inbox"
+spec = "folder:{tmp_path}"
+settle_s = 0.5
+
+[[sinks]]
+kind = "mqtt"
+host = "broker.local"
+topic = "line2/results"
+
+[http]
+listen = "127.0.0.1:8081"
+keep_results = 7
+""")
+    return path
+
+
+def test_a_station_file_reads_into_its_spec(station_file, tmp_path):
+    spec = load_spec(station_file)
+    assert spec.station == "line2" and spec.products == ("widget", "gadget")
+    assert spec.batching == BatchingSpec(max_batch=3, max_wait_ms=10.0, queue_size=5)
+    assert [(s.name, s.kind) for s in spec.sources] == [("camera0", "camera"), ("inbox", "folder")]
+    assert spec.sources[0].options == VideoOptions(fps_limit=4.0)
+    assert spec.sources[1].options == FolderOptions(settle_s=0.5)
+    assert spec.sinks == (SinkSpec("mqtt", "mqtt", MqttOptions(host="broker.local", topic="line2/results")),)
+    assert spec.http == HttpSpec(listen="127.0.0.1:8081", keep_results=7)
+    assert spec.engine == EngineSpec() and spec.scoring == ScoringOptions() and spec.tiling == TilingOverrides()
+    assert load_spec(_written(tmp_path, dump_spec(spec))) == spec
+
+
+def _written(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "again.toml"
+    path.write_text(text)
+    return path
+
+
+def test_only_the_flags_given_override_the_file(station_file):
+    base = load_spec(station_file)
+    spec = spec_of({"max_batch": 2, "fps_limit": 1.5, "settle_s": 0.1, "mqtt_topic": "other", "keep_results": 9}, base)
+    assert spec.batching == BatchingSpec(max_batch=2, queue_size=5)  # queue_size stays the file's
+    assert spec.sources[0].options == VideoOptions(fps_limit=1.5) and spec.sources[1].options == FolderOptions(settle_s=0.1)
+    assert spec.sinks[0].options == MqttOptions(host="broker.local", topic="other")
+    assert spec.http == HttpSpec(listen="127.0.0.1:8081", keep_results=9)
+    assert spec_of({}, base) == base  # no flag, no change
+    replaced = spec_of({"source": ["cam=rtsp://cam/1"], "product": ["gadget"], "webhook": "http://mes/hook"}, base)
+    assert [(s.name, s.spec) for s in replaced.sources] == [("cam", "rtsp://cam/1")] and replaced.products == ("gadget",)
+    assert [s.kind for s in replaced.sinks] == ["mqtt", "webhook"]
+    assert spec_of({"mqtt": "other:1884"}, base).sinks[0].options == MqttOptions(host="other", port=1884,
+                                                                              topic="line2/results")  # topic kept
+    assert spec_of({"mqtt": "other", "mqtt_tls": True}, base).sinks[0].options.port == 8883
+
+
+@pytest.mark.parametrize("text, where", [
+    ("[batching]\nmax_bacth = 2\n", "batching.max_bacth: unknown key"),
+    ("[batching]\nmax_batch = \"2\"\n", "batching.max_batch: expected an integer, got a string '2'"),
+    ("products = \"widget\"\n", "products: expected an array"),
+    ("[[sources]]\nspec = \"0\"\nfps = 3\n", "sources[0].fps: unknown key"),
+    ("[[sources]]\nspec = \"0\"\nloop = 1\n", "sources[0].loop: expected true or false"),
+    ("[[sources]]\nname = \"x\"\n", "sources[0].spec: missing"),
+    ("[[sinks]]\nkind = \"opcua\"\n", "sinks[0].kind: unknown sink kind 'opcua'"),
+    ("[[sinks]]\nkind = \"mqtt\"\nport = 1883\n", "sinks[0].host: missing"),
+    ("[http]\nlisten = \"nowhere\"\n", "http.listen: expected HOST:PORT"),
+    ("[engine]\nbackend = \"tpu\"\n", "engine.backend: must be one of"),
+    ("[scoring]\ntemperature = -1\n", "scoring: temperature must be > 0"),
+    ("statoin = \"x\"\n", "statoin: unknown key"),
+    ("[batching\n", "not TOML"),
+])
+def test_a_bad_file_is_refused_naming_the_key_and_the_file(tmp_path, capsys, text, where):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(SpecError, match="^" + str(path).replace(".", r"\.") + ": "):
+        load_spec(path)
+    assert main(["serve", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert where in err and str(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_flag_errors_name_the_flag(tmp_path, capsys):
+    base = ["serve", "--bundle", "b", "--product", "w", "--out", str(tmp_path / "o"), "--source", "0", "--print-config"]
+    for extra, message in ((["--max-batch", "0"], "--max-batch must be >= 1, got 0"),
+                           (["--rotate-mb", "0"], "--rotate-mb must be > 0"),
+                           (["--http", "host"], "--http 'host': expected HOST:PORT"),
+                           (["--source", "a=0", "--source", "a=1"], None)):
+        code = main(base + extra)
+        err = capsys.readouterr().err
+        if message is None:  # two --source NAME= of one name: as before, the second is a-2
+            assert code == 0
+            continue
+        assert code == 2 and message in err, err
+    assert main(["serve", "--product", "w", "--out", "o", "--source", "0"]) == 2
+    assert "bundle: missing: give --bundle" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- round trip for any values
+hypothesis = pytest.importorskip("hypothesis")
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
+names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
+finite = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def specs(draw) -> StationSpec:
+    sources = draw(st.lists(st.one_of(
+        st.builds(lambda n, fps, nth, loop: SourceSpec(str(n), None, VideoOptions(fps_limit=fps, every_nth=nth, loop=loop)),
+                  st.integers(0, 9), finite, st.integers(1, 100), st.booleans()),
+        st.builds(lambda folder, name, settle: SourceSpec("folder:" + folder, name, FolderOptions(settle_s=settle)),
+                  text, st.one_of(st.none(), names), finite),
+        st.builds(lambda url: SourceSpec("rtsp://" + url), text)), max_size=3))
+    sinks = draw(st.lists(st.one_of(
+        st.builds(lambda host, topic, tls: SinkSpec("mqtt", None, MqttOptions(host=host, topic=topic, tls=tls)),
+                  names, st.one_of(st.none(), text), st.booleans()),
+        st.builds(lambda url: SinkSpec("webhook", None, WebhookOptions("https://" + url)), text)), max_size=2))
+    return StationSpec(
+        station=draw(st.one_of(st.none(), text)), bundle=draw(text), products=tuple(draw(st.lists(names, max_size=3))),
+        sigma=draw(finite), engine=EngineSpec(threads=draw(st.integers(0, 64)), engine_dir=draw(st.one_of(st.none(), text))),
+        scoring=ScoringOptions(temperature=draw(st.one_of(st.none(), st.floats(1e-6, 10))),
+                               scales=draw(st.one_of(st.none(), st.lists(st.integers(1, 5), min_size=1).map(tuple)))),
+        tiling=TilingOverrides(roi=draw(st.one_of(st.none(), text)), no_roi=draw(st.booleans())),
+        batching=BatchingSpec(max_batch=draw(st.integers(1, 64)), max_wait_ms=draw(finite)),
+        outputs=OutputsSpec(out=draw(text), rotate_mb=draw(st.floats(1e-3, 1e6)), status_every=draw(finite)),
+        sources=tuple(sources), sinks=tuple(sinks),
+        http=draw(st.one_of(st.none(), st.builds(lambda token, mb: HttpSpec(token=token, max_upload_mb=mb),
+                                                 st.one_of(st.none(), text), finite))))
+
+
+@settings(max_examples=60, deadline=None)
+@given(specs())
+def test_the_written_file_reads_back_to_the_same_spec(spec):
+    assert spec_from_table(tomllib.loads(dump_spec(spec))) == spec
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.dictionaries(st.text(max_size=6).filter(lambda k: k != ""), st.one_of(
+    text, st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False), st.booleans(), st.lists(text, max_size=3)),
+    max_size=5))
+def test_the_toml_writer_round_trips_any_keys_and_values(table):
+    table = {**table, "section": dict(table), "entries": [dict(table), {"x": 1}]}
+    back = tomllib.loads(dumps_toml(table))
+    assert back == table or _nan_safe(back) == _nan_safe(table)
+
+
+def _nan_safe(obj):
+    if isinstance(obj, float) and math.isnan(obj):
+        return "nan"
+    if isinstance(obj, dict):
+        return {k: _nan_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_safe(v) for v in obj]
+    return obj
+
+
+def test_spec_refuses_what_a_station_cannot_be():
+    with pytest.raises(SpecError, match="two sources are named 'cam'"):
+        StationSpec(sources=(SourceSpec("0", "cam"), SourceSpec("1", "cam")))
+    with pytest.raises(SpecError, match="spool"):
+        StationSpec(sinks=(SinkSpec("webhook", "out", WebhookOptions("http://a")),
+                           SinkSpec("webhook", "out", WebhookOptions("http://b"))))
+    with pytest.raises(SpecError, match="takes FolderOptions"):
+        SourceSpec("folder:/in", "in", VideoOptions())
+    with pytest.raises(SpecError, match="nothing to serve"):
+        StationSpec(bundle="b", products=("w",), outputs=OutputsSpec(out="o")).check()
+    named = StationSpec(sources=(SourceSpec("0"), SourceSpec("0"), SourceSpec("rtsp://user:pw@cam/1")))
+    assert [s.name for s in named.sources] == ["camera0", "camera0-2", "stream2"]  # never the URL's password
+    assert replace(named, station="x").sources == named.sources
