@@ -6,7 +6,6 @@ import json
 import re
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import cv2
@@ -146,7 +145,8 @@ def documented_fields(doc: str, heading: str) -> list[str]:
     """The first column of the table under ``heading`` in docs/line.md (``a``, ``b`` rows count both)."""
     text = (ROOT / "docs" / doc).read_text()
     section = text[text.index(heading):]
-    table = section[:section.index("\n\n", section.index("|"))]
+    start = section.index("\n|") + 1
+    table = section[start:section.index("\n\n", start)]
     names = []
     for line in table.splitlines()[2:]:
         names += re.findall(r"`([a-z_0-9]+)`", line.split("|")[1])

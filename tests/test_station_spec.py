@@ -12,10 +12,12 @@ from pathlib import Path
 
 import cv2
 import pytest
+from hypothesis import assume, given, settings, strategies as st
 
 from conftest import textured_part
 from winclip_edge.cli import main
 from winclip_edge.cli.serve import spec_of
+from winclip_edge.line.plugins import SinkContext
 from winclip_edge.line.sinks import MqttOptions, WebhookOptions
 from winclip_edge.line.sources import FolderOptions, VideoOptions
 from winclip_edge.line.spec import (
@@ -202,9 +204,6 @@ def test_flag_errors_name_the_flag(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------- round trip for any values
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import given, settings, strategies as st  # noqa: E402
-
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
 finite = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
@@ -218,6 +217,8 @@ def specs(draw) -> StationSpec:
         st.builds(lambda folder, name, settle: SourceSpec("folder:" + folder, name, FolderOptions(settle_s=settle)),
                   text, st.one_of(st.none(), names), finite),
         st.builds(lambda url: SourceSpec("rtsp://" + url), text)), max_size=3))
+    explicit = [s.name for s in sources if s.name]
+    assume(len(set(explicit)) == len(explicit))  # two of one name are refused (test_spec_refuses_...)
     sinks = draw(st.lists(st.one_of(
         st.builds(lambda host, topic, tls: SinkSpec("mqtt", None, MqttOptions(host=host, topic=topic, tls=tls)),
                   names, st.one_of(st.none(), text), st.booleans()),
@@ -274,3 +275,15 @@ def test_spec_refuses_what_a_station_cannot_be():
     named = StationSpec(sources=(SourceSpec("0"), SourceSpec("0"), SourceSpec("rtsp://user:pw@cam/1")))
     assert [s.name for s in named.sources] == ["camera0", "camera0-2", "stream2"]  # never the URL's password
     assert replace(named, station="x").sources == named.sources
+
+
+def test_the_example_of_the_docs_is_a_station(tmp_path):
+    text = (Path(__file__).resolve().parents[1] / "docs" / "line.md").read_text()
+    example = text[text.index("A complete example:"):]
+    example = example[example.index("```toml\n") + len("```toml\n"):example.index("\n```\n")]
+    spec = spec_from_table(tomllib.loads(example), "docs/line.md")
+    assert [(s.name, s.kind) for s in spec.sources] == [("cam1", "stream"), ("inbox", "folder")]
+    assert [(s.name, s.kind) for s in spec.sinks] == [("mqtt", "mqtt"), ("mes", "webhook")]
+    assert spec.sinks[0].options.config(SinkContext("line1", spec.products)).port == 8883  # tls: its default port
+    spec.check()
+    assert spec_from_table(tomllib.loads(dump_spec(spec))) == spec

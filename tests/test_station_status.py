@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import re
 import threading
-from pathlib import Path
 
 import cv2
 import pytest

@@ -198,8 +198,9 @@ def _http(base: HttpSpec | None, given: dict[str, Any]) -> HttpSpec | None:
     return _replace(http, "http", **changes)
 
 
-def spec_of(given: dict[str, Any], base: StationSpec = StationSpec()) -> StationSpec:
+def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSpec:
     """``base`` (a station file, or the defaults) with the flags ``given`` (flag dest -> value) laid over it."""
+    base = StationSpec() if base is None else base
     top = {"station": given.get("station"), "bundle": given.get("bundle"), "sigma": given.get("sigma"),
            "products": tuple(given["product"]) if "product" in given else None}
     scoring = {"temperature": given.get("temperature"), "scales": given.get("use_scales"), "mean": given.get("mean"),

@@ -22,8 +22,8 @@ from ..inputs import parse_host_port
 from ..scoring import ScoringOptions
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from ..tiles.overrides import TilingOverrides
-from .station import SAVE_POLICIES
 from .registry import PluginError, resolve_source, sink_plugin, sink_plugins, source_plugins
+from .station import SAVE_POLICIES
 from .typed import SpecError, build, from_table, to_table
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
@@ -89,10 +89,6 @@ class SourceSpec:
                                        f"{type(options).__name__}")
         object.__setattr__(self, "options", options)
         object.__setattr__(self, "kind", plugin.kind)
-
-    @property
-    def target(self) -> str:
-        return resolve_source(self.spec, source_plugins())[1]
 
     @classmethod
     def from_table(cls, table: Any, key: str) -> "SourceSpec":
@@ -292,12 +288,12 @@ def _unique(name: str, used: set[str]) -> str:
 def named_sources(sources: tuple[SourceSpec, ...]) -> list[SourceSpec]:
     """Sources with a name each: the given one, else one made from the spec (``camera0``, the video's stem, the
     folder's name, ``<kind><position>``; never a URL's credentials), made unique with ``-2``, ``-3`` ..."""
-    plugins, used, named = source_plugins(), {s.name for s in sources if s.name}, []
+    used, named = {s.name for s in sources if s.name}, []
     for i, source in enumerate(sources):
         if source.name:
             named.append(source)
             continue
-        plugin, target = resolve_source(source.spec, plugins)
+        plugin, target = resolve_source(source.spec, source_plugins())
         name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
         named.append(replace(source, name=_unique(name, used)))
     names = [s.name for s in named]
