@@ -24,7 +24,9 @@ from .common import (
     CliError,
     add_engine_options,
     add_scoring_options,
+    announce,
     engine_config,
+    open_bundle,
     scoring_options,
 )
 from .serve_http import add_http_options, http_config
@@ -145,6 +147,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from ..line.sinks import MqttConfig, MqttSink, WebhookSink
 
     http = http_config(args)  # bad flags fail before anything loads
+    engine = engine_config(args)
     if not args.source and http is None:
         raise CliError("nothing to serve: give --source (repeatable) and/or --http HOST:PORT")
     for flag, value, low in (("--max-batch", args.max_batch, 1), ("--queue-size", args.queue_size, 1),
@@ -173,11 +176,14 @@ def run_serve(args: argparse.Namespace) -> int:
         sinks.append(WebhookSink(args.webhook))
     _log_to_stderr()
     out = Path(args.out).resolve()
-    def settings(product: str) -> tuple:  # the product's tiling / ROI with this run's flags applied
-        return tiling_and_roi(argparse.Namespace(**{**vars(args), "product": product}))
+    bundle = open_bundle(args)  # opened and verified once, for the catalog and the tiling flags
 
-    catalog = Catalog(args.bundle, args.product, engine=engine_config(args), options=scoring_options(args),
-                      sigma=args.sigma, settings=settings)
+    def settings(product: str) -> tuple:  # the product's tiling / ROI with this run's flags applied
+        return tiling_and_roi(argparse.Namespace(**{**vars(args), "product": product}), bundle)
+
+    catalog = Catalog(bundle, args.product, engine=engine, options=scoring_options(args), sigma=args.sigma,
+                      settings=settings)
+    announce(args, catalog.selection)
     batchers = {p: Batcher(catalog.get(p), args.max_batch, args.max_wait_ms, args.queue_size) for p in catalog.products}
     station = Station(config, out, batchers[catalog.products[0]], sources, sinks)
     service = None

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 
 def add_tiling_options(p: argparse.ArgumentParser, of_product: bool = True) -> None:
@@ -36,10 +37,9 @@ def run_tiling(args: argparse.Namespace) -> tuple:
     return tiling, parse_roi(args.roi) if args.roi is not None else None
 
 
-def tiling_and_roi(args: argparse.Namespace) -> tuple:
-    """(tiling, roi) for the Inspector: "product" where no flag was given, else the product's setting with the flags
-    applied (None = off)."""
-    from ..bundle import Bundle
+def tiling_and_roi(args: argparse.Namespace, bundle: Any) -> tuple:
+    """(tiling, roi) for the Inspector: "product" where no flag was given, else the product's setting (read from
+    ``bundle``, the command's one opened Bundle) with the flags applied (None = off)."""
     from ..products import load_tiling
     from ..tiles.roi import parse_roi
     from ..tiles.tiling import TilingConfig, TilingError, parse_tile
@@ -48,7 +48,7 @@ def tiling_and_roi(args: argparse.Namespace) -> tuple:
              "memory": args.tile_memory, "min_defect": args.min_defect}
     tiling: object = "product"
     if args.tile is not None or any(v is not None for v in flags.values()):
-        stored = load_tiling(Bundle(args.bundle, verify=False), args.product) or TilingConfig()
+        stored = load_tiling(bundle, args.product) or TilingConfig()
         tile = parse_tile(args.tile) if args.tile is not None else stored.tile
         if tile is None and args.tile is None:
             raise TilingError(f"product {args.product!r} is not tiled: --tile-overlap, --no-global, --tile-memory and "
