@@ -379,7 +379,7 @@ def ours_worker(spec: dict) -> None:
     """winclip-edge, ONNX Runtime CPU fp32 through ``Inspector``: the same phases as :func:`anomalib_worker`."""
     timeline = Timeline(spec["launched_at"])
     from winclip_edge.bundle import Bundle
-    from winclip_edge.engines import EngineConfig, create_engine
+    from winclip_edge.engines import EngineConfig, create_engine, registry
     from winclip_edge.inspector import Inspector
     from winclip_edge.products import save_memory
     from winclip_edge.scoring import ScoringOptions
@@ -388,9 +388,10 @@ def ours_worker(spec: dict) -> None:
     bundle = Bundle(spec["bundle"])  # verifies the graph's sha256
     options = ScoringOptions(temperature=bundle.manifest.temperature)
     backend, precision = spec["engine"]
+    takes = registry.backend(backend).takes  # the CPU, and the thread count where the backend takes one
     engine = RecordingEngine(create_engine(bundle, EngineConfig(
-        backend=backend, precision=precision, provider="cpu" if backend == "onnxruntime" else "auto",
-        device="cpu" if backend == "torch" else "auto", threads=spec["threads"])))
+        backend=backend, precision=precision, device="cpu" if backend in ("onnxruntime", "torch") else "auto",
+        threads=spec["threads"] if "threads" in takes else 0)))
     inspector = Inspector(bundle, spec["product"], options=options, engine=engine)
     timeline.mark("bundle_and_session")
     images = np.load(spec["inputs"])["images"]

@@ -36,6 +36,7 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
 from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.engines import EngineConfig, create_engine  # noqa: E402
+from winclip_edge.engines.triton import TritonOptions  # noqa: E402
 from winclip_edge.preprocess import read_image, resize_to_model  # noqa: E402
 from winclip_edge.triton.repository import RepositoryConfig  # noqa: E402
 from winclip_edge.triton.server import ServeConfig, TritonServer  # noqa: E402
@@ -157,13 +158,13 @@ def main() -> None:
         frames = textile_frames(bundle, args.frames)
         report["model"] = bundle.manifest.model
         rows = []
-        local_cfg = EngineConfig()
+        local_cfg = EngineConfig(backend="onnxruntime")
         for protocol_fp16 in (False, True):
             http, grpc, metrics = free_ports(3)
             serve = ServeConfig(http_port=http, grpc_port=grpc, metrics_port=metrics,
                                 repository=RepositoryConfig(platform="python", device="cpu", outputs_fp16=protocol_fp16))
             with TritonServer(bundle, serve):
-                remote_cfg = EngineConfig(backend="triton", triton_url=f"127.0.0.1:{grpc}", triton_timeout=120)
+                remote_cfg = EngineConfig(backend="triton", options=TritonOptions(url=f"127.0.0.1:{grpc}", timeout=120))
                 probe = create_engine(bundle, remote_cfg)
                 key = "fp16" if protocol_fp16 else "fp32"
                 report[f"wire_{key}"] = wire_bytes(probe, frames)

@@ -104,6 +104,7 @@ def test_prototype_conversion_refuses_other_shapes(harness):
 
 def test_shipped_windows_are_flat_and_the_correction_gives_ours(harness, pair):
     from winclip_edge.engines import EngineConfig, create_engine
+    from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
 
     r = pair.recorder
     harness.remove_window_fix(pair.model)
@@ -113,7 +114,8 @@ def test_shipped_windows_are_flat_and_the_correction_gives_ours(harness, pair):
     assert float(shipped["zero_shot_token_map"].std()) < FLAT
     harness.apply_window_fix(pair.model)
     corrected = r.record(r.infer(pair.images[:1], pair.mean, pair.std))
-    ours = create_engine(pair.bundle, EngineConfig(backend="onnxruntime", provider="cpu")).run(pair.images[:1])
+    ours = create_engine(pair.bundle, EngineConfig(backend="onnxruntime",
+                                                   options=OnnxRuntimeOptions(provider="cpu"))).run(pair.images[:1])
     for k in (2, 3):
         assert harness.window_spread(corrected[f"windows_k{k}"]) > 100 * FLAT
         assert harness.max_abs_diff(corrected[f"windows_k{k}"], ours[f"window_embeddings_k{k}"]) < EMBEDDING_TOLERANCE
@@ -129,10 +131,12 @@ def _assert_same_answer(harness, ours: dict, theirs: dict) -> None:
 
 def _inspector(harness, pair):
     from winclip_edge.engines import EngineConfig, create_engine
+    from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
     from winclip_edge.inspector import Inspector
     from winclip_edge.scoring import ScoringOptions
 
-    engine = harness.RecordingEngine(create_engine(pair.bundle, EngineConfig(backend="onnxruntime", provider="cpu")))
+    engine = harness.RecordingEngine(create_engine(pair.bundle, EngineConfig(backend="onnxruntime",
+                                                                             options=OnnxRuntimeOptions(provider="cpu"))))
     return Inspector(pair.bundle, PRODUCT, options=ScoringOptions(temperature=pair.model.temperature), engine=engine)
 
 

@@ -6,9 +6,10 @@ import numpy as np
 from conftest import textured_part
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, create_engine
-from winclip_edge.performance.machine import machine_key
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
+from winclip_edge.engines.registry import machine_key
 
-CPU = EngineConfig(backend="onnxruntime", provider="cpu")
+CPU = EngineConfig(backend="onnxruntime", options=OnnxRuntimeOptions(provider="cpu"))
 
 
 def _run(bundle: Bundle, config: EngineConfig = CPU):
@@ -47,5 +48,6 @@ def test_damaged_cache_is_rebuilt_not_trusted(bundle_copy):
 def test_unwritable_cache_folder_runs_without_cache(bundle_copy, tmp_path):
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("x")
-    cache, out = _run(Bundle(bundle_copy), EngineConfig(backend="onnxruntime", provider="cpu", engine_dir=blocker / "x"))
+    cache, out = _run(Bundle(bundle_copy), EngineConfig(backend="onnxruntime", engine_dir=blocker / "x",
+                                                     options=OnnxRuntimeOptions(provider="cpu")))
     assert not cache.hit and not cache.path.exists() and out

@@ -16,6 +16,7 @@ import pytest
 
 from conftest import textured_part
 from winclip_edge.engines import EngineConfig, create_engine
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
 from winclip_edge.inspector import Inspector
 
 PRODUCT = "widget"
@@ -147,7 +148,8 @@ def test_two_processes_give_bit_identical_results(tiny_bundle, tmp_path):
 def test_engine_is_deterministic_within_a_process(tiny_bundle):
     from winclip_edge.bundle import Bundle
 
-    engine = create_engine(Bundle(tiny_bundle), EngineConfig(backend="onnxruntime", provider="cpu"))
+    engine = create_engine(Bundle(tiny_bundle), EngineConfig(backend="onnxruntime",
+                                                             options=OnnxRuntimeOptions(provider="cpu")))
     batch = np.stack([cv2.resize(textured_part(seed=s), (240, 240)) for s in range(3)])
     first, second = engine.run(batch), engine.run(batch)
     assert all(np.array_equal(first[k], second[k]) for k in first)

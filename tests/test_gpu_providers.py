@@ -18,6 +18,7 @@ import pytest
 
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, EngineError, create_engine
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
 
 ort = pytest.importorskip("onnxruntime")
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -47,7 +48,8 @@ def _trt_options(created) -> dict:
 @pytest.mark.parametrize("precision, fp16", [("fp32", False), ("fp16", True)])
 def test_tensorrt_provider_gets_precision_profile_and_caches(bundle_copy, sessions, precision, fp16):
     bundle = Bundle(bundle_copy)
-    create_engine(bundle, EngineConfig(provider="tensorrt", precision=precision, max_batch=4))
+    create_engine(bundle, EngineConfig(backend="onnxruntime", precision=precision,
+                                       options=OnnxRuntimeOptions(provider="tensorrt", max_batch=4)))
     options = _trt_options(sessions)
     assert options["trt_fp16_enable"] is fp16
     assert sessions[-1].path == str(bundle.onnx_path)  # fp16 is TensorRT's flag on the fp32 graph, not the ONNX variant
@@ -62,7 +64,8 @@ def test_tensorrt_provider_gets_precision_profile_and_caches(bundle_copy, sessio
 
 
 def test_tensorrt_provider_caches_under_engine_dir_on_the_asked_gpu(bundle_copy, sessions, tmp_path):
-    create_engine(Bundle(bundle_copy), EngineConfig(provider="tensorrt", engine_dir=tmp_path / "cache", device="cuda:1"))
+    create_engine(Bundle(bundle_copy), EngineConfig(backend="onnxruntime", engine_dir=tmp_path / "cache", device="cuda:1",
+                                                           options=OnnxRuntimeOptions(provider="tensorrt")))
     options = _trt_options(sessions)
     assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "onnxruntime-tensorrt")
     assert options["device_id"] == 1 and sessions[-1].providers[1] == ("CUDAExecutionProvider", {"device_id": 1})
@@ -73,13 +76,15 @@ def test_tensorrt_provider_caches_under_engine_dir_on_the_asked_gpu(bundle_copy,
 def test_tensorrt_provider_batches_beyond_the_profile_are_split(tiny_bundle, sessions):
     bundle = Bundle(tiny_bundle)
     images = np.random.default_rng(0).integers(0, 256, (5, 240, 240, 3), dtype=np.uint8)
-    engine = create_engine(bundle, EngineConfig(provider="tensorrt", max_batch=2, engine_dir=tiny_bundle.parent / "c"))
+    engine = create_engine(bundle, EngineConfig(backend="onnxruntime", engine_dir=tiny_bundle.parent / "c",
+                                                options=OnnxRuntimeOptions(provider="tensorrt", max_batch=2)))
     calls = []
     real_run = engine.session.run
     engine.session.run = lambda names, feed: calls.append(len(feed["images"])) or real_run(names, feed)
     out = engine.run(images)
     assert calls == [2, 2, 1]
-    expected = create_engine(bundle, EngineConfig(provider="cpu")).run(images)
+    expected = create_engine(bundle, EngineConfig(backend="onnxruntime",
+                                                  options=OnnxRuntimeOptions(provider="cpu"))).run(images)
     for name in expected:
         np.testing.assert_allclose(out[name], expected[name], rtol=0, atol=1e-5)
 
@@ -87,20 +92,23 @@ def test_tensorrt_provider_batches_beyond_the_profile_are_split(tiny_bundle, ses
 def test_tensorrt_provider_errors_are_one_line(tiny_bundle, sessions, tmp_path, monkeypatch):
     bundle = Bundle(tiny_bundle)
     with pytest.raises(EngineError, match="TensorRT int8 needs its own calibration.*build-engine .* --precision int8"):
-        create_engine(bundle, EngineConfig(provider="tensorrt", precision="int8"))
+        create_engine(bundle, EngineConfig(backend="onnxruntime", precision="int8",
+                                           options=OnnxRuntimeOptions(provider="tensorrt")))
     with pytest.raises(EngineError, match="not a CUDA device"):
-        create_engine(bundle, EngineConfig(provider="tensorrt", device="cpu", engine_dir=tmp_path / "ok"))
+        create_engine(bundle, EngineConfig(backend="onnxruntime", device="cpu", engine_dir=tmp_path / "ok",
+                                                options=OnnxRuntimeOptions(provider="tensorrt")))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(EngineError, match=r"cannot keep its engine cache in .*file/onnxruntime-tensorrt .*--engine-dir"):
-        create_engine(bundle, EngineConfig(provider="tensorrt", engine_dir=blocker))
+        create_engine(bundle, EngineConfig(backend="onnxruntime", engine_dir=blocker,
+                                           options=OnnxRuntimeOptions(provider="tensorrt")))
 
     def read_only(self, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(self))
 
     monkeypatch.setattr(Path, "mkdir", read_only)  # a read-only bundle (root would be allowed to write here)
     with pytest.raises(EngineError) as err:
-        create_engine(bundle, EngineConfig(provider="tensorrt"))
+        create_engine(bundle, EngineConfig(backend="onnxruntime", options=OnnxRuntimeOptions(provider="tensorrt")))
     assert "\n" not in str(err.value) and "Permission denied" in str(err.value) and "--engine-dir" in str(err.value)
 
 
@@ -109,9 +117,27 @@ def test_cuda_provider_runs_the_fp16_variant_on_the_asked_gpu(bundle_copy, sessi
 
     bundle = Bundle(bundle_copy)
     info = make_variant(bundle, "fp16")
-    create_engine(bundle, EngineConfig(provider="cuda", precision="fp16", device="cuda:2"))
+    create_engine(bundle, EngineConfig(backend="onnxruntime", precision="fp16", device="cuda:2",
+                                            options=OnnxRuntimeOptions(provider="cuda")))
     assert sessions[-1].path == str(info.path)
     assert sessions[-1].providers == [("CUDAExecutionProvider", {"device_id": 2}), "CPUExecutionProvider"]
+
+
+def test_device_says_where_onnxruntime_runs_and_the_provider_must_agree(bundle_copy, sessions):
+    """--device has one meaning: where the graph runs. With the provider left to auto it picks it."""
+    bundle = Bundle(bundle_copy)
+    create_engine(bundle, EngineConfig(backend="onnxruntime", device="cpu"))
+    assert sessions[-1].providers == ["CPUExecutionProvider"]
+    create_engine(bundle, EngineConfig(backend="onnxruntime", device="cuda:1"))
+    assert sessions[-1].providers == [("CUDAExecutionProvider", {"device_id": 1}), "CPUExecutionProvider"]
+    create_engine(bundle, EngineConfig(backend="onnxruntime"))
+    assert sessions[-1].providers == ["CUDAExecutionProvider", "CPUExecutionProvider"]  # auto: ONNX Runtime's order
+    with pytest.raises(EngineError, match="provider cpu runs on the CPU, not on device 'cuda'"):
+        create_engine(bundle, EngineConfig(backend="onnxruntime", device="cuda",
+                                           options=OnnxRuntimeOptions(provider="cpu")))
+    with pytest.raises(EngineError, match="not a CUDA device"):
+        create_engine(bundle, EngineConfig(backend="onnxruntime", device="cpu",
+                                           options=OnnxRuntimeOptions(provider="cuda")))
 
 
 def test_cuda_python_is_bounded_to_the_cuda_12_bindings():

@@ -9,6 +9,8 @@ from winclip_edge.bundle import Bundle
 from winclip_edge.contract import ContractError
 from winclip_edge.engines import EngineConfig, EngineError, create_engine
 from winclip_edge.engines.onnx_variants import VariantError
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
+from winclip_edge.engines.openvino import OpenVinoOptions
 
 ov = pytest.importorskip("openvino")
 
@@ -31,7 +33,8 @@ def _max_diffs(a: dict, b: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def reference(tiny_bundle):
-    return create_engine(Bundle(tiny_bundle), EngineConfig(backend="onnxruntime", provider="cpu")).run(_images())
+    return create_engine(Bundle(tiny_bundle), EngineConfig(backend="onnxruntime",
+                                                           options=OnnxRuntimeOptions(provider="cpu"))).run(_images())
 
 
 def test_fp32_equals_onnxruntime(bundle_copy, reference):
@@ -47,7 +50,8 @@ def test_fp32_equals_onnxruntime(bundle_copy, reference):
 
 
 def test_throughput_hint_runs_the_batch_as_parallel_requests_same_outputs(bundle_copy, reference):
-    engine = create_engine(Bundle(bundle_copy), EngineConfig(backend="openvino", performance_hint="throughput"))
+    engine = create_engine(Bundle(bundle_copy), EngineConfig(backend="openvino",
+                                                             options=OpenVinoOptions(performance_hint="throughput")))
     diffs = _max_diffs(engine.run(_images()), reference)
     assert max(diffs.values()) < FP32_CLOSE, diffs
 
@@ -73,7 +77,8 @@ def test_missing_device_and_unknown_hint_are_clear_errors(tiny_bundle):
     with pytest.raises(EngineError, match="OpenVINO device NPU is not available here"):
         create_engine(Bundle(tiny_bundle), EngineConfig(backend="openvino", device="npu"))
     with pytest.raises(EngineError, match="performance hint 'fast' unknown"):
-        create_engine(Bundle(tiny_bundle), EngineConfig(backend="openvino", performance_hint="fast"))
+        create_engine(Bundle(tiny_bundle), EngineConfig(backend="openvino",
+                                                        options=OpenVinoOptions(performance_hint="fast")))
 
 
 def test_graph_contract_is_checked_by_name(make_bundle, bundle_copy):

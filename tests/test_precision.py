@@ -13,6 +13,7 @@ from winclip_edge.builders.variants import make_variant
 from winclip_edge.bundle import Bundle, BundleError, json_with_checksum
 from winclip_edge.cli import EXIT_ERROR, EXIT_OK, main
 from winclip_edge.engines import EngineConfig, create_engine
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
 from winclip_edge.engines.onnx_variants import VariantError, load_variant, sidecar_path, variant_path
 from winclip_edge.performance.fidelity import FAITHFUL_MAP_MAX_ABS, FAITHFUL_SCORE_MAX_ABS, fidelity
 from winclip_edge.fileio import atomic_write_json
@@ -29,8 +30,10 @@ def _images(n: int = 2) -> np.ndarray:
 
 
 def _diffs(bundle: Bundle, precision: str, images: np.ndarray) -> dict[str, float]:
-    reference = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu")).run(images)
-    variant = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu", precision=precision))
+    reference = create_engine(bundle, EngineConfig(backend="onnxruntime",
+                                                   options=OnnxRuntimeOptions(provider="cpu"))).run(images)
+    variant = create_engine(bundle, EngineConfig(backend="onnxruntime", precision=precision,
+                                                 options=OnnxRuntimeOptions(provider="cpu")))
     out = variant.run(images)
     return {k: float(np.abs(out[k] - reference[k]).max()) for k in reference}
 

@@ -136,6 +136,7 @@ def test_a_stride_2_bundle_end_to_end(make_bundle, tmp_path, corner):
 
     from conftest import textured_part
     from winclip_edge import EngineConfig, Inspector
+    from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
     from winclip_edge.bundle import Bundle
     from winclip_edge.engines import create_engine
     from winclip_edge.products import load_text, save_memory
@@ -148,18 +149,21 @@ def test_a_stride_2_bundle_end_to_end(make_bundle, tmp_path, corner):
     top = 0 if corner.startswith("top") else size - corner_px
     left = 0 if corner.endswith("left") else size - corner_px
     images = np.stack([textured_part(seed=20, defect=(top, left, corner_px, corner_px)), textured_part(seed=21)])
-    ort = create_engine(bundle, EngineConfig(provider="cpu")).run(images)
+    ort = create_engine(bundle, EngineConfig(backend="onnxruntime",
+                                             options=OnnxRuntimeOptions(provider="cpu"))).run(images)
     ref = create_engine(bundle, EngineConfig(backend="torch", device="cpu")).run(images)
     for k in m.scales:
         assert ort[f"window_embeddings_k{k}"].shape[1] == window_count(grid, k, 2) < window_count(grid, k, 1)
     for name in ort:
         assert np.abs(ort[name] - ref[name]).max() < 1e-4, name
 
-    inspector = Inspector(path, "widget", engine=EngineConfig(provider="cpu"))
+    inspector = Inspector(path, "widget", engine=EngineConfig(backend="onnxruntime",
+                                                              options=OnnxRuntimeOptions(provider="cpu")))
     memory, failed = inspector.embed_references([textured_part(seed=s) for s in range(4)])
     assert not failed
     save_memory(inspector.bundle, "widget", memory)
-    inspector = Inspector(path, "widget", engine=EngineConfig(provider="cpu"))
+    inspector = Inspector(path, "widget", engine=EngineConfig(backend="onnxruntime",
+                                                              options=OnnxRuntimeOptions(provider="cpu")))
     text = load_text(bundle, "widget")
     windows = {k: memory.windows[k].reshape(-1, memory.windows[k].shape[-1]) for k in m.scales}
     patches = memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])

@@ -173,6 +173,8 @@ def test_only_the_flags_given_override_the_file(station_file):
     ("[[sinks]]\nkind = \"mqtt\"\nport = 1883\n", "sinks[0].host: missing"),
     ("[http]\nlisten = \"nowhere\"\n", "http.listen: expected HOST:PORT"),
     ("[engine]\nbackend = \"tpu\"\n", "engine.backend: must be one of"),
+    ("[engine]\nbackend = \"onnxruntime\"\ncuda_graphs = true\n", "engine.cuda_graphs: unknown key for the onnxruntime"),
+    ("[engine]\nprovidr = \"cpu\"\n", "engine.providr: unknown key: no backend has"),
     ("[scoring]\ntemperature = -1\n", "scoring: temperature must be > 0"),
     ("statoin = \"x\"\n", "statoin: unknown key"),
     ("[batching\n", "not TOML"),
@@ -185,6 +187,30 @@ def test_a_bad_file_is_refused_naming_the_key_and_the_file(tmp_path, capsys, tex
     assert main(["serve", "--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert where in err and str(path) in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_the_engine_section_holds_the_engine_flags(tmp_path, capsys):
+    """--provider without --backend names onnxruntime as every command does; the file keeps it as the backend's own
+    option; flags laid over a file keep the file's other engine values; a flag the backend does not take is refused."""
+    from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
+    from winclip_edge.engines.openvino import OpenVinoOptions
+    from winclip_edge.line.spec import engine_config
+
+    base = ["serve", "--bundle", "b", "--product", "w", "--out", str(tmp_path / "o"), "--source", "0"]
+    assert main(base + ["--provider", "cpu", "--threads", "2", "--print-config"]) == 0
+    text = capsys.readouterr().out
+    spec = load_spec(_written(tmp_path, text))
+    assert spec.engine == EngineSpec(threads=2, options=OnnxRuntimeOptions(provider="cpu"))
+    assert engine_config(spec.engine).options == OnnxRuntimeOptions(provider="cpu")
+    file = _written(tmp_path, text.replace('provider = "cpu"', 'provider = "cpu"\nengine_dir = "/e"'))
+    again = spec_of({"threads": 1}, load_spec(file)).engine
+    assert again == EngineSpec(threads=1, engine_dir="/e", options=OnnxRuntimeOptions(provider="cpu"))
+    hinted = spec_of({"backend": "openvino", "performance_hint": "throughput"}, StationSpec())
+    assert hinted.engine == EngineSpec(backend="openvino", options=OpenVinoOptions(performance_hint="throughput"))
+    assert main(base + ["--backend", "torch", "--threads", "2", "--print-config"]) == 2
+    assert "--threads is not an option of the torch backend" in capsys.readouterr().err
+    assert main(["serve", "--config", str(file), "--backend", "openvino", "--print-config"]) == 2
+    assert "options are the onnxruntime backend's" in capsys.readouterr().err
 
 
 def test_flag_errors_name_the_flag(tmp_path, capsys):

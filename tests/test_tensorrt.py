@@ -38,6 +38,7 @@ from winclip_edge.builders.tensorrt import (
 from winclip_edge.bundle import VISUAL_ONNX, Bundle
 from winclip_edge.contract import INPUT_NAME, ContractError, output_names
 from winclip_edge.engines import EngineConfig, EngineError, create_engine
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
 from winclip_edge.engines import tensorrt as trt_backend
 from winclip_edge.engines.engine_cache import (
     BatchProfile,
@@ -1131,7 +1132,7 @@ def test_engine_runs_batches_in_slices_of_the_profile_and_matches_onnxruntime(bu
     engine = create_engine(bundle, EngineConfig(backend="tensorrt", precision="fp16"))
     assert isinstance(engine, TensorRTEngine) and engine.name == "tensorrt"
     assert engine.device == "Fake GPU 9000 (fp16)" and engine.max_batch == 2
-    reference = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu"))
+    reference = create_engine(bundle, EngineConfig(backend="onnxruntime", options=OnnxRuntimeOptions(provider="cpu")))
     images = np.stack([textured_part(bundle.spec.image_size, seed=s) for s in range(5)])
     syncs = cudart.calls["cudaStreamSynchronize"]
     out = engine.run(images)
@@ -1172,7 +1173,8 @@ def test_results_are_only_read_after_the_stream_is_synchronised(bundle_copy, fak
     bundle = Bundle(bundle_copy)
     build_engine(bundle, BuildOptions(profile=BatchProfile(1, 2, 2)), log=_quiet)
     images = np.stack([textured_part(bundle.spec.image_size, seed=s) for s in range(2)])
-    expected = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu")).run(images)
+    expected = create_engine(bundle, EngineConfig(backend="onnxruntime",
+                                                  options=OnnxRuntimeOptions(provider="cpu"))).run(images)
     engine = TensorRTEngine(bundle, EngineConfig(backend="tensorrt"))
     real_call = engine.cuda.call
     engine.cuda.call = lambda name, *a: None if name == "cudaStreamSynchronize" else real_call(name, *a)
@@ -1271,7 +1273,8 @@ def test_real_tensorrt_engine_matches_onnxruntime(bundle_copy):
     bundle = Bundle(bundle_copy)
     images = np.stack([textured_part(bundle.spec.image_size, seed=s, defect=(60, 80, 40, 40) if s else None)
                        for s in range(3)])
-    reference = Inspector(bundle, "widget", engine=EngineConfig(backend="onnxruntime", provider="cpu"))
+    reference = Inspector(bundle, "widget", engine=EngineConfig(backend="onnxruntime",
+                                                                options=OnnxRuntimeOptions(provider="cpu")))
     expected = reference.embed(images)
     expected_scores = reference.score(expected)
     for precision in ("fp32", "fp16"):

@@ -4,7 +4,8 @@ import pytest
 
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, EngineError, create_engine
-from winclip_edge.engines.torch import graph_batch_size
+from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
+from winclip_edge.engines.torch import TorchOptions, graph_batch_size
 
 torch = pytest.importorskip("torch")
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -26,7 +27,7 @@ def _max_diff(a: dict, b: dict) -> float:
 def reference(tiny_bundle):
     """ONNX Runtime (CPU) outputs of a fixed batch: the bundle's verified graph."""
     bundle = Bundle(tiny_bundle)
-    engine = create_engine(bundle, EngineConfig(backend="onnxruntime", provider="cpu"))
+    engine = create_engine(bundle, EngineConfig(backend="onnxruntime", options=OnnxRuntimeOptions(provider="cpu")))
     images = _images(3)
     return bundle, images, engine.run(images)
 
@@ -55,7 +56,7 @@ def test_fp16_keeps_layernorm_fp32_and_stays_close(reference):
 
 @pytest.mark.parametrize("options,message", [
     ({"precision": "int8"}, "int8 is an ONNX Runtime variant"),
-    ({"device": "cpu", "cuda_graphs": True}, "CUDA graphs need a CUDA device"),
+    ({"device": "cpu", "options": TorchOptions(cuda_graphs=True)}, "CUDA graphs need a CUDA device"),
     ({"device": "tpu:0"}, "not valid"),
 ])
 def test_bad_options_are_refused(tiny_bundle, options, message):
@@ -84,7 +85,8 @@ def test_cuda_fp32_equals_onnxruntime(reference):
 def test_cuda_graphs_equal_eager_and_pad_smaller_batches(reference, precision):
     bundle, images, _ = reference
     eager = create_engine(bundle, EngineConfig(backend="torch", device="cuda", precision=precision))
-    graphs = create_engine(bundle, EngineConfig(backend="torch", device="cuda", precision=precision, cuda_graphs=True))
+    graphs = create_engine(bundle, EngineConfig(backend="torch", device="cuda", precision=precision,
+                                                  options=TorchOptions(cuda_graphs=True)))
     more = _images(5, seed=1)
     tolerance = FP32_TOLERANCE if precision == "fp32" else FP16_TOLERANCE  # padded shapes may pick other kernels
     for batch in (images, images[:2], more, images[:1]):  # capture 3, pad 2 -> 3, capture 5, pad 1 -> 3

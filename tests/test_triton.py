@@ -25,6 +25,7 @@ from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.cli import main  # noqa: E402
 from winclip_edge.contract import ContractError, output_names  # noqa: E402
 from winclip_edge.engines import EngineConfig, create_engine  # noqa: E402
+from winclip_edge.engines.triton import TritonOptions  # noqa: E402
 from winclip_edge.engines.triton_identity import WEIGHTS_ID, model_parameters  # noqa: E402
 from winclip_edge.triton.repository import (RepositoryConfig, check_config, read_config,  # noqa: E402
                                             write_repository)
@@ -100,7 +101,7 @@ def server(tiny_bundle):
 
 
 def triton_config(server: ServerProcess, protocol: str = "grpc") -> EngineConfig:
-    return EngineConfig(backend="triton", triton_url=server.url(protocol), triton_protocol=protocol, triton_timeout=20)
+    return EngineConfig(backend="triton", options=TritonOptions(url=server.url(protocol), protocol=protocol, timeout=20))
 
 
 def textile_files(n: int, folder: str = "nominal") -> list[str]:
@@ -294,8 +295,8 @@ def test_fp16_outputs_on_the_wire(tiny_bundle):
 
     fp16 = ServerProcess(tiny_bundle, "--outputs-fp16", "--name", "winclip_fp16")
     try:
-        config = EngineConfig(backend="triton", triton_url=fp16.url("http"), triton_protocol="http",
-                              triton_model="winclip_fp16")
+        config = EngineConfig(backend="triton", options=TritonOptions(url=fp16.url("http"), protocol="http",
+                                                                   model="winclip_fp16"))
         remote, local = Inspector(tiny_bundle, "widget", engine=config), Inspector(tiny_bundle, "widget")
         assert "FP16 outputs" in remote.engine.device
         images = [textured_part(seed=i, defect=(60, 60, 40, 40) if i == 1 else None) for i in range(3)]

@@ -76,7 +76,7 @@ def test_record_is_checksummed_and_keyed_by_machine(tuned):
     body = json.loads(path.read_text())
     body["winner"]["precision"] = "int8"  # edited by hand: refused, auto falls back
     path.write_text(json.dumps(body))
-    selection = auto.resolve(bundle, EngineConfig(backend="auto"))
+    selection = auto.select(bundle, EngineConfig(backend="auto"))
     assert selection.config.backend == "onnxruntime" and selection.config.precision == "fp32"
     assert "checksum" in selection.reason or "damaged" in selection.reason
     save_record(bundle, record)
@@ -84,13 +84,13 @@ def test_record_is_checksummed_and_keyed_by_machine(tuned):
 
 def test_auto_picks_the_recorded_winner_and_falls_back_on_another_machine(tuned, monkeypatch):
     bundle, record = tuned
-    selection = auto.resolve(bundle, EngineConfig(backend="auto"))
+    selection = auto.select(bundle, EngineConfig(backend="auto"))
     assert selection.config == EngineConfig(backend="onnxruntime", precision="fp32", threads=record["winner"]["threads"])
     assert "tuned winner" in selection.reason
     engine = create_engine(bundle, EngineConfig(backend="auto"))
     assert engine.name == "onnxruntime"
     monkeypatch.setattr(auto, "machine_key", lambda: "another0machine")
-    selection = auto.resolve(bundle, EngineConfig(backend="auto"))
+    selection = auto.select(bundle, EngineConfig(backend="auto"))
     assert selection.record is None and selection.config == EngineConfig(backend="onnxruntime", precision="fp32")
     assert "no tune record for this machine" in selection.reason and record["machine_key"] in selection.reason
 
@@ -99,14 +99,14 @@ def test_auto_with_a_precision_takes_the_fastest_accepted_engine_of_that_precisi
     bundle, record = tuned
     faithful = [c for c in record["candidates"] if c["status"] == "accepted" and c["precision"] == "fp32"]
     fastest = min(faithful, key=lambda c: c["ms_per_image"])
-    selection = auto.resolve(bundle, EngineConfig(backend="auto", precision="fp32"))
+    selection = auto.select(bundle, EngineConfig(backend="auto", precision="fp32"))
     assert selection.config == EngineConfig(backend=fastest["backend"], precision="fp32", threads=fastest["threads"])
     assert "fastest fp32 engine `tune` measured" in selection.reason
     assert selection.config.threads != 1  # the rejected (noisy) 1-thread candidate is never chosen
     body = json.loads(auto.record_path(bundle).read_text())
     rows = [c for c in body["candidates"] if c["precision"] == "fp32" and c["status"] == "accepted"]
     assert auto.fastest_accepted(body, "fp32") == min(rows, key=lambda c: c["ms_per_image"])
-    selection = auto.resolve(bundle, EngineConfig(backend="auto", precision="int8"))  # tune accepted no int8 engine
+    selection = auto.select(bundle, EngineConfig(backend="auto", precision="int8"))  # tune accepted no int8 engine
     assert selection.record is None and selection.config == EngineConfig(backend="onnxruntime", precision="int8")
     assert "accepted no int8 engine" in selection.reason
 
@@ -120,7 +120,7 @@ def test_auto_refuses_a_record_of_another_graph(tuned, tmp_path):
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["files"]["visual.onnx"] = "0" * 64  # as if re-exported
     (copy / "manifest.json").write_text(json.dumps(manifest))
-    selection = auto.resolve(Bundle(copy, verify=False), EngineConfig(backend="auto"))
+    selection = auto.select(Bundle(copy, verify=False), EngineConfig(backend="auto"))
     assert selection.record is None and "another visual.onnx" in selection.reason
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from .bundle import THRESHOLD, Bundle, read_checked_json
-from .engines import Engine, EngineConfig, create_engine
+from .engines import Engine, EngineConfig, Selection, select
 from .errors import WinclipError
 from .inspector import Inspector
 from .scoring import ScoringOptions
@@ -84,7 +84,8 @@ class Catalog:
         self.settings = settings or (lambda product: ("product", "product"))
         for product in products:
             self.bundle.check_product(product)  # every name first: a typo fails before the engine is made
-        made = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
+        self.selection: Selection | None = select(self.bundle, engine) if isinstance(engine, EngineConfig) else None
+        made = self.selection.create(self.bundle) if self.selection is not None else engine
         self.engine = SerialEngine(made)
         self._lock = threading.Lock()  # serialises reloads; readers never take it
         self._entries: dict[str, tuple[Inspector, ProductInfo]] = {}

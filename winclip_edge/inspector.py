@@ -23,7 +23,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
-from .engines import Engine, EngineConfig, EngineError, create_engine
+from .engines import Engine, EngineConfig, EngineError, Selection, select
 from .errors import WinclipError
 from .heatmap import upsample_map
 from .preprocess import ImageError, as_rgb, read_image, resize_to_model
@@ -116,8 +116,9 @@ class Inspector:
     def __init__(self, bundle: str | os.PathLike | Bundle, product: str, engine: EngineConfig | Engine = EngineConfig(),
                  options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, with_threshold: bool = True,
                  tiling: TilingConfig | None | str = "product", roi: Roi | None | str = "product"):
-        """``engine``: what to run (an EngineConfig), or an engine already made for this bundle (shared between
-        Inspectors, or a test double). ``with_threshold=False`` skips the product's threshold (register and calibrate
+        """``engine``: what to run (an EngineConfig: ``select`` decides which engine it means and why, kept as
+        ``self.selection``), or an engine already made for this bundle (shared between Inspectors, or a test double;
+        ``self.selection`` is then None). ``with_threshold=False`` skips the product's threshold (register and calibrate
         replace it anyway); ``options.use_memory=False`` runs zero-shot without reading the memory.
         ``tiling`` / ``roi``: "product" = the product's stored setting (docs/tiling.md), None = off, or a given one."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -133,7 +134,8 @@ class Inspector:
         self.tile_memory: TileMemory | None = self._load_tile_memory()
         self.threshold: Threshold | None = load_threshold(
             self.bundle, product, self.memory, self.decision_record()) if with_threshold else None
-        self.engine = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
+        self.selection: Selection | None = select(self.bundle, engine) if isinstance(engine, EngineConfig) else None
+        self.engine = self.selection.create(self.bundle) if self.selection is not None else engine
         self._lock = threading.Lock()
         self._set_memory(self.memory)
 

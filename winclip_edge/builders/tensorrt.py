@@ -48,10 +48,10 @@ from ..engines.engine_cache import (
     CachedEngine,
     DeviceInfo,
     EngineKey,
-    default_engine_dir,
     save_engine,
     slug,
 )
+from ..engines.cache_dir import engine_dir as engine_folder
 from ..engines.tensorrt import Cuda, TensorInfo, check_engine_io, load_cudart, load_tensorrt, stderr_logger
 from ..fileio import atomic_write_bytes
 from ..preprocess import ImageError, read_image, resize_to_model
@@ -393,7 +393,7 @@ def build_engine(bundle: Bundle, options: BuildOptions, log: Callable[[str], Non
     cuda = Cuda(load_cudart())
     device = cuda.device_info(trt.__version__)
     spec = bundle.spec
-    engine_dir = Path(options.engine_dir) if options.engine_dir is not None else default_engine_dir(bundle.root)
+    engine_dir = engine_folder(bundle, options.engine_dir)
     onnx_sha = bundle.manifest.files[VISUAL_ONNX]
     key = EngineKey(device=device, precision=options.precision, onnx_sha256=onnx_sha, profile=options.profile)
     p = options.profile

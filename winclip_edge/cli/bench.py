@@ -29,6 +29,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         roofline=not args.no_roofline,
         progress=not args.quiet, command=args.command_line)
     report = run_bench(config)
+    if args.backend == "auto":
+        print(f"engine: {report['engine_selection']}", file=sys.stderr)
     markdown = render_markdown(report)
     md, js = write_report(args.out, report_stem(report), report, markdown)
     print(markdown)

@@ -10,6 +10,7 @@ import numpy as np
 from ..builders.tensorrt import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
 from ..engines.config import PRECISIONS
 from ..engines.onnx_variants import GRAPHS
+from ..engines.registry import backends
 from ..inputs import collect_inputs
 from .common import EXIT_OK, CliError
 
@@ -70,9 +71,11 @@ def _register_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--precision", required=True, choices=PRECISIONS[1:],
                    help="fp16 (GPU execution providers) or int8 (CPU; dynamic unless calibration images are given)")
-    p.add_argument("--backend", choices=("onnxruntime", "openvino"), default="onnxruntime",
-                   help="onnxruntime: an ONNX variant (default); openvino: NNCF int8 IR (calibration images: the given "
-                        "ones, else the products' registered references, else the textile normals)")
+    makers = {n: r for n, r in backends().items() if r.build_command == "quantize" and r.builtin}
+    p.add_argument("--backend", choices=tuple(makers), default="onnxruntime",
+                   help="; ".join(f"{n}: {r.builds}" for n, r in makers.items()) + " (default onnxruntime; openvino's "
+                        "calibration images: the given ones, else the products' registered references, else the "
+                        "textile normals)")
     p.add_argument("--graph", choices=GRAPHS, default="visual",
                    help="visual (default) or text: the text encoder's text.onnx (add-product --text-precision)")
     p.add_argument("--calibration-images", action="append", default=[], metavar="PATH",

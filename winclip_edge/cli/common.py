@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import replace
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-from ..engines import BACKENDS, EngineConfig
-from ..engines.config import ENGINE_PRECISIONS
+from ..engines import EngineConfig
+from ..engines.registry import backends, broken_backends, precisions
 from ..errors import WinclipError
 from ..scoring import MEANS, ScoringOptions
 
@@ -46,56 +46,155 @@ def report_failures(failed: Any) -> None:
 
 
 # ---------------------------------------------------------------- engine flags
+# The common EngineConfig fields every backend may take (its record's ``takes``) and their flags.
+COMMON_FLAGS = {"threads": "--threads", "device": "--device", "engine_dir": "--engine-dir"}
+COMMON_HELP = {"threads": "intra-op threads of a CPU backend (0 = its default)",
+               "device": "where the graph runs",
+               "engine_dir": "where a backend keeps what it builds or caches: TensorRT plans (build-engine), ONNX "
+                             "Runtime's TensorRT provider and CPU graph caches, OpenVINO's compiled models (default "
+                             "<bundle>/engines)"}
+
+
+@dataclass(frozen=True)
+class EngineFlag:
+    """One engine flag: a common EngineConfig field (``field``), or options fields of one or more backends
+    (``owners``: backend -> its options field)."""
+
+    flag: str
+    dest: str
+    field: str | None = None
+    owners: tuple[tuple[str, str], ...] = ()
+
+    def backends(self) -> list[str]:
+        """The backends that take this flag, in the registry's order."""
+        if self.field is not None:
+            return [n for n, r in backends().items() if self.field in r.takes]
+        return [n for n, _ in self.owners]
+
+
+def _option_flag(record: Any, f: Any) -> str | None:
+    """A built-in's historical flag; a plugin's are always --<backend>-<field> (they cannot collide with ours)."""
+    if record.builtin:
+        return f.metadata.get("flag")
+    return f"--{record.name}-{f.name.replace('_', '-')}"
+
+
+def engine_flags() -> list[EngineFlag]:
+    """Every engine flag, from the registry: the common ones, then each backend's options (plugins' included)."""
+    flags = [EngineFlag(flag, flag[2:].replace("-", "_"), field=name) for name, flag in COMMON_FLAGS.items()]
+    owners: dict[str, list[tuple[str, str]]] = {}
+    for record in backends().values():
+        for f in record.option_fields():
+            flag = _option_flag(record, f)
+            if flag is not None:
+                owners.setdefault(flag, []).append((record.name, f.name))
+    flags += [EngineFlag(flag, flag[2:].replace("-", "_"), owners=tuple(o)) for flag, o in owners.items()]
+    return flags
+
+
+def flag_name(backend_name: str | None) -> Callable[[str], str]:
+    """EngineConfig field names -> the flags that set them (for messages), for options of ``backend_name``."""
+    names = {"backend": "--backend", "precision": "--precision", **COMMON_FLAGS}
+    for flag in engine_flags():
+        names.update({field: flag.flag for owner, field in flag.owners if owner == backend_name})
+    return lambda field: names.get(field, field)
+
+
+def _backend_help() -> str:
+    plugins = [f"{n} ({r.origin})" for n, r in backends().items() if not r.builtin]
+    broken = broken_backends()
+    return ("engine (default auto: the winner `winclip-edge tune` recorded for this machine, else onnxruntime fp32; "
+            "with --precision P: the fastest engine of precision P tune accepted here, e.g. --precision fp32 = the "
+            "fastest exact one; a backend's own flag without --backend means that backend)"
+            + (f"; plugins: {', '.join(plugins)}" if plugins else "")
+            + (f"; plugins that failed to load: {'; '.join(f'{n} ({why})' for n, why in broken.items())}"
+               if broken else "")).replace("%", "%%")
+
+
 def add_engine_options(p: argparse.ArgumentParser) -> None:
-    """--backend and its options (every command that runs the graph)."""
-    p.add_argument("--backend", default="auto", choices=("auto", *BACKENDS),
-                   help="engine (default auto: the winner `winclip-edge tune` recorded for this machine, else onnxruntime "
-                        "fp32; with --precision P: the fastest engine of precision P tune accepted here, e.g. "
-                        "--precision fp32 = the fastest exact one; --provider without --backend means onnxruntime)")
-    p.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto|cpu|cuda|tensorrt (default auto)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime / OpenVINO intra-op threads (0 = its default)")
-    p.add_argument("--precision", choices=ENGINE_PRECISIONS, default=None,
-                   help="default: fp16 for tensorrt (as build-engine), fp32 otherwise. onnxruntime: runs the bundle's "
-                        "fp16/int8 variant (make it with `winclip-edge quantize`); torch: fp16 casts the model "
-                        "(LayerNorm stays fp32); tensorrt: loads the cached engine of that precision (make it with "
-                        "`winclip-edge build-engine`); openvino: fp32 | bf16 | fp16 (precision hint) | int8 (NNCF model)")
-    p.add_argument("--device", default="auto", help="torch backend: auto (cuda when available) | cpu | cuda | cuda:<i>; "
-                                                    "onnxruntime --provider cuda|tensorrt: the GPU, cuda:<i>; "
-                                                    "openvino: auto (CPU) | cpu | gpu | npu")
-    p.add_argument("--performance-hint", choices=("latency", "throughput"), default="latency",
-                   help="openvino: latency (one request on every core) or throughput (the images of a batch in parallel)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="torch backend on CUDA: capture the forward pass per batch size, replay it (first call slower)")
-    p.add_argument("--engine-dir", default=None,
-                   help="--backend tensorrt: engine cache folder of build-engine; --provider tensorrt: where ONNX "
-                        "Runtime keeps its TensorRT engine and timing caches (default <bundle>/engines)")
-    p.add_argument("--triton-url", default=None,
-                   help="--backend triton: HOST:PORT of the Triton server (default 127.0.0.1:8001 gRPC, :8000 HTTP)")
-    p.add_argument("--triton-protocol", choices=("grpc", "http"), default="grpc", help="--backend triton (default grpc)")
-    p.add_argument("--triton-model", default="winclip_visual", help="--backend triton: model name (default winclip_visual)")
-    p.add_argument("--triton-timeout", type=float, default=30.0,
-                   help="--backend triton: seconds per request before it is retried (default 30)")
+    """--backend and the engine flags, made from the backend registry (every command that runs the graph). Every
+    flag defaults to "not given"; a flag given with a backend that does not take it is an error (engine_config)."""
+    records = backends()
+    g = p.add_argument_group("engine (backends: winclip_edge/engines/registry.py)")
+    g.add_argument("--backend", default="auto", choices=("auto", *records), help=_backend_help())
+    g.add_argument("--precision", choices=precisions(), default=None,
+                   help="default: the backend's (fp16 for tensorrt, as build-engine; fp32 otherwise). onnxruntime: runs "
+                        "the bundle's fp16/int8 variant (make it with `winclip-edge quantize`); torch: fp16 casts the "
+                        "model (LayerNorm stays fp32); tensorrt: loads the cached engine of that precision (make it "
+                        "with `winclip-edge build-engine`); openvino: fp32 | bf16 | fp16 (precision hint) | int8 (NNCF "
+                        "model)")
+    for flag in engine_flags():
+        if flag.field is not None:
+            takers = [backends()[n] for n in flag.backends()]
+            where = "; ".join(f"{r.name}: {', '.join(('auto', *r.devices))}" if flag.field == "device" and r.devices
+                              else r.name for r in takers)
+            kind = {"threads": int}.get(flag.field, str)
+            g.add_argument(flag.flag, dest=flag.dest, type=kind, default=None,
+                           help=f"{COMMON_HELP[flag.field]} ({where})".replace("%", "%%"))
+            continue
+        owner, name = flag.owners[0]
+        f = next(f for f in records[owner].option_fields() if f.name == name)
+        meta = f.metadata
+        text = (meta.get("help") or f"{owner} option {name}").replace("%", "%%")
+        text = f"{'/'.join(flag.backends())}: {text}"
+        if isinstance(f.default, bool):
+            g.add_argument(flag.flag, dest=flag.dest, action="store_const", const=True, default=None, help=text)
+            continue
+        kind = meta.get("type") or (type(f.default) if isinstance(f.default, (int, float)) else str)
+        g.add_argument(flag.flag, dest=flag.dest, type=kind, choices=meta.get("choices"), default=None, help=text)
+
+
+def _not_taken(flag: EngineFlag, backend_name: str) -> CliError:
+    record = backends()[backend_name]
+    own = [f.flag for f in engine_flags() if backend_name in f.backends()]
+    takers = flag.backends()
+    return CliError(f"{flag.flag} is not an option of the {backend_name} backend (it takes: "
+                    f"{', '.join(own) or 'no engine flag'}); {flag.flag} is for: {', '.join(takers) or 'no backend'}"
+                    + ("" if record.builtin else f" (plugin {record.origin})"))
 
 
 def engine_config(args: argparse.Namespace) -> EngineConfig:
-    """The EngineConfig of the flags of :func:`add_engine_options`; ``auto`` is resolved here and the choice printed."""
-    config = EngineConfig(backend=args.backend, precision=args.precision, provider=args.provider, threads=args.threads,
-                          device=args.device, cuda_graphs=args.cuda_graphs,
-                          engine_dir=Path(args.engine_dir) if args.engine_dir else None,
-                          triton_url=args.triton_url, triton_protocol=args.triton_protocol,
-                          triton_model=args.triton_model, triton_timeout=args.triton_timeout,
-                          performance_hint=args.performance_hint)
-    if config.backend != "auto":
-        return config
-    if args.provider != "auto":  # an ONNX Runtime provider asked for: ONNX Runtime, as before auto existed
-        print(f"engine: onnxruntime {config.resolved_precision} (--provider given without --backend)", file=sys.stderr)
-        return replace(config, backend="onnxruntime")
-    from ..bundle import Bundle
-    from ..engines.auto import resolve
+    """The EngineConfig of the flags of :func:`add_engine_options`. Nothing is resolved here (engines/auto.py selects
+    the engine, once); a flag that the named backend does not take is refused, naming the backends that do."""
+    flags = engine_flags()
+    given = [(f, getattr(args, f.dest)) for f in flags if getattr(args, f.dest, None) is not None]
+    own = [(f, v) for f, v in given if f.field is None]
+    target = args.backend if args.backend != "auto" else None
+    if target is None and own:  # a backend's own flag without --backend: that backend
+        common = set.intersection(*(set(f.backends()) for f, _ in own))
+        if not common:
+            mixed = ", ".join(f"{f.flag} ({'/'.join(f.backends())})" for f, _ in own)
+            raise CliError(f"{mixed}: flags of different backends; name one with --backend")
+        target = next(n for n in backends() if n in common)
+    if target is not None:
+        for f, _ in given:
+            if target not in f.backends():
+                raise _not_taken(f, target)
+    options = None
+    if own:
+        record = backends()[target]
+        values = {field: value for f, value in own for owner, field in f.owners if owner == target}
+        try:
+            options = record.options(**values)
+        except (TypeError, ValueError) as err:
+            raise CliError(f"{', '.join(f.flag for f, _ in own)}: {err}") from None
+    return EngineConfig(backend=args.backend, precision=args.precision,
+                        threads=args.threads if args.threads is not None else 0,
+                        device=args.device if args.device is not None else "auto",
+                        engine_dir=Path(args.engine_dir) if args.engine_dir is not None else None, options=options)
 
-    selection = resolve(Bundle(args.bundle, verify=False), config)  # the Inspector verifies the files
-    print(f"engine: {selection.reason}", file=sys.stderr)
-    return selection.config
+
+def announce(args: argparse.Namespace, selection: Any) -> None:
+    """Print which engine ``auto`` chose and why (the library decided; the CLI only names its flags)."""
+    if selection is not None and args.backend == "auto":
+        print(f"engine: {selection.explain(flag_name(selection.config.backend))}", file=sys.stderr)
+
+
+def open_bundle(args: argparse.Namespace) -> Any:
+    """The command's bundle, opened and verified once; every later step gets this object."""
+    from ..bundle import Bundle
+
+    return Bundle(args.bundle)
 
 
 # ---------------------------------------------------------------- runtime flags
@@ -128,14 +227,19 @@ def add_runtime_options(p: argparse.ArgumentParser, tiling: bool = True) -> None
 
 
 def inspector(args: argparse.Namespace, zero_shot: bool = False, with_threshold: bool = True) -> Any:
-    """The Inspector of a runtime command; ``zero_shot=True`` never reads the memory (register replaces it)."""
+    """The Inspector of a runtime command; ``zero_shot=True`` never reads the memory (register replaces it). The
+    bundle is opened and verified once, here, and handed to everything that reads it."""
     from dataclasses import replace
 
     from ..inspector import Inspector
     from .tiling_options import tiling_and_roi
 
+    engine = engine_config(args)  # bad flags fail before anything is read
     options = scoring_options(args)
     options = replace(options, use_memory=False) if zero_shot else options
-    tiling, roi = tiling_and_roi(args)
-    return Inspector(args.bundle, args.product, engine=engine_config(args), options=options,
-                     sigma=getattr(args, "sigma", 0.0), with_threshold=with_threshold, tiling=tiling, roi=roi)
+    bundle = open_bundle(args)
+    tiling, roi = tiling_and_roi(args, bundle)
+    made = Inspector(bundle, args.product, engine=engine, options=options, sigma=getattr(args, "sigma", 0.0),
+                     with_threshold=with_threshold, tiling=tiling, roi=roi)
+    announce(args, made.selection)
+    return made

@@ -105,7 +105,31 @@ def run_info(args: argparse.Namespace) -> int:
 
     for line in engine_notes(bundle):
         print(f"  {line}")
+    for line in backend_lines():
+        print(f"  {line}")
     return EXIT_OK
+
+
+def backend_lines() -> list[str]:
+    """What info says about the registered backends: installed versions, precisions, flags, what they build."""
+    from ..engines.registry import backends, broken_backends
+    from ..performance.machine import installed_versions
+
+    lines = ["backends (--backend; plugins register in the entry-point group winclip_edge.backends):"]
+    flags = common.engine_flags()
+    for name, record in backends().items():
+        versions = installed_versions(record.packages)
+        have = ", ".join(f"{k} {v}" for k, v in versions.items()) if versions else \
+            f"not installed ({record.install})" if record.packages else record.install
+        takes = [f.flag for f in flags if name in f.backends()]
+        parts = [f"{name}{'' if record.builtin else f' (plugin {record.origin})'}: {have}",
+                 f"precisions {', '.join(record.precisions) if record.precisions else 'any'}",
+                 f"flags {', '.join(takes) or 'none'}"]
+        if record.builds:
+            parts.append(f"builds {record.builds}")
+        lines.append("  " + "; ".join(parts))
+    lines += [f"  {name}: plugin failed to load ({why})" for name, why in broken_backends().items()]
+    return lines
 
 
 def register(sub: argparse._SubParsersAction) -> None:

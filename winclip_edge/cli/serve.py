@@ -32,7 +32,9 @@ from ..line.spec import (
 from ..line.station import SAVE_POLICIES
 from ..line.typed import SpecError
 from ..tiles.overrides import TilingOverrides
-from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options
+from ..engines.config import AUTO
+from ..engines.registry import owner_of
+from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options, engine_config, engine_flags
 from .serve_http import add_http_options, parse_host_port
 from .tiling_options import add_tiling_options
 
@@ -198,6 +200,33 @@ def _http(base: HttpSpec | None, given: dict[str, Any]) -> HttpSpec | None:
     return _replace(http, "http", **changes)
 
 
+def _engine(base: EngineSpec, given: dict[str, Any]) -> EngineSpec:
+    """The file's ``[engine]`` with the engine flags given laid over it, checked as every command checks them (a
+    flag the backend does not take is refused by name)."""
+    flags = engine_flags()
+    if not any(k in given for k in ("backend", "precision", *(f.dest for f in flags))):
+        return base
+    args = argparse.Namespace(backend=given.get("backend", base.backend), precision=given.get("precision", base.precision),
+                              **{f.dest: given.get(f.dest) for f in flags})
+    flagged = engine_config(args)
+    common = {name: getattr(flagged, name) if name in given else getattr(base, name)
+              for name in ("threads", "device")}
+    engine_dir = str(flagged.engine_dir) if "engine_dir" in given else base.engine_dir
+    options = base.options
+    if flagged.options is not None:
+        own = {f.name: getattr(flagged.options, f.name) for f in fields(flagged.options)
+               if any(owner_field == f.name and flag.dest in given for flag in flags for _, owner_field in flag.owners)}
+        options = replace(options, **own) if type(options) is type(flagged.options) else flagged.options
+    elif options is not None and flagged.backend != AUTO and owner_of(options).name != flagged.backend:
+        raise CliError(f"--backend {flagged.backend}: the station file's [engine] options are the "
+                       f"{owner_of(options).name} backend's ({type(options).__name__}); remove them there")
+    try:
+        return EngineSpec(backend=flagged.backend, precision=flagged.precision, engine_dir=engine_dir, options=options,
+                          **common)
+    except SpecError as err:
+        raise CliError(_flag_message(err.at("engine"))) from None
+
+
 def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSpec:
     """``base`` (a station file, or the defaults) with the flags ``given`` (flag dest -> value) laid over it."""
     base = StationSpec() if base is None else base
@@ -212,7 +241,7 @@ def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSp
                if k in given}
     try:
         parts = dict(
-            engine=_replace(base.engine, "engine", **{f.name: given[f.name] for f in fields(EngineSpec) if f.name in given}),
+            engine=_engine(base.engine, given),
             scoring=replace(base.scoring, **{k: v for k, v in scoring.items() if v is not None}),
             tiling=_replace(base.tiling, "tiling", **tiling),
             batching=_replace(base.batching, "batching", **batching),

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ..tiles.overrides import TilingOverrides
@@ -49,9 +49,9 @@ def tiling_overrides(args: argparse.Namespace) -> "TilingOverrides":
                            no_roi=getattr(args, "no_roi", False))
 
 
-def tiling_and_roi(args: argparse.Namespace) -> tuple:
-    """(tiling, roi) for the Inspector: "product" where no flag was given, else the product's setting with the flags
-    applied (None = off)."""
+def tiling_and_roi(args: argparse.Namespace, bundle: Any) -> tuple:
+    """(tiling, roi) for the Inspector: "product" where no flag was given, else the product's setting (read from
+    ``bundle``, the command's one opened Bundle) with the flags applied (None = off)."""
     from ..tiles.overrides import resolve_tiling
 
-    return resolve_tiling(args.bundle, args.product, tiling_overrides(args))
+    return resolve_tiling(bundle, args.product, tiling_overrides(args))

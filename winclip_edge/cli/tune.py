@@ -7,11 +7,16 @@ from typing import Any
 
 from ..bundle import Bundle
 from ..engines.auto import fastest_accepted
+from ..engines.registry import backends
 from ..performance.tuning import DEFAULT_FIDELITY_IMAGES, DEFAULT_MAX_MAP_DIFF, DEFAULT_MAX_SCORE_DIFF, TuneConfig, render_table, \
     run_tune, save_record
 from .common import EXIT_OK, CliError, csv_ints
 
-BACKEND_CHOICES = ("onnxruntime", "openvino", "torch", "tensorrt")
+
+
+def backend_choices() -> tuple[str, ...]:
+    """The backends that have tune candidates (their records say what to time here)."""
+    return tuple(n for n, r in backends().items() if r.candidates is not None)
 
 
 def _log(message: str) -> None:
@@ -26,14 +31,14 @@ def cmd_tune(args: argparse.Namespace) -> int:
         images = collect_inputs(args.images)
         if not images:
             raise CliError(f"--images {args.images}: no image files there")
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else []
-    unknown = sorted(set(backends) - set(BACKEND_CHOICES))
+    wanted = [b.strip() for b in args.backends.split(",") if b.strip()] if args.backends else []
+    unknown = sorted(set(wanted) - set(backend_choices()))
     if unknown:
-        raise CliError(f"--backends: unknown {unknown}; choose from {BACKEND_CHOICES}")
+        raise CliError(f"--backends: unknown {unknown}; choose from {backend_choices()}")
     config = TuneConfig(product=args.product, images=images, max_score_diff=args.max_score_diff,
                         max_map_diff=args.max_map_diff, fidelity_images=args.fidelity_images, rounds=args.rounds,
                         warmup=args.warmup, threads=tuple(args.threads), build_variants=not args.no_build,
-                        backends=tuple(backends), interleave=not args.sequential)
+                        backends=tuple(wanted), interleave=not args.sequential)
     bundle = Bundle(args.bundle)
     record = run_tune(bundle, config, log=_log)
     path = save_record(bundle, record)
@@ -70,7 +75,7 @@ def register(sub: Any) -> None:
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per candidate first (default 1)")
     p.add_argument("--threads", type=csv_ints, default=(0,),
                    help="intra-op thread counts to try on the CPU backends, e.g. 1,2 (default 0 = library default)")
-    p.add_argument("--backends", help=f"comma-separated subset of {','.join(BACKEND_CHOICES)} (default: all installed)")
+    p.add_argument("--backends", help=f"comma-separated subset of {','.join(backend_choices())} (default: all installed)")
     p.add_argument("--sequential", action="store_true",
                    help="time each engine alone and close it before the next (less memory; default: every faithful "
                         "engine stays loaded and they are timed in turn, so load changes hit all alike)")

@@ -1,41 +1,19 @@
-"""Engine backends. Each imports its own library lazily, so the runtime never needs torch."""
+"""Engine backends, as a registry (registry.py). Each imports its own library lazily, so the runtime never needs torch."""
 from __future__ import annotations
 
 from ..bundle import Bundle
+from .auto import Selection, select
 from .base import Engine, EngineError
 from .config import PRECISIONS, EngineConfig
-
-BACKENDS = ("onnxruntime", "openvino", "tensorrt", "torch", "triton")
+from .registry import BackendRecord, backend, backends, broken_backends
 
 
 def create_engine(bundle: Bundle, config: EngineConfig = EngineConfig()) -> Engine:
-    """The engine ``config.backend`` for ``bundle``; the backend reads the fields of ``config`` it understands.
-    ``auto``: the winner ``tune`` recorded for this machine, else ONNX Runtime fp32 (engines/auto.py)."""
-    if config.backend == "auto":
-        from .auto import resolve
-
-        config = resolve(bundle, config).config
-    if config.backend == "openvino":
-        from .openvino import OpenVinoEngine
-
-        return OpenVinoEngine(bundle, config)
-    if config.backend == "onnxruntime":
-        from .onnxruntime import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine(bundle, config)
-    if config.backend == "tensorrt":
-        from .tensorrt import TensorRTEngine
-
-        return TensorRTEngine(bundle, config)
-    if config.backend == "torch":
-        from .torch import TorchEngine
-
-        return TorchEngine(bundle, config)
-    if config.backend == "triton":
-        from .triton import TritonEngine
-
-        return TritonEngine(bundle, config)
-    raise EngineError(f"unknown backend {config.backend!r}; choose one of {BACKENDS}")
+    """The engine ``config`` means for ``bundle``: :func:`select` decides (``auto``: the backend whose options are
+    given, else the winner ``tune`` recorded for this machine, else ONNX Runtime fp32), the backend's record makes
+    it after refusing anything it does not take."""
+    return select(bundle, config).create(bundle)
 
 
-__all__ = ["BACKENDS", "PRECISIONS", "Engine", "EngineConfig", "EngineError", "create_engine"]
+__all__ = ["BackendRecord", "PRECISIONS", "Engine", "EngineConfig", "EngineError", "Selection", "backend", "backends",
+           "broken_backends", "create_engine", "select"]

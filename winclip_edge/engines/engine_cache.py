@@ -22,9 +22,9 @@ from pathlib import Path
 
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
 from .base import EngineError
+from .cache_dir import default_engine_dir
 from .config import PRECISIONS
 
-ENGINE_DIR = "engines"  # default folder under the bundle
 PLAN_SUFFIX = ".plan"
 SIDECAR_SUFFIX = ".json"
 SIDECAR_FORMAT = 1
@@ -127,10 +127,6 @@ class CachedEngine:
     plan: Path
     key: EngineKey
     build: dict = field(default_factory=dict)  # build settings recorded by build-engine
-
-
-def default_engine_dir(bundle_root: str | Path) -> Path:
-    return Path(bundle_root) / ENGINE_DIR
 
 
 def plan_path(engine_dir: str | Path, key: EngineKey) -> Path:

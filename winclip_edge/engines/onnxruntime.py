@@ -1,5 +1,9 @@
 """ONNX Runtime backend: CPU everywhere; CUDA / TensorRT execution providers with onnxruntime-gpu.
 
+``device`` says where the graph runs: ``auto`` (CUDA when onnxruntime-gpu sees a GPU, else the CPU), ``cpu``,
+``cuda`` / ``cuda:<i>``; ``OnnxRuntimeOptions.provider`` (``--provider``) picks the execution provider by name and
+must agree with it (``--provider cpu --device cuda`` is refused).
+
 ONNX Runtime's TensorRT provider builds a TensorRT engine when a session starts (minutes for ViT-B), so it is
 configured like ``build-engine``: fp16 is TensorRT's own flag on the fp32 graph (``trt_fp16_enable``; the ONNX fp16
 variant is for the CUDA provider), one optimisation profile over the batch axis (``trt_profile_*_shapes``: a
@@ -11,64 +15,98 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..contract import INPUT_NAME, check_io, output_names
 from .base import EngineError
+from .cache_dir import engine_dir
 from .config import EngineConfig
-from .onnx_variants import load_variant
+from .onnx_variants import VariantError, load_variant
+from .registry import BackendRecord, option
 
 # Preference order for provider="auto". ONNX Runtime's TensorRT provider is used only when asked for: it
 # builds an engine when a session starts (minutes for ViT-B), so it needs its engine cache (below).
 AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 ORT_TRT_CACHE = "onnxruntime-tensorrt"  # inside the engine folder (<bundle>/engines or --engine-dir)
-ORT_TRT_MAX_BATCH = 8  # the profile's maximum when EngineConfig.max_batch is not set (the runtime's default --batch)
+ORT_TRT_MAX_BATCH = 8  # the profile's maximum when OnnxRuntimeOptions.max_batch is not set (the runtime's default --batch)
+CPU_PROVIDER = "CPUExecutionProvider"
+CUDA_PROVIDER = "CUDAExecutionProvider"
 TRT_PROVIDER = "TensorrtExecutionProvider"
-PROVIDER_ALIASES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
+PROVIDER_ALIASES = {"cpu": CPU_PROVIDER, "cuda": CUDA_PROVIDER, "tensorrt": TRT_PROVIDER}
+
+
+@dataclass(frozen=True)
+class OnnxRuntimeOptions:
+    """What only the ONNX Runtime backend takes (EngineConfig.options)."""
+
+    provider: str = option("auto", flag="--provider",
+                           help="ONNX Runtime execution provider: auto|cpu|cuda|tensorrt or a full provider name "
+                                "(default auto: as --device says)")
+    max_batch: Optional[int] = None  # provider tensorrt: the batch profile's maximum (default ORT_TRT_MAX_BATCH)
+
+
+def execution_provider(provider: str, device: str) -> Optional[str]:
+    """The execution provider asked for by ``provider`` and ``device`` together; None = ONNX Runtime's preference
+    (AUTO_PROVIDERS). A provider that contradicts the device is refused."""
+    if provider == "auto":
+        if device == "auto":
+            return None
+        if device.lower() == "cpu":
+            return CPU_PROVIDER
+        gpu_index(device)  # cuda | cuda:<i>, else the error naming the device
+        return CUDA_PROVIDER
+    wanted = PROVIDER_ALIASES.get(provider, provider)
+    if wanted == CPU_PROVIDER and device.lower() not in ("auto", "cpu"):
+        raise EngineError(f"ONNX Runtime provider cpu runs on the CPU, not on device {device!r}; leave the device "
+                          "out or choose the cuda provider")
+    return wanted
 
 
 class OnnxRuntimeEngine:
     name = "onnxruntime"
 
-    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(), model_path: str | Path | None = None):
-        """``config.provider``: auto | cpu | cuda | tensorrt (or a full EP name); ``config.threads``: intra-op
-        threads, 0 = ORT's default; ``config.precision`` fp16/int8 runs the bundle's ``quantize`` variant
-        (sha256-checked). ``model_path``: another ONNX file with the same contract (a variant being made)."""
-        provider, threads = config.provider, config.threads
+    def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="onnxruntime"),
+                 model_path: str | Path | None = None):
+        """``config.device`` + ``options.provider``: where it runs (above); ``config.threads``: intra-op threads,
+        0 = ORT's default; ``config.precision`` fp16/int8 runs the bundle's ``quantize`` variant (sha256-checked).
+        ``model_path``: another ONNX file with the same contract (a variant being made)."""
+        opts = config.options if config.options is not None else OnnxRuntimeOptions()
+        threads, precision = config.threads, config.precision or "fp32"
+        wanted = execution_provider(opts.provider, config.device)
         self.max_batch: int | None = None  # set with the TensorRT provider: larger batches are split
-        trt = PROVIDER_ALIASES.get(provider, provider) == TRT_PROVIDER
-        if model_path is None and config.resolved_precision != "fp32" and not trt:
-            model_path = load_variant(bundle, config.resolved_precision)
+        if model_path is None and precision != "fp32" and wanted != TRT_PROVIDER:
+            model_path = load_variant(bundle, precision)
         try:
             import onnxruntime as ort
         except ImportError as err:
             raise EngineError(f"onnxruntime is not installed ({err}); pip install onnxruntime") from None
         available = ort.get_available_providers()
-        if provider == "auto":
-            providers = [p for p in AUTO_PROVIDERS if p in available]
+        if wanted is None:
+            providers: list = [p for p in AUTO_PROVIDERS if p in available]
         else:
-            wanted = PROVIDER_ALIASES.get(provider, provider)
             if wanted not in available:
                 raise EngineError(f"ONNX Runtime provider {wanted} is not available here (available: {available}); "
                                   "install onnxruntime-gpu (desktop) or the Jetson Zoo wheel for CUDA/TensorRT")
-            providers = [wanted] + (["CPUExecutionProvider"] if wanted != "CPUExecutionProvider" else [])
-            if wanted == "CUDAExecutionProvider":
+            providers = [wanted] + ([CPU_PROVIDER] if wanted != CPU_PROVIDER else [])
+            if wanted == CUDA_PROVIDER:
                 providers[0] = (wanted, {"device_id": gpu_index(config.device)})
             if wanted == TRT_PROVIDER:
                 providers[0] = (wanted, tensorrt_provider_options(bundle, config))
-                self.max_batch = config.max_batch or ORT_TRT_MAX_BATCH
-                if "CUDAExecutionProvider" in available:  # for the nodes TensorRT does not take
-                    providers.insert(1, ("CUDAExecutionProvider", {"device_id": gpu_index(config.device)}))
+                self.max_batch = opts.max_batch or ORT_TRT_MAX_BATCH
+                if CUDA_PROVIDER in available:  # for the nodes TensorRT does not take
+                    providers.insert(1, (CUDA_PROVIDER, {"device_id": gpu_index(config.device)}))
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads:
             options.intra_op_num_threads = threads
         path = str(model_path or bundle.onnx_path)
         self.graph_cache = None
-        if model_path is None and providers == ["CPUExecutionProvider"]:  # the fp32 graph on the CPU: cached optimised
+        if model_path is None and providers == [CPU_PROVIDER]:  # the fp32 graph on the CPU: cached optimised
             from .ort_cache import OptimizedGraphCache
 
             self.graph_cache = OptimizedGraphCache(bundle, config)
@@ -99,7 +137,7 @@ class OnnxRuntimeEngine:
 
 def gpu_index(device: str) -> int:
     """``EngineConfig.device`` for the CUDA / TensorRT providers: auto | cuda -> 0, cuda:<i> -> i."""
-    match = re.fullmatch(r"(?:auto|cuda)(?::(\d+))?", device)
+    match = re.fullmatch(r"(?:auto|cuda)(?::(\d+))?", device.lower())
     if match is None:
         raise EngineError(f"device {device!r} is not a CUDA device for ONNX Runtime's GPU providers; use cuda or cuda:<i>")
     return int(match.group(1) or 0)
@@ -107,14 +145,12 @@ def gpu_index(device: str) -> int:
 
 def tensorrt_provider_options(bundle: Bundle, config: EngineConfig) -> dict:
     """ONNX Runtime TensorRT provider options for ``config``: precision flag, batch profile, engine + timing caches."""
-    from .engine_cache import default_engine_dir
-
-    precision = config.resolved_precision
+    precision = config.precision or "fp32"
     if precision not in ("fp32", "fp16"):
         raise EngineError(f"ONNX Runtime's TensorRT provider runs fp32 or fp16 here, not {precision}: TensorRT int8 needs "
                           f"its own calibration; use `winclip-edge build-engine --bundle {bundle.root} --precision int8 "
                           "--calibration-images DIR` and --backend tensorrt")
-    folder = Path(config.engine_dir if config.engine_dir is not None else default_engine_dir(bundle.root)) / ORT_TRT_CACHE
+    folder = engine_dir(bundle, config.engine_dir) / ORT_TRT_CACHE
     try:
         folder.mkdir(parents=True, exist_ok=True)
         if not os.access(folder, os.W_OK):
@@ -123,7 +159,8 @@ def tensorrt_provider_options(bundle: Bundle, config: EngineConfig) -> dict:
         raise EngineError(f"ONNX Runtime's TensorRT provider cannot keep its engine cache in {folder} ({err.strerror or err}); "
                           "pass --engine-dir DIR (a writable folder) when the bundle is read-only") from None
     h, w = bundle.spec.image_size
-    max_batch = config.max_batch or ORT_TRT_MAX_BATCH
+    opts = config.options if config.options is not None else OnnxRuntimeOptions()
+    max_batch = opts.max_batch or ORT_TRT_MAX_BATCH
 
     def shape(n: int) -> str:
         return f"{INPUT_NAME}:{n}x{h}x{w}x3"
@@ -133,3 +170,42 @@ def tensorrt_provider_options(bundle: Bundle, config: EngineConfig) -> dict:
             "trt_timing_cache_enable": True, "trt_timing_cache_path": str(folder),
             "trt_profile_min_shapes": shape(1), "trt_profile_opt_shapes": shape(max_batch),
             "trt_profile_max_shapes": shape(max_batch)}
+
+
+# ---------------------------------------------------------------- its record: tune, quantize, the registry
+def _candidates(tune) -> tuple[list[EngineConfig], list[tuple[EngineConfig, str]]]:
+    """int8 on the CPU per thread count (the fp32 reference is tune's own), fp32 + fp16 on CUDA where it runs."""
+    tries = [EngineConfig(backend="onnxruntime", precision="int8", threads=t) for t in tune.threads]
+    skipped = []
+    import onnxruntime as ort
+
+    cuda = OnnxRuntimeOptions(provider="cuda")
+    if CUDA_PROVIDER in ort.get_available_providers():
+        tries += [EngineConfig(backend="onnxruntime", precision=p, options=cuda) for p in ("fp32", "fp16")]
+    else:
+        skipped.append((EngineConfig(backend="onnxruntime", precision="fp16", options=cuda),
+                        "no CUDA execution provider (onnxruntime-gpu + an NVIDIA GPU)"))
+    return tries, skipped
+
+
+def _prepare(bundle: Bundle, config: EngineConfig, product: str | None, log: Callable[[str], None],
+             build: bool = True) -> None:
+    """The int8 variant a candidate needs, made when missing (dynamic quantisation, once per bundle)."""
+    if config.precision != "int8" or not build:
+        return
+    try:
+        load_variant(bundle, "int8")
+    except VariantError:
+        from ..builders.variants import make_variant
+
+        log("making the ONNX Runtime int8 variant (dynamic quantisation) ...")
+        make_variant(bundle, "int8")
+
+
+BACKEND = BackendRecord(
+    name="onnxruntime", create=OnnxRuntimeEngine, precisions=("fp32", "fp16", "int8"), options=OnnxRuntimeOptions,
+    takes=("threads", "device", "engine_dir"), devices=("cpu", "cuda", "cuda:<i>"),
+    candidates=_candidates, prepare=_prepare,
+    builds="fp16 / int8 ONNX variants of the visual (and text) graph", build_command="quantize",
+    packages=("onnxruntime", "onnxruntime-gpu"), install="pip install onnxruntime (GPU: 'winclip-edge[gpu]')",
+    summary="ONNX Runtime: CPU everywhere; CUDA / TensorRT execution providers with onnxruntime-gpu (the reference)")

@@ -3,11 +3,7 @@
 Precisions: ``fp32`` | ``bf16`` | ``fp16`` set OpenVINO's ``INFERENCE_PRECISION_HINT`` on the fp32 graph (the
 device computes in that type, LayerNorm and softmax accumulate in fp32 inside OpenVINO's kernels); ``int8``
 runs the NNCF post-training-quantised copy made by ``winclip-edge quantize --backend openvino`` (or
-``tune``), stored and verified like the ONNX variants::
-
-    bundle/variants/visual.openvino-int8.xml / .bin     OpenVINO IR, int8 weights + activations of the GEMMs
-    bundle/variants/visual.openvino-int8.json           method, calibration images, sha256 of both files and
-                                                         of the visual.onnx it came from
+``tune``), stored in ``bundle/variants/`` and verified like the ONNX variants (openvino_model.py).
 
 A precision the device would silently replace (bf16 on a CPU without AVX512-BF16/AMX, fp16 on a CPU, which
 OpenVINO runs as bf16 or fp32) is refused with the reason, so a name always means what runs.
@@ -16,68 +12,52 @@ The compiled model is cached (OpenVINO's ``CACHE_DIR``) under ``<engine_dir or b
 key>``: a second start on the same machine and library versions loads the compiled blob instead of reading
 and optimising the ONNX graph. A read-only bundle simply runs without the cache.
 
-``performance_hint``: ``latency`` (one request uses every core: batch 1 on a line) or ``throughput``
-(OpenVINO's streams; the images of a batch run as parallel requests).
+``device``: auto (the CPU) | cpu | gpu | gpu.<i> | npu. ``OpenVinoOptions.performance_hint``: ``latency`` (one
+request uses every core: batch 1 on a line) or ``throughput`` (OpenVINO's streams; the images of a batch run as
+parallel requests).
 """
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
-from ..bundle import VISUAL_ONNX, Bundle, read_checked_json
-from ..contract import INPUT_NAME, check_io, output_names
-from ..fileio import sha256_file
-from ..performance.machine import machine_key
+from ..bundle import Bundle
+from ..contract import INPUT_NAME, output_names
 from .base import EngineError
+from .cache_dir import engine_dir
 from .config import EngineConfig
-from .onnx_variants import VARIANTS, VariantError
+from .onnx_variants import VariantError
+from .openvino_model import PIP, check_compiled, int8_paths, load_int8
+from .registry import BackendRecord, installed, machine_key, option
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 PERFORMANCE_HINTS = ("latency", "throughput")
 _HINT_TYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: the ops NNCF left float
 DEVICE_ALIASES = {"auto": "CPU", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
-INT8_STEM = "visual.openvino-int8"
 CACHE_PREFIX = "openvino-"
-ENGINE_DIR = "engines"
-PIP = "pip install 'winclip-edge[openvino]'"
 
 
-def int8_paths(bundle: Bundle) -> tuple[Path, Path, Path]:
-    """(xml, bin, sidecar json) of the bundle's OpenVINO int8 model."""
-    folder = bundle.root / VARIANTS
-    return folder / f"{INT8_STEM}.xml", folder / f"{INT8_STEM}.bin", folder / f"{INT8_STEM}.json"
+@dataclass(frozen=True)
+class OpenVinoOptions:
+    """What only the OpenVINO backend takes (EngineConfig.options)."""
 
-
-def load_int8(bundle: Bundle) -> Path:
-    """The verified int8 IR (.xml) of the bundle; refused when missing, damaged or made from another graph."""
-    xml, weights, side = int8_paths(bundle)
-    make = f"`winclip-edge quantize --bundle {bundle.root} --backend openvino --precision int8`"
-    if not (xml.is_file() and weights.is_file() and side.is_file()):
-        raise VariantError(f"bundle {bundle.root} has no OpenVINO int8 model ({xml} missing); create it with {make}")
-    meta = read_checked_json(side)
-    source = bundle.manifest.files[VISUAL_ONNX]
-    if meta.get("source_sha256") != source:
-        raise VariantError(f"{xml} was made from another visual.onnx; re-create it with {make}")
-    for path, key in ((xml, "xml_sha256"), (weights, "bin_sha256")):
-        if sha256_file(path) != meta.get(key):
-            raise VariantError(f"{path} fails its sha256 check: damaged or partly copied; re-create it with {make}")
-    return xml
+    performance_hint: str = option("latency", flag="--performance-hint", choices=PERFORMANCE_HINTS,
+                                   help="latency (one request on every core) or throughput (the images of a batch "
+                                        "in parallel; default latency)")
 
 
 def cache_dir(bundle: Bundle, config: EngineConfig) -> Path | None:
     """OpenVINO's compiled-model cache folder for this machine, or None where it cannot be written."""
-    folder = Path(config.engine_dir or bundle.root / ENGINE_DIR) / f"{CACHE_PREFIX}{machine_key()}"
+    folder = engine_dir(bundle, config.engine_dir) / f"{CACHE_PREFIX}{machine_key()}"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
         return None
     return folder if os.access(folder, os.W_OK) else None
-
-
-def _shape(partial) -> tuple:
-    return tuple(d.get_length() if d.is_static else -1 for d in partial)
 
 
 class OpenVinoEngine:
@@ -88,10 +68,10 @@ class OpenVinoEngine:
             import openvino as ov
         except ImportError as err:
             raise EngineError(f"openvino is not installed ({err}); {PIP}") from None
-        precision = config.resolved_precision
+        precision = config.precision or "fp32"
         if precision not in OPENVINO_PRECISIONS:
             raise EngineError(f"OpenVINO precision {precision!r} unknown; choose one of {OPENVINO_PRECISIONS}")
-        hint = config.performance_hint
+        hint = (config.options if config.options is not None else OpenVinoOptions()).performance_hint
         if hint not in PERFORMANCE_HINTS:
             raise EngineError(f"performance hint {hint!r} unknown; choose one of {PERFORMANCE_HINTS}")
         core = ov.Core()
@@ -115,9 +95,7 @@ class OpenVinoEngine:
         if runs != _HINT_TYPE[precision]:
             raise EngineError(f"OpenVINO on {device} would run {precision} as {runs} here (no {precision} kernels "
                               "on this device); choose another --precision")
-        inputs = {p.get_any_name(): _shape(p.get_partial_shape()) for p in self.compiled.inputs}
-        outputs = {p.get_any_name(): _shape(p.get_partial_shape()) for p in self.compiled.outputs}
-        check_io(bundle.spec, inputs, outputs, where=str(path))
+        check_compiled(bundle, self.compiled, where=str(path))
         self.output_names = output_names(bundle.spec.scales)
         self._ports = [self.compiled.output(n) for n in self.output_names]
         self.precision, self.hint = precision, hint
@@ -149,3 +127,85 @@ class OpenVinoEngine:
 
     def close(self) -> None:
         self._request = self._queue = self.compiled = None
+
+
+# ---------------------------------------------------------------- its record: tune, roofline, quantize, the registry
+_CAPABILITY = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}
+
+
+def _candidates(tune) -> tuple[list[EngineConfig], list[tuple[EngineConfig, str]]]:
+    """Every precision on every device OpenVINO sees that has its kernels (the CPU ones per thread count)."""
+    tries: list[EngineConfig] = []
+    skipped: list[tuple[EngineConfig, str]] = []
+    if not installed("openvino"):
+        return tries, [(EngineConfig(backend="openvino", precision="fp32"),
+                        "openvino is not installed (pip install 'winclip-edge[openvino]')")]
+    import openvino as ov
+
+    core = ov.Core()
+    devices = list(core.available_devices)
+    caps = {d: list(core.get_property(d, "OPTIMIZATION_CAPABILITIES")) for d in devices}
+    for device in devices:
+        kind = device.split(".")[0]
+        for precision in OPENVINO_PRECISIONS:
+            config = EngineConfig(backend="openvino", precision=precision, device=device)
+            if _CAPABILITY[precision] not in caps[device]:
+                skipped.append((config, f"{device} has no {precision} kernels ({caps[device]})"))
+            elif kind == "CPU" and precision == "fp16":
+                skipped.append((config, "OpenVINO runs fp16 on a CPU as bf16 or fp32"))
+            elif kind == "CPU":
+                tries += [EngineConfig(backend="openvino", precision=precision, device=device, threads=t)
+                          for t in tune.threads]
+            else:
+                tries.append(config)
+    for kind in ("GPU", "NPU"):
+        if not any(d.startswith(kind) for d in devices):
+            skipped.append((EngineConfig(backend="openvino", precision="fp16", device=kind),
+                            f"no Intel {kind} visible to OpenVINO here (not run)"))
+    return tries, skipped
+
+
+def _prepare(bundle: Bundle, config: EngineConfig, product: str | None, log: Callable[[str], None],
+             build: bool = True) -> None:
+    """The NNCF int8 model a candidate needs, made when missing (on the product's references; minutes for ViT-B)."""
+    if config.precision != "int8" or not build:
+        return
+    try:
+        load_int8(bundle)
+    except VariantError:
+        from ..builders.openvino import calibration_images, make_int8
+
+        frames, described = calibration_images(bundle, product)
+        make_int8(bundle, frames, described)
+
+
+def gemm_probe(precision: str, n: int) -> Callable[[], object] | None:
+    """An n x n GEMM call in OpenVINO's oneDNN kernels (f32, bf16, int8 via FakeQuantize) for the roofline to time;
+    None: not a precision it probes."""
+    if precision not in ("fp32", "bf16", "int8"):
+        return None
+    import openvino as ov
+    import openvino.opset13 as ops
+
+    x = ops.parameter([n, n], ov.Type.f32, name="x")
+    w = ops.constant(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
+    a = x
+    if precision == "int8":  # FakeQuantize on both operands = OpenVINO's int8 GEMM (VNNI / AMX-INT8)
+        lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
+        a, w = ops.fake_quantize(x, lo, hi, lo, hi, 256), ops.fake_quantize(w, lo, hi, lo, hi, 255)
+    hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
+    compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, w, False, False)], [x]), "CPU",
+                                       {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
+    if compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() != hint:
+        raise RuntimeError(f"no {precision} kernels on this CPU")
+    request, data = compiled.create_infer_request(), np.ones((n, n), np.float32)
+    return lambda: request.infer([data])
+
+
+BACKEND = BackendRecord(
+    name="openvino", create=OpenVinoEngine, precisions=OPENVINO_PRECISIONS, options=OpenVinoOptions,
+    takes=("threads", "device", "engine_dir"), devices=("cpu", "gpu", "gpu.<i>", "npu"),
+    candidates=_candidates, prepare=_prepare, gemm_probe=gemm_probe,
+    builds="the NNCF int8 model (quantize --backend openvino)", build_command="quantize",
+    packages=("openvino",), install=PIP,
+    summary="OpenVINO: fp32 / bf16 / fp16 precision hints and the NNCF int8 model on Intel CPUs, GPUs, NPUs")

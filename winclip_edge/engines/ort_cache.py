@@ -3,7 +3,7 @@
 Creating a CPU session for ViT-B-16-plus-240 spends ~40 % of its time optimising the graph (fusions, NCHWc
 layouts); ONNX Runtime can save the result (``optimized_model_filepath``) and load it with optimisation off, with
 outputs bit-identical (docs/performance.md). The saved graph may use kernels of this CPU, so it is keyed by the
-machine (machine.py: CPU model + ISA flags, library versions) and by the sha256 of the bundle's visual.onnx::
+machine (registry.machine_key: CPU model + ISA flags, library versions) and by the sha256 of the bundle's visual.onnx::
 
     <engine_dir or bundle/engines>/onnxruntime-cpu-<machine key>/visual-<sha16>.opt.onnx   (+ .json: its sha256)
 
@@ -18,10 +18,10 @@ from typing import Any
 
 from ..bundle import VISUAL_ONNX, Bundle, BundleError, json_with_checksum, read_checked_json
 from ..fileio import atomic_write_json, fsync_dir, sha256_file
-from ..performance.machine import machine_key
+from .cache_dir import engine_dir
 from .config import EngineConfig
+from .registry import machine_key
 
-ENGINE_DIR = "engines"
 PREFIX = "onnxruntime-cpu-"
 SHA_DIGITS = 16
 
@@ -30,7 +30,7 @@ class OptimizedGraphCache:
     def __init__(self, bundle: Bundle, config: EngineConfig):
         self.source = bundle.onnx_path
         self.source_sha256 = bundle.manifest.files[VISUAL_ONNX]
-        folder = Path(config.engine_dir or bundle.root / ENGINE_DIR) / f"{PREFIX}{machine_key()}"
+        folder = engine_dir(bundle, config.engine_dir) / f"{PREFIX}{machine_key()}"
         self.path = folder / f"visual-{self.source_sha256[:SHA_DIGITS]}.opt.onnx"
         self.sidecar = self.path.with_suffix(".json")
         self.pending: Path | None = None

@@ -15,18 +15,28 @@ import ctypes
 import sys
 import weakref
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import numpy as np
 
 from ..bundle import VISUAL_ONNX, Bundle
 from ..contract import INPUT_DTYPE, INPUT_NAME, ContractError, GraphSpec, check_io
 from .base import EngineError
-from .config import EngineConfig
-from .engine_cache import DeviceInfo, default_engine_dir, find_engine
+from .cache_dir import engine_dir
+from .config import PRECISIONS, EngineConfig
+from .engine_cache import DeviceInfo, find_engine
+from .registry import BackendRecord, installed
 
 OUTPUT_DTYPE = np.float32  # every output of the contract
 PROFILE_INDEX = 0  # build-engine makes exactly one optimisation profile
+DEFAULT_PRECISION = "fp16"  # what build-engine makes by default, so --backend tensorrt without --precision finds it
+
+
+@dataclass(frozen=True)
+class TensorRTOptions:
+    """What only the TensorRT backend takes (EngineConfig.options)."""
+
+    max_batch: Optional[int] = None  # load the plan with this profile maximum (default: the largest cached one)
 
 
 # ---------------------------------------------------------------- the two lazily imported libraries
@@ -179,23 +189,25 @@ class _DeviceMemory:
 class TensorRTEngine:
     """Runs the bundle's visual graph with a TensorRT plan built on this device by ``winclip-edge build-engine``.
 
-    ``precision``: which cached plan to load (fp32 | fp16 | int8). ``engine_dir``: where plans are cached
-    (default ``<bundle>/engines``). ``max_batch``: pick the plan with this profile maximum (default: the largest).
+    ``precision``: which cached plan to load (fp32 | fp16 | int8; default fp16). ``engine_dir``: where plans are cached
+    (default ``<bundle>/engines``). ``TensorRTOptions.max_batch``: pick the plan with this profile maximum (default:
+    the largest).
     Batches larger than the plan's maximum are run in slices of that maximum.
     """
 
     name = "tensorrt"
 
     def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="tensorrt")):
-        precision, engine_dir, max_batch = config.resolved_precision, config.engine_dir, config.max_batch
+        options = config.options if config.options is not None else TensorRTOptions()
+        precision, max_batch = config.precision or DEFAULT_PRECISION, options.max_batch
         trt = load_tensorrt()
         self.cuda = Cuda(load_cudart())
         self.spec = bundle.spec
         self._memory = _DeviceMemory(self.cuda)
         self._finalizer = weakref.finalize(self, self._memory.free, False)  # if close() is never called
         device = self.cuda.device_info(trt.__version__)
-        cached = find_engine(engine_dir if engine_dir is not None else default_engine_dir(bundle.root), device,
-                             precision, bundle.manifest.files[VISUAL_ONNX], bundle.root, max_batch)
+        cached = find_engine(engine_dir(bundle, config.engine_dir), device, precision,
+                             bundle.manifest.files[VISUAL_ONNX], bundle.root, max_batch)
         self.plan = cached.plan
         self.device = f"{device.gpu} ({precision})"
         self._logger = stderr_logger(trt)
@@ -268,3 +280,19 @@ class TensorRTEngine:
         self.stream = None
         self._memory.free()
         self.context = self.engine = None
+
+
+# ---------------------------------------------------------------- its record: tune, build-engine, the registry
+def _candidates(tune) -> tuple[list[EngineConfig], list[tuple[EngineConfig, str]]]:
+    """The fp16 and int8 plans (a missing one is skipped with the build-engine command that makes it)."""
+    if not installed("tensorrt"):
+        return [], [(EngineConfig(backend="tensorrt", precision="fp16"), "TensorRT is not installed (needs an NVIDIA GPU)")]
+    return [EngineConfig(backend="tensorrt", precision=p) for p in ("fp16", "int8")], []
+
+
+BACKEND = BackendRecord(
+    name="tensorrt", create=TensorRTEngine, precisions=PRECISIONS, default_precision=DEFAULT_PRECISION,
+    options=TensorRTOptions, takes=("engine_dir",), candidates=_candidates,
+    builds="TensorRT plans per GPU, TensorRT version and precision (build-engine)", build_command="build-engine",
+    packages=("tensorrt",), install="pip install 'winclip-edge[trt]' (Jetson: JetPack's python3-libnvinfer)",
+    summary="TensorRT: a plan built on this GPU by build-engine, fp32 / fp16 / int8")

@@ -17,19 +17,29 @@ folder), a larger one captures a new graph. Replays cost one launch instead of h
 from __future__ import annotations
 
 import contextlib
+import sys
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..bundle import Bundle
 from .base import EngineError
 from .config import PRECISIONS, EngineConfig
+from .registry import BackendRecord, installed, option
 
 TORCH_PRECISIONS = PRECISIONS[:2]  # int8 is an ONNX Runtime variant
 # Eager passes on a side stream before a capture: cuBLAS/cuDNN allocate their workspaces and pick
 # their kernels there, not inside the graph (the PyTorch CUDA-graphs documentation asks for this).
 GRAPH_WARMUP_ITERS = 3
+
+
+@dataclass(frozen=True)
+class TorchOptions:
+    """What only the torch backend takes (EngineConfig.options)."""
+
+    cuda_graphs: bool = option(False, flag="--cuda-graphs",
+                               help="on CUDA: capture the forward pass per batch size, replay it (first call slower)")
 
 
 def graph_batch_size(n: int, captured: Iterable[int]) -> int | None:
@@ -54,8 +64,9 @@ class TorchEngine:
 
     def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="torch")):
         """``config.device``: auto (cuda when available) | cpu | cuda | cuda:<i>; ``config.precision``: fp32 | fp16
-        (LayerNorm stays fp32); ``config.cuda_graphs``: capture the forward pass per batch size (CUDA only)."""
-        device, precision, cuda_graphs = config.device, config.resolved_precision, config.cuda_graphs
+        (LayerNorm stays fp32); ``TorchOptions.cuda_graphs``: capture the forward pass per batch size (CUDA only)."""
+        options = config.options if config.options is not None else TorchOptions()
+        device, precision, cuda_graphs = config.device, config.precision or "fp32", options.cuda_graphs
         if precision not in TORCH_PRECISIONS:
             raise EngineError(f"the torch backend runs precision {TORCH_PRECISIONS}, got {precision!r}; "
                               "int8 is an ONNX Runtime variant (`winclip-edge quantize`, then --backend onnxruntime)")
@@ -172,3 +183,36 @@ def _half_keeping_layernorm_fp32(torch: Any, visual: Any) -> None:
             module.register_forward_pre_hook(lambda _m, args: (args[0].float(), *args[1:]))
             module.register_forward_hook(lambda _m, _args, out: out.half())
     visual.conv1.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
+
+
+# ---------------------------------------------------------------- its record: tune, roofline, the registry
+def _candidates(tune) -> tuple[list[EngineConfig], list[tuple[EngineConfig, str]]]:
+    """fp32 on the CPU (the reference module), fp16 on CUDA where torch sees a GPU."""
+    if not (installed("torch") and installed("open_clip")):
+        return [], [(EngineConfig(backend="torch", precision="fp32"),
+                     "torch / open_clip are not installed (the export extra)")]
+    tries = [EngineConfig(backend="torch", precision="fp32", device="cpu")]
+    skipped = [(EngineConfig(backend="torch", precision="bf16", device="cpu"),
+                "the torch backend runs fp32 / fp16 only; bf16 on the CPU is OpenVINO's")]
+    import torch
+
+    if torch.cuda.is_available():
+        tries.append(EngineConfig(backend="torch", precision="fp16", device="cuda"))
+    return tries, skipped
+
+
+def gemm_probe(precision: str, n: int) -> Callable[[], Any] | None:
+    """An n x n GEMM in torch's CPU kernels for the roofline, only where torch is loaded already (importing it
+    for a probe would cost more than the probe); None otherwise."""
+    if "torch" not in sys.modules or precision not in ("fp32", "bf16"):
+        return None
+    torch = sys.modules["torch"]
+    a = torch.randn(n, n).to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
+    return lambda: a @ a
+
+
+BACKEND = BackendRecord(
+    name="torch", create=TorchEngine, precisions=TORCH_PRECISIONS, options=TorchOptions, takes=("device",),
+    devices=("cpu", "cuda", "cuda:<i>"), candidates=_candidates, gemm_probe=gemm_probe,
+    packages=("torch",), install="pip install 'winclip-edge[export]'",
+    summary="PyTorch: the export module itself (the reference), CPU or CUDA, fp32 / fp16, CUDA graphs")

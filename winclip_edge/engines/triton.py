@@ -10,14 +10,17 @@ it into error results for that batch's images).
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
 from ..bundle import Bundle
 from ..contract import INPUT_NAME, ContractError, check_io, output_names
-from .triton_identity import check_parameters
 from .base import EngineError
 from .config import EngineConfig
+from .registry import BackendRecord, option
+from .triton_identity import check_parameters
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_PORTS = {"grpc": 8001, "http": 8000}
@@ -25,6 +28,18 @@ DEFAULT_MODEL = "winclip_visual"
 RETRIES = 3  # after the first attempt; a server that stayed down gets one attempt per call until it answers again
 BACKOFF_S = 0.25  # first wait; doubles per retry
 WIRE_DTYPES = ("FP32", "FP16")  # outputs as served (export-triton --outputs-fp16); returned as float32
+
+
+@dataclass(frozen=True)
+class TritonOptions:
+    """What only the Triton client backend takes (EngineConfig.options)."""
+
+    url: Optional[str] = option(None, flag="--triton-url",
+                                help="HOST:PORT of the Triton server (default 127.0.0.1:8001 gRPC, :8000 HTTP)")
+    protocol: str = option("grpc", flag="--triton-protocol", choices=PROTOCOLS, help="grpc or http (default grpc)")
+    model: str = option(DEFAULT_MODEL, flag="--triton-model", help=f"model name (default {DEFAULT_MODEL})")
+    timeout: float = option(30.0, flag="--triton-timeout", type=float,
+                            help="seconds per request before it is retried (default 30)")
 
 
 def default_url(protocol: str) -> str:
@@ -64,12 +79,13 @@ class TritonEngine:
         if config.precision not in (None, "fp32"):
             raise EngineError("--precision does not apply to --backend triton: the server's model decides "
                               "(export-triton --outputs-fp16, or --platform tensorrt with a plan of that precision)")
-        protocol = config.triton_protocol
+        options = config.options if config.options is not None else TritonOptions()
+        protocol = options.protocol
         if protocol not in PROTOCOLS:
             raise EngineError(f"--triton-protocol {protocol!r} unknown; choose one of {PROTOCOLS}")
-        self.protocol, self.model = protocol, config.triton_model or DEFAULT_MODEL
-        self.url = config.triton_url or default_url(protocol)
-        self.timeout = float(config.triton_timeout)
+        self.protocol, self.model = protocol, options.model or DEFAULT_MODEL
+        self.url = options.url or default_url(protocol)
+        self.timeout = float(options.timeout)
         self.output_names = output_names(bundle.spec.scales)
         try:
             if protocol == "grpc":
@@ -177,3 +193,9 @@ class TritonEngine:
             self.client.close()
         except Exception:  # closing a client whose server is gone: nothing left to release
             pass
+
+
+BACKEND = BackendRecord(
+    name="triton", create=TritonEngine, precisions=("fp32",), options=TritonOptions,
+    packages=(), install="pip install 'winclip-edge[triton]'",
+    summary="Triton client: a Triton Inference Server runs the graph (checked against the bundle first)")

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -34,7 +34,8 @@ from .datasets import (
     textile_root,
     visa_classes,
 )
-from ..engines import Engine, EngineConfig, create_engine
+from ..engines import Engine, EngineConfig, select
+from ..engines.registry import identity
 from ..errors import WinclipError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..heatmap import upsample_map
@@ -423,15 +424,16 @@ def plan_units(classes: Sequence[ClassData], config: EvalConfig) -> list[Unit]:
     return units
 
 
-def fingerprint(bundle: Bundle, config: EvalConfig) -> dict:
-    """What partial results depend on besides their unit key; a resumed run must match it."""
+def fingerprint(bundle: Bundle, config: EvalConfig, engine: EngineConfig | None = None) -> dict:
+    """What partial results depend on besides their unit key; a resumed run must match it. ``engine``: the engine
+    ``config.engine`` selected (default: ``config.engine`` as given)."""
     m = bundle.manifest
     return {"weights_id": m.weights_id, "model": m.model, "image_size": list(m.image_size), "scales": list(m.scales),
             "stride": m.stride, "patch_layer": m.patch_layer, "temperature": m.temperature,
             "dataset": config.dataset, "root": str(Path(config.root).resolve()) if config.root else None,
             "limit": config.limit, "tiling": config.tiling.to_dict() if config.tiling else None,
             "roi": config.roi.identity if config.roi else None,
-            "engine": {k: None if v is None else str(v) for k, v in sorted(asdict(config.engine.resolved()).items())}}
+            "engine": identity(engine or config.engine)}
 
 
 def check_resume(out: Path, expected: dict) -> None:
@@ -550,7 +552,10 @@ def run_evaluation(config: EvalConfig, engine: Engine | None = None, log: Log | 
             raise DatasetError(f"class {data.name!r}: {max(config.shots)}-shot needs that many normal reference "
                                f"images; found {len(data.reference_pool)}")
     out = Path(config.out)
-    check_resume(out, fingerprint(bundle, config))
+    selection = select(bundle, config.engine)  # decided once: the fingerprint and the engine agree
+    if config.engine.backend == "auto":
+        log(f"engine: {selection.reason}")
+    check_resume(out, fingerprint(bundle, config, selection.config))
     units = plan_units(classes, config)
     records = {}
     for unit in units:
@@ -567,7 +572,7 @@ def run_evaluation(config: EvalConfig, engine: Engine | None = None, log: Log | 
         todo_classes = [c for c in classes if any(u.data is c for u in todo)]
         ensure_products(bundle, [c.name for c in todo_classes], config.prompts, config.progress, log)
         own_engine = engine is None
-        engine = engine or create_engine(bundle, config.engine)
+        engine = engine or selection.create(bundle)
         info.update(engine=engine.name, device=engine.device)
         total = sum(len(c.test) for c in todo_classes) + sum(len(u.references) + len(u.test) for u in todo)
         try:

@@ -9,12 +9,12 @@ import importlib.util
 import logging
 import os
 import threading
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from ..bundle import Bundle
 from ..catalog import Catalog
-from ..engines import EngineConfig
+from ..engines.config import AUTO
 from ..tiles.overrides import resolve_tiling
 from .batcher import Batcher
 from .plugins import SinkContext
@@ -43,21 +43,6 @@ def http_config(spec: HttpSpec, environ: Mapping[str, str] = os.environ) -> Any:
         raise ServiceError(f"--http needs the serve extra ({', '.join(missing)} missing): "
                            "pip install \"winclip-edge[serve]\"")
     return config
-
-
-def resolve_engine(bundle: str, config: EngineConfig) -> tuple[EngineConfig, str | None]:
-    """``auto`` resolved as the commands resolve it (cli/common.py's engine_config): with a provider, ONNX Runtime;
-    else the tune record's winner. Returns the config and the reason to log (None when nothing was resolved)."""
-    if config.backend != "auto":
-        return config, None
-    if config.provider != "auto":
-        return replace(config, backend="onnxruntime"), \
-            f"onnxruntime {config.resolved_precision} (--provider given without --backend)"
-    from ..bundle import Bundle
-    from ..engines.auto import resolve
-
-    selection = resolve(Bundle(bundle, verify=False), config)  # the Inspector verifies the files
-    return selection.config, selection.reason
 
 
 class LineStation:
@@ -132,11 +117,11 @@ def build_station(spec: StationSpec) -> LineStation:
         sources.append(source)
     context = SinkContext(station=name, products=tuple(spec.products))
     sinks = [plugin.create(s.name, s.options, context) for s, plugin in sink_kinds]  # connected once it runs
-    engine, reason = resolve_engine(spec.bundle, engine_config(spec.engine))
-    if reason is not None:
-        log.info("engine: %s", reason)
-    catalog = Catalog(spec.bundle, list(spec.products), engine=engine, options=spec.scoring, sigma=spec.sigma,
-                      settings=lambda product: resolve_tiling(spec.bundle, product, spec.tiling))
+    bundle = Bundle(spec.bundle)  # opened and verified once, for the catalog and the tiling overrides
+    catalog = Catalog(bundle, list(spec.products), engine=engine_config(spec.engine), options=spec.scoring,
+                      sigma=spec.sigma, settings=lambda product: resolve_tiling(bundle, product, spec.tiling))
+    if spec.engine.backend == AUTO:
+        log.info("engine: %s", catalog.selection.reason)
     batchers: dict[str, Batcher] = {}
     try:
         b = spec.batching

@@ -12,12 +12,13 @@ import math
 import os
 import re
 import sys
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
-from ..engines import BACKENDS, EngineConfig
-from ..engines.config import ENGINE_PRECISIONS
+from ..engines import EngineConfig
+from ..engines.config import AUTO
+from ..engines.registry import backends, owner_of, precisions
 from ..inputs import parse_host_port
 from ..scoring import ScoringOptions
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
@@ -31,40 +32,88 @@ DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """``[engine]``: the engine flags of ``serve`` as plain values; :func:`engine_config` turns them into the
-    library's EngineConfig (the one place that knows both)."""
+    """``[engine]``: the EngineConfig of the station as plain values -- backend, precision, the common fields, and
+    the backend's own options as keys of the same table (``provider = "cpu"``, ``performance_hint = ...``). With
+    ``backend = "auto"``, own options name their backend, as the flags do (engines/registry.py)."""
 
-    backend: str = "auto"
+    backend: str = AUTO
     precision: Optional[str] = None
-    provider: str = "auto"
     threads: int = 0
-    device: str = "auto"
-    performance_hint: str = "latency"
-    cuda_graphs: bool = False
+    device: str = AUTO
     engine_dir: Optional[str] = None
-    triton_url: Optional[str] = None
-    triton_protocol: str = "grpc"
-    triton_model: str = "winclip_visual"
-    triton_timeout: float = 30.0
+    options: Any = None  # an instance of the backend's options dataclass; None = its defaults
 
     def __post_init__(self) -> None:
-        for key, value, allowed in (("backend", self.backend, ("auto", *BACKENDS)),
-                                    ("precision", self.precision, (None, *ENGINE_PRECISIONS)),
-                                    ("performance_hint", self.performance_hint, ("latency", "throughput")),
-                                    ("triton_protocol", self.triton_protocol, ("grpc", "http"))):
-            if value not in allowed:
-                raise SpecError(key, f"must be one of {', '.join(a for a in allowed if a)}, got {value!r}")
+        known = backends()
+        if self.backend != AUTO and self.backend not in known:
+            raise SpecError("backend", f"must be one of {', '.join((AUTO, *known))}, got {self.backend!r}")
+        if self.precision is not None and self.precision not in precisions():
+            raise SpecError("precision", f"must be one of {', '.join(precisions())}, got {self.precision!r}")
         if self.threads < 0:
             raise SpecError("threads", f"must be >= 0, got {self.threads}")
+        if self.options is not None:
+            owner = owner_of(self.options)
+            if owner is None or (self.backend != AUTO and owner.name != self.backend):
+                raise SpecError("options", f"{type(self.options).__name__} are not options of the {self.backend} "
+                                           "backend")
+
+    @classmethod
+    def from_table(cls, table: Any, key: str) -> "EngineSpec":
+        if not isinstance(table, dict):
+            raise SpecError(key, "expected a table (backend = ..., precision = ..., and the backend's own options)")
+        rest = dict(table)
+        head = build(_EngineHead, {k: rest.pop(k) for k in ("backend", "precision", "threads", "device", "engine_dir")
+                                   if k in rest}, key)
+        options = None
+        if rest:
+            record = _options_owner(head.backend, sorted(rest), key)
+            options = build(record.options, rest, key)
+        try:
+            return cls(**{f.name: getattr(head, f.name) for f in fields(_EngineHead)}, options=options)
+        except SpecError as err:
+            raise err.at(key) from None
+
+    def to_table(self) -> dict:
+        head = {f.name: getattr(self, f.name) for f in fields(_EngineHead) if getattr(self, f.name) is not None}
+        return {**head, **(to_table(self.options) if self.options is not None else {})}
+
+    @classmethod
+    def of(cls, config: EngineConfig) -> "EngineSpec":
+        return cls(backend=config.backend, precision=config.precision, threads=config.threads, device=config.device,
+                   engine_dir=str(config.engine_dir) if config.engine_dir is not None else None,
+                   options=config.options)
+
+
+@dataclass(frozen=True)
+class _EngineHead:
+    backend: str = AUTO
+    precision: Optional[str] = None
+    threads: int = 0
+    device: str = AUTO
+    engine_dir: Optional[str] = None
+
+
+def _options_owner(backend_name: str, keys: list[str], key: str) -> Any:
+    """The backend whose options these keys are: the named one, or under auto the first that has them all."""
+    records = backends()
+    candidates = [records[backend_name]] if backend_name != AUTO else list(records.values())
+    for record in candidates:
+        own = {f.name for f in record.option_fields()}
+        if record.options is not None and set(keys) <= own:
+            return record
+    dot = f"{key}." if key else ""
+    if backend_name != AUTO:
+        own = [f.name for f in records[backend_name].option_fields()]
+        bad = next(k for k in keys if k not in own)
+        raise SpecError(f"{dot}{bad}", f"unknown key for the {backend_name} backend (known here: backend, precision, "
+                                       f"threads, device, engine_dir{''.join(', ' + o for o in own)})")
+    raise SpecError(f"{dot}{keys[0]}", "unknown key: no backend has the options " + ", ".join(keys))
 
 
 def engine_config(spec: EngineSpec) -> EngineConfig:
-    """The EngineConfig of ``[engine]`` (``auto`` not resolved yet)."""
-    return EngineConfig(backend=spec.backend, precision=spec.precision, provider=spec.provider, threads=spec.threads,
-                        device=spec.device, cuda_graphs=spec.cuda_graphs,
-                        engine_dir=Path(spec.engine_dir) if spec.engine_dir else None, triton_url=spec.triton_url,
-                        triton_protocol=spec.triton_protocol, triton_model=spec.triton_model,
-                        triton_timeout=spec.triton_timeout, performance_hint=spec.performance_hint)
+    """The EngineConfig of ``[engine]`` (``auto`` is selected by the library, once, when the engine is made)."""
+    return EngineConfig(backend=spec.backend, precision=spec.precision, threads=spec.threads, device=spec.device,
+                        engine_dir=Path(spec.engine_dir) if spec.engine_dir else None, options=spec.options)
 
 
 @dataclass(frozen=True)

@@ -306,23 +306,24 @@ def bench_batch(inspector: Any, images: Sequence[Any], batch: int, warmup: int, 
 _CHILD_CODE = "import sys; from winclip_edge.performance.bench import cold_start_child; cold_start_child(sys.argv[1], sys.argv[2])"
 
 
-def _inspector(config: BenchConfig, engine: EngineConfig | None = None) -> Any:
+def _inspector(config: BenchConfig, engine: EngineConfig | None = None, bundle: Any = None) -> Any:
     from ..inspector import Inspector
 
-    return Inspector(config.bundle, config.product, engine=engine or config.engine, options=config.options,
+    return Inspector(bundle or config.bundle, config.product, engine=engine or config.engine, options=config.options,
                      sigma=config.sigma)
 
 
-def _child_args(config: BenchConfig) -> str:
-    """The Inspector's inputs as JSON (the child rebuilds the same Inspector)."""
+def _child_args(config: BenchConfig, engine: EngineConfig) -> str:
+    """The Inspector's inputs as JSON (the child rebuilds the same Inspector, on the engine the benchmark ran)."""
+    from ..engines.registry import config_to_dict
+
     return json.dumps({"bundle": str(config.bundle), "product": config.product, "sigma": config.sigma,
-                       "engine": {k: None if v is None else (str(v) if isinstance(v, Path) else v)
-                                  for k, v in dataclasses.asdict(config.engine).items()},
-                       "options": dataclasses.asdict(config.options)})
+                       "engine": config_to_dict(engine), "options": dataclasses.asdict(config.options)})
 
 
 def cold_start_child(args_json: str, image: str) -> None:
     """Run in a fresh interpreter: build the Inspector as the benchmark did, inspect one image, print the marker."""
+    from ..engines.registry import config_from_dict
     from ..inspector import Inspector
     from ..scoring import ScoringOptions
 
@@ -330,7 +331,7 @@ def cold_start_child(args_json: str, image: str) -> None:
     spec = json.loads(args_json)
     options = spec["options"]
     options["scales"] = tuple(options["scales"]) if options["scales"] is not None else None
-    inspector = Inspector(spec["bundle"], spec["product"], engine=EngineConfig(**spec["engine"]),
+    inspector = Inspector(spec["bundle"], spec["product"], engine=config_from_dict(spec["engine"]),
                           options=ScoringOptions(**options), sigma=spec["sigma"])
     t2 = time.perf_counter()
     (result,) = inspector.inspect([image], batch_size=1)
@@ -375,6 +376,16 @@ def _gpu_peak_mib() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+def _fp32_reference(engine: EngineConfig) -> EngineConfig:
+    """The same engine at fp32 (and without CUDA graphs, which change no number): what fidelity compares with."""
+    from ..engines.torch import TorchOptions
+
+    options = engine.options
+    if isinstance(options, TorchOptions):
+        options = dataclasses.replace(options, cuda_graphs=False)
+    return dataclasses.replace(engine, precision="fp32", options=options)
+
+
 def run_bench(config: BenchConfig) -> dict:
     """The whole benchmark of one backend / precision; returns the report (write it with :func:`write_report`)."""
     from tqdm import tqdm
@@ -383,16 +394,17 @@ def run_bench(config: BenchConfig) -> dict:
     from .fidelity import embed_and_score, fidelity
 
     config.check()
-    engine = config.engine.resolved()
     load_before = [round(v, 2) for v in os.getloadavg()]
     report: dict = {"command": config.command, "cwd": os.getcwd(),
                     "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-                    "machine": machine_info(), "backend": engine.backend, "precision": engine.precision}
+                    "machine": machine_info(), "backend": None, "precision": None}
     with tempfile.TemporaryDirectory(prefix="winclip-bench-") as tmp:
         paths, source = _images(config.images, Path(tmp) / "frames", config.synthetic_size)
         t0 = time.perf_counter()
-        inspector = _inspector(config)
+        inspector = _inspector(config)  # opens the bundle once and selects the engine (engines/auto.py)
         load_s = time.perf_counter() - t0
+        engine = inspector.selection.config
+        report.update(backend=engine.backend, precision=engine.precision, engine_selection=inspector.selection.reason)
         m = inspector.bundle.manifest
         report.update({
             "versions": software_versions(),
@@ -417,7 +429,7 @@ def run_bench(config: BenchConfig) -> dict:
                                                  report["batches"])
         if config.cold_start:
             try:
-                child = cold_start([sys.executable, "-c", _CHILD_CODE, _child_args(config), paths[0]])
+                child = cold_start([sys.executable, "-c", _CHILD_CODE, _child_args(config, engine), paths[0]])
                 report["cold_start"] = {"seconds_to_first_result": child.seconds, **(child.report or {})}
             except RuntimeError as err:  # the rest of the report still stands
                 report["cold_start_error"] = str(err)
@@ -427,7 +439,7 @@ def run_bench(config: BenchConfig) -> dict:
             batch = max(config.batches)
             candidate = embed_and_score(inspector.embed, inspector.score, inputs, batch)
             inspector.close()
-            reference = _inspector(config, dataclasses.replace(engine, precision="fp32", cuda_graphs=False))
+            reference = _inspector(config, _fp32_reference(engine), inspector.bundle)
             fid = fidelity(embed_and_score(reference.embed, reference.score, inputs, batch), candidate)
             report["fidelity"] = {"reference": f"{reference.engine.name} fp32 ({reference.engine.device})",
                                   **dataclasses.asdict(fid), "faithful": fid.faithful}

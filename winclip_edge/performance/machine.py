@@ -4,6 +4,9 @@ A speed measurement or a compiled model holds only on the hardware and library v
 so both are stored under :func:`machine_key`: the CPU model and its vector-ISA flags (the ones that change
 which kernels run: AVX-512, VNNI, BF16, FP16, AMX), the GPUs ``nvidia-smi`` lists and the versions of the
 inference libraries installed. Reading it imports none of those libraries (``importlib.metadata`` only).
+
+Which libraries those are is the backends' to say (each backend's record lists its packages):
+``winclip_edge.engines.registry.machine_key`` hands them in; this module only measures.
 """
 from __future__ import annotations
 
@@ -18,8 +21,6 @@ from importlib import metadata
 from pathlib import Path
 from typing import Sequence
 
-# Libraries whose version changes which kernels run (or which candidates exist).
-ENGINE_PACKAGES = ("onnxruntime", "onnxruntime-gpu", "openvino", "torch", "tensorrt", "numpy")
 # cpuinfo flags that select kernels: everything vector / matrix (the rest of the list is noise for us).
 _ISA_FLAG = re.compile(r"^(avx|amx|fma|f16c|sse4_2|vnni|avx_vnni)")
 KEY_DIGITS = 12
@@ -74,20 +75,17 @@ def installed_versions(packages: Sequence[str]) -> dict[str, str]:
     return versions
 
 
-def library_versions() -> dict[str, str]:
-    return installed_versions(ENGINE_PACKAGES)
+@lru_cache(maxsize=8)
+def machine_identity(packages: tuple[str, ...]) -> dict:
+    """CPU model + ISA flags, GPUs, the versions of ``packages`` (the libraries whose version changes which kernels
+    run, or which candidates exist): what a tune record or model cache depends on."""
+    return {"cpu": cpu_model(), "isa_flags": isa_flags(), "gpus": gpus(), "versions": installed_versions(packages)}
 
 
-@lru_cache(maxsize=1)
-def machine_identity() -> dict:
-    """CPU model + ISA flags, GPUs, inference library versions: what a tune record or model cache depends on."""
-    return {"cpu": cpu_model(), "isa_flags": isa_flags(), "gpus": gpus(), "versions": library_versions()}
-
-
-def machine_key(identity: dict | None = None) -> str:
-    """A short stable digest of :func:`machine_identity` (file and folder names)."""
-    text = json.dumps(identity if identity is not None else machine_identity(), sort_keys=True)
+def machine_key(identity: dict) -> str:
+    """A short stable digest of a :func:`machine_identity` (file and folder names)."""
+    text = json.dumps(identity, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:KEY_DIGITS]
 
 
-__all__ = ["cpu_model", "gpus", "isa_flags", "library_versions", "machine_identity", "machine_key"]
+__all__ = ["cpu_model", "gpus", "installed_versions", "isa_flags", "machine_identity", "machine_key"]

@@ -2,15 +2,15 @@
 
 ``model_gflop`` counts the multiply-adds of every MatMul and Convolution in the bundle's graph at batch 1
 (OpenVINO reads the ONNX file and makes every shape static; 2 FLOP per multiply-add). ``gemm_peak`` times a
-short square GEMM in the engine's precision with the libraries installed (numpy/OpenBLAS, OpenVINO's oneDNN
-kernels in f32 / bf16 / int8 via FakeQuantize, torch when it is already loaded) and keeps the best: the measured
-ceiling for dense matrix maths on this machine, at its current load. Achieved GFLOP/s = model GFLOP / engine
+short square GEMM in the engine's precision with the libraries installed (numpy/OpenBLAS, and every backend whose
+record has a GEMM probe: OpenVINO's oneDNN kernels in f32 / bf16 / int8 via FakeQuantize, torch when it is
+already loaded) and keeps the best: the measured ceiling for dense matrix maths on this machine, at its current
+load. Achieved GFLOP/s = model GFLOP / engine
 seconds per image; the fraction of the peak says how much a faster kernel could still gain (attention,
 LayerNorm and memory traffic keep a real model below 1).
 """
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,31 +56,6 @@ def _numpy_fp32(n: int) -> float:
     return _rate(lambda: a @ a, 2.0 * n ** 3)
 
 
-def _openvino(precision: str, n: int) -> float:
-    import openvino as ov
-    import openvino.opset13 as ops
-
-    x = ops.parameter([n, n], ov.Type.f32, name="x")
-    w = ops.constant(np.random.default_rng(0).standard_normal((n, n)).astype(np.float32))
-    a = x
-    if precision == "int8":  # FakeQuantize on both operands = OpenVINO's int8 GEMM (VNNI / AMX-INT8)
-        lo, hi = ops.constant(np.float32(-4.0)), ops.constant(np.float32(4.0))
-        a, w = ops.fake_quantize(x, lo, hi, lo, hi, 256), ops.fake_quantize(w, lo, hi, lo, hi, 255)
-    hint = {"fp32": "f32", "bf16": "bf16", "int8": "f32"}[precision]
-    compiled = ov.Core().compile_model(ov.Model([ops.matmul(a, w, False, False)], [x]), "CPU",
-                                       {"INFERENCE_PRECISION_HINT": hint, "PERFORMANCE_HINT": "LATENCY"})
-    if compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name() != hint:
-        raise RuntimeError(f"no {precision} kernels on this CPU")
-    request, data = compiled.create_infer_request(), np.ones((n, n), np.float32)
-    return _rate(lambda: request.infer([data]), 2.0 * n ** 3)
-
-
-def _torch(precision: str, n: int) -> float:
-    torch = sys.modules["torch"]
-    a = torch.randn(n, n).to({"fp32": torch.float32, "bf16": torch.bfloat16}[precision])
-    return _rate(lambda: a @ a, 2.0 * n ** 3)
-
-
 @dataclass(frozen=True)
 class Peak:
     precision: str
@@ -90,15 +65,18 @@ class Peak:
 
 def gemm_peak(precision: str, n: int = PROBE_SIZE) -> Peak:
     """The best dense-GEMM rate of ``precision`` (fp32 | bf16 | int8; fp16 on a CPU: none) this machine shows now."""
+    from ..engines.registry import backends
+
     probes: dict = {}
-    runners = {"numpy": (lambda: _numpy_fp32(n)) if precision == "fp32" else None,
-               "openvino": (lambda: _openvino(precision, n)) if precision in ("fp32", "bf16", "int8") else None,
-               "torch": (lambda: _torch(precision, n)) if "torch" in sys.modules and precision in ("fp32", "bf16") else None}
-    for name, run in runners.items():
-        if run is None:
+    if precision == "fp32":
+        probes["numpy"] = round(_numpy_fp32(n), 1)
+    for name, record in backends().items():  # each backend's own kernels, where its record has a probe
+        if record.gemm_probe is None:
             continue
         try:
-            probes[name] = round(run(), 1)
+            call = record.gemm_probe(precision, n)
+            if call is not None:
+                probes[name] = round(_rate(call, 2.0 * n ** 3), 1)
         except (ImportError, RuntimeError) as err:
             probes[name] = f"not run: {err}"
     rates = [v for v in probes.values() if isinstance(v, float)]

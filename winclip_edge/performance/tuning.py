@@ -8,6 +8,9 @@ images, scored with the same product. A candidate whose scores or maps differ by
 rejected however fast it is, so a threshold calibrated under one accepted engine holds under another to within
 twice the score tolerance. Candidates that cannot run here are listed with the reason (never silently dropped).
 
+What each backend contributes (its candidates on this machine, the int8 model a candidate needs) comes from its
+record in the backend registry (engines/registry.py); the fp32 ONNX Runtime reference is tune's own.
+
 The record (ranked table, winner, tolerance, machine identity, load average) is written atomically with a checksum
 to ``bundle/tuning/<machine key>.json`` (engines/auto.py reads it for ``--backend auto``).
 """
@@ -23,13 +26,13 @@ import numpy as np
 
 from ..bundle import VISUAL_ONNX, Bundle, json_with_checksum
 from ..engines import create_engine
-from ..engines.auto import RECORD_FORMAT, record_path
+from ..engines.auto import RECORD_FORMAT, config_row, record_path, row_config
 from ..engines.base import Engine, EngineError
 from ..engines.config import EngineConfig
+from ..engines.registry import backend, backends, describe, machine_identity, machine_key, options_values
 from ..errors import WinclipError
-from .fidelity import fidelity
 from ..fileio import atomic_write_json
-from .machine import machine_identity, machine_key
+from .fidelity import fidelity
 
 DEFAULT_MAX_SCORE_DIFF = 2e-3
 DEFAULT_MAX_MAP_DIFF = 1e-2
@@ -53,7 +56,7 @@ class TuneConfig:
     warmup: int = 1  # untimed calls first (first-call allocations, oneDNN kernel selection)
     threads: Sequence[int] = (0,)  # intra-op thread counts for the CPU backends; 0 = the library's default
     build_variants: bool = True  # make missing ONNX int8 / OpenVINO int8 models (minutes for ViT-B)
-    backends: Sequence[str] = ()  # only these backends (empty = all installed)
+    backends: Sequence[str] = ()  # only these backends (empty = every one with tune candidates)
     interleave: bool = True  # keep the faithful engines loaded and time them round-robin (fair on a shared CPU)
 
 
@@ -70,91 +73,23 @@ class CandidateResult:
     embedding_max_abs: dict = field(default_factory=dict)
 
     def row(self) -> dict:
-        c = self.config
-        return {"backend": c.backend, "precision": c.resolved_precision, "threads": c.threads,
-                "performance_hint": c.performance_hint, "device": c.device, "provider": c.provider,
-                **{k: v for k, v in asdict(self).items() if k != "config"}}
+        return {**config_row(self.config), **{k: v for k, v in asdict(self).items() if k != "config"}}
 
 
 # ---------------------------------------------------------------- what can run here
-def _installed(module: str) -> bool:
-    from importlib.util import find_spec
-
-    try:
-        return find_spec(module) is not None
-    except (ImportError, ValueError):  # a broken or blocked installation counts as absent
-        return False
-
-
-def _openvino_devices() -> tuple[list[str], dict[str, list[str]]]:
-    import openvino as ov
-
-    core = ov.Core()
-    devices = list(core.available_devices)
-    return devices, {d: list(core.get_property(d, "OPTIMIZATION_CAPABILITIES")) for d in devices}
-
-
 def candidates(config: TuneConfig, log: Callable[[str], None] = lambda m: None) -> tuple[list[EngineConfig], list[CandidateResult]]:
-    """(configs to try, skipped ones with the reason) for this machine."""
-    try_: list[EngineConfig] = []
+    """(configs to try, skipped ones with the reason) for this machine: the fp32 reference first, then each
+    backend's own candidates (its record), in the registry's order."""
+    try_: list[EngineConfig] = [REFERENCE]  # first: every other candidate is compared with it
+    try_.extend(replace(REFERENCE, threads=t) for t in config.threads if t)
     skipped: list[CandidateResult] = []
     wanted = set(config.backends)
-
-    def want(backend: str) -> bool:
-        return not wanted or backend in wanted
-
-    def cpu(cfg: EngineConfig) -> None:
-        try_.extend(replace(cfg, threads=t) for t in config.threads)
-
-    def skip(backend: str, precision: str, reason: str, **kw) -> None:
-        skipped.append(CandidateResult(EngineConfig(backend=backend, precision=precision, **kw), "skipped", reason))
-
-    try_.append(REFERENCE)  # first: every other candidate is compared with it
-    try_.extend(replace(REFERENCE, threads=t) for t in config.threads if t)
-    if want("onnxruntime"):
-        cpu(EngineConfig(backend="onnxruntime", precision="int8"))
-        import onnxruntime as ort
-
-        if "CUDAExecutionProvider" in ort.get_available_providers():
-            try_ += [EngineConfig(backend="onnxruntime", precision=p, provider="cuda") for p in ("fp32", "fp16")]
-        else:
-            skip("onnxruntime", "fp16", "no CUDA execution provider (onnxruntime-gpu + an NVIDIA GPU)", provider="cuda")
-    if want("openvino"):
-        if not _installed("openvino"):
-            skip("openvino", "fp32", "openvino is not installed (pip install 'winclip-edge[openvino]')")
-        else:
-            devices, caps = _openvino_devices()
-            for device in devices:
-                kind = device.split(".")[0]
-                base = EngineConfig(backend="openvino", device=device)
-                for precision in ("fp32", "bf16", "fp16", "int8"):
-                    cap = {"fp32": "FP32", "bf16": "BF16", "fp16": "FP16", "int8": "INT8"}[precision]
-                    if cap not in caps[device]:
-                        skip("openvino", precision, f"{device} has no {precision} kernels ({caps[device]})", device=device)
-                    elif kind == "CPU" and precision == "fp16":
-                        skip("openvino", precision, "OpenVINO runs fp16 on a CPU as bf16 or fp32", device=device)
-                    elif kind == "CPU":
-                        cpu(replace(base, precision=precision))
-                    else:
-                        try_.append(replace(base, precision=precision))
-            for kind in ("GPU", "NPU"):
-                if not any(d.startswith(kind) for d in devices):
-                    skip("openvino", "fp16", f"no Intel {kind} visible to OpenVINO here (not run)", device=kind)
-    if want("torch"):
-        if not (_installed("torch") and _installed("open_clip")):
-            skip("torch", "fp32", "torch / open_clip are not installed (the export extra)")
-        else:
-            try_.append(EngineConfig(backend="torch", precision="fp32", device="cpu"))
-            skip("torch", "bf16", "the torch backend runs fp32 / fp16 only; bf16 on the CPU is OpenVINO's", device="cpu")
-            import torch
-
-            if torch.cuda.is_available():
-                try_.append(EngineConfig(backend="torch", precision="fp16", device="cuda"))
-    if want("tensorrt"):
-        if _installed("tensorrt"):
-            try_ += [EngineConfig(backend="tensorrt", precision=p) for p in ("fp16", "int8")]
-        else:
-            skip("tensorrt", "fp16", "TensorRT is not installed (needs an NVIDIA GPU)")
+    for name, record in backends().items():
+        if record.candidates is None or wanted and name not in wanted:
+            continue
+        tries, cannot = record.candidates(config)
+        try_ += tries
+        skipped += [CandidateResult(cfg, "skipped", reason) for cfg, reason in cannot]
     log(f"{len(try_)} candidate(s) to time, {len(skipped)} cannot run here")
     return try_, skipped
 
@@ -178,28 +113,11 @@ def _fidelity_images(bundle: Bundle, config: TuneConfig, product: str) -> tuple[
 
 def prepare_engine(bundle: Bundle, cfg: EngineConfig, product: str | None, log: Callable[[str], None],
                    build: bool = True) -> None:
-    """Make the int8 model ``cfg`` needs when it is missing (once per bundle; minutes for ViT-B)."""
-    from ..engines.onnx_variants import VariantError, load_variant
-    from ..engines.openvino import load_int8
-
-    if cfg.resolved_precision != "int8" or not build:
-        return
-    if cfg.backend == "onnxruntime":
-        try:
-            load_variant(bundle, "int8")
-        except VariantError:
-            from ..builders.variants import make_variant
-
-            log("making the ONNX Runtime int8 variant (dynamic quantisation) ...")
-            make_variant(bundle, "int8")
-    elif cfg.backend == "openvino":
-        try:
-            load_int8(bundle)
-        except VariantError:
-            from ..builders.openvino import calibration_images, make_int8
-
-            frames, described = calibration_images(bundle, product)
-            make_int8(bundle, frames, described)
+    """Make what ``cfg`` needs when it is missing (an int8 model: once per bundle, minutes for ViT-B); the backend's
+    record knows what that is."""
+    record = backend(cfg.backend)
+    if record.prepare is not None:
+        record.prepare(bundle, cfg, product, log, build)
 
 
 def _measure(engine: Engine, images: np.ndarray, rounds: int, warmup: int) -> tuple[list[float], dict[str, np.ndarray]]:
@@ -334,9 +252,21 @@ class _NoEngine:
 
 
 def _label(cfg: EngineConfig) -> str:
+    """``<backend> <precision>`` and what sets the candidate apart: threads, a device, an option not at its default."""
+    record = backend(cfg.backend)
+    defaults = options_values(record, None)
+    changed = [str(v) for k, v in options_values(record, cfg.options).items() if v != defaults[k]]
     extra = [f"{cfg.threads} threads" if cfg.threads else "", cfg.device if cfg.device.lower() not in ("auto", "cpu") else "",
-             cfg.provider if cfg.provider != "auto" else ""]
-    return " ".join([cfg.backend, cfg.resolved_precision, *(e for e in extra if e)])
+             *changed]
+    return " ".join([describe(cfg), *(e for e in extra if e)])
+
+
+def _row_label(row: dict) -> str:
+    """The label of a record's row; a row of a backend no longer installed keeps its plain name."""
+    try:
+        return _label(row_config(row))
+    except EngineError:
+        return f"{row['backend']} {row['precision']}"
 
 
 def save_record(bundle: Bundle, record: dict) -> str:
@@ -353,10 +283,8 @@ def render_table(record: dict) -> str:
     ref = record["reference_ms_per_image"]
     rows = []
     for i, c in enumerate(record["candidates"], 1):
-        cfg = EngineConfig(backend=c["backend"], precision=c["precision"], threads=c["threads"], device=c["device"],
-                           provider=c["provider"])
         ms = c["ms_per_image"]
-        rows.append([i if c["status"] == "accepted" else "-", _label(cfg), c["runs_on"],
+        rows.append([i if c["status"] == "accepted" else "-", _row_label(c), c["runs_on"],
                      f"{ms:.1f}" if ms is not None else "", f"{ref / ms:.2f}x" if ms else "",
                      f"{c['score_max_abs']:.1e}" if c["score_max_abs"] is not None else "",
                      f"{c['map_max_abs']:.1e}" if c["map_max_abs"] is not None else "", c["status"], c["reason"]])
@@ -378,15 +306,14 @@ __all__ = ["CandidateResult", "DEFAULT_MAX_MAP_DIFF", "DEFAULT_MAX_SCORE_DIFF", 
 
 def engine_notes(bundle: Bundle) -> list[str]:
     """What ``info`` says about engines: what auto runs here and how far a threshold carries between engines."""
-    from ..engines.auto import TUNING_DIR, fastest_accepted, resolve, row_config
+    from ..engines.auto import TUNING_DIR, fastest_accepted, select
 
-    selection = resolve(bundle, EngineConfig(backend="auto"))
+    selection = select(bundle, EngineConfig())
     lines = [f"engine (--backend auto) on this machine: {selection.reason}"]
     record = selection.record
     exact = fastest_accepted(record, "fp32") if record is not None else None
     if exact is not None:
-        lines.append(f"fastest exact engine on this machine (--precision fp32): "
-                     f"{row_config(exact, EngineConfig()).describe()}")
+        lines.append(f"fastest exact engine on this machine (--precision fp32): {describe(row_config(exact))}")
     if record is None:
         lines.append("thresholds: exact only under the engine they were calibrated with (onnxruntime fp32 is the "
                      "reference); `tune` measures how far the other engines' scores differ here")
