@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import itertools
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -24,6 +23,7 @@ import numpy as np
 from .bundle import Bundle, BundleError
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from .engines import Engine, EngineConfig, EngineError, create_engine
+from .engines.serial import serialised
 from .errors import WinclipError
 from .heatmap import upsample_map
 from .preprocess import ImageError, as_rgb, read_image, resize_to_model
@@ -111,13 +111,14 @@ def iter_decoded(items: Iterable[ImageInput], size: tuple[int, int], batch_size:
 
 
 class Inspector:
-    """Bundle + product + engine. Thread-safe: concurrent callers are serialised around the engine."""
+    """Bundle + product + engine. Thread-safe: engine calls queue on the engine's one lock (engines/serial.py),
+    shared with every Inspector given the same engine."""
 
     def __init__(self, bundle: str | os.PathLike | Bundle, product: str, engine: EngineConfig | Engine = EngineConfig(),
                  options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, with_threshold: bool = True,
                  tiling: TilingConfig | None | str = "product", roi: Roi | None | str = "product"):
         """``engine``: what to run (an EngineConfig), or an engine already made for this bundle (shared between
-        Inspectors, or a test double). ``with_threshold=False`` skips the product's threshold (register and calibrate
+        Inspectors, or a test double; serialised here unless it is already, as another Inspector's ``engine`` is). ``with_threshold=False`` skips the product's threshold (register and calibrate
         replace it anyway); ``options.use_memory=False`` runs zero-shot without reading the memory.
         ``tiling`` / ``roi``: "product" = the product's stored setting (docs/tiling.md), None = off, or a given one."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
@@ -133,8 +134,7 @@ class Inspector:
         self.tile_memory: TileMemory | None = self._load_tile_memory()
         self.threshold: Threshold | None = load_threshold(
             self.bundle, product, self.memory, self.decision_record()) if with_threshold else None
-        self.engine = create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine
-        self._lock = threading.Lock()
+        self.engine = serialised(create_engine(self.bundle, engine) if isinstance(engine, EngineConfig) else engine)
         self._set_memory(self.memory)
 
     # ------------------------------------------------------------ building blocks
@@ -152,8 +152,7 @@ class Inspector:
 
     def embed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 ``[N, H, W, 3]`` at the model size -> the graph contract's outputs."""
-        with self._lock:
-            return self.engine.run(batch)
+        return self.engine.run(batch)
 
     def score(self, outputs: dict[str, np.ndarray], memory: Memory | None | str = "product") -> Scores:
         """Scores and token maps of embedded images; ``memory`` = "product" (default), another Memory, or None."""

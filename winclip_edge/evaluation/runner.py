@@ -35,6 +35,7 @@ from .datasets import (
     visa_classes,
 )
 from ..engines import Engine, EngineConfig, create_engine
+from ..engines.serial import serialised
 from ..errors import WinclipError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..heatmap import upsample_map
@@ -567,7 +568,7 @@ def run_evaluation(config: EvalConfig, engine: Engine | None = None, log: Log | 
         todo_classes = [c for c in classes if any(u.data is c for u in todo)]
         ensure_products(bundle, [c.name for c in todo_classes], config.prompts, config.progress, log)
         own_engine = engine is None
-        engine = engine or create_engine(bundle, config.engine)
+        engine = serialised(engine or create_engine(bundle, config.engine))  # one lock for every class's Inspector
         info.update(engine=engine.name, device=engine.device)
         total = sum(len(c.test) for c in todo_classes) + sum(len(u.references) + len(u.test) for u in todo)
         try:
