@@ -12,13 +12,11 @@ inspect, register, calibrate and eval all embed frames through ``Inspector.embed
 """
 from __future__ import annotations
 
-import itertools
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -27,8 +25,8 @@ from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from .engines import Engine, EngineConfig, EngineError, create_engine
 from .engines.serial import serialised
 from .errors import WinclipError
-from .preprocess import ImageError, as_rgb, read_image, resize_to_model
 from .products import Memory, Threshold, load_memory, load_text, load_threshold, load_tiling
+from .samples import Decoded, ImageInput, decode, iter_decoded, name_of  # the decoder (re-exported: callers' names)
 from .tiles.roi import Roi, RoiError, load_roi
 from .scoring import Scores, ScoringOptions, score_batch
 from .tiles.memory import TileMemory, load_tile_memory
@@ -36,7 +34,6 @@ from .tiles.units import GLOBAL, POOLED, FramePlan, UnitScores, frame_map, frame
     score_units, token_masks, unit_inputs
 from .tiles.tiling import TilingConfig
 
-ImageInput = Union[str, os.PathLike, np.ndarray]
 DEFAULT_BATCH = 8
 
 
@@ -74,19 +71,6 @@ class FrameUnits:
         return [i for i, (p, e) in enumerate(zip(self.plans, self.errors)) if p is not None and e is None]
 
 
-@dataclass
-class Decoded:
-    name: str
-    image: np.ndarray | None  # RGB at original size
-    model_input: np.ndarray | None  # RGB at model size
-    decode_ms: float
-    error: str | None
-
-
-def name_of(item: ImageInput, index: int) -> str:
-    return f"array[{index}]" if isinstance(item, np.ndarray) else str(item)
-
-
 def _flat_memory(memory: Memory | None) -> tuple[dict[int, np.ndarray] | None, np.ndarray | None]:
     """All references' rows in one matrix per scale (``[R*W_k, D]``) and for the patches (``[R*h*w, C]``):
     matching is position-free (docs/method.md §7.2)."""
@@ -94,38 +78,6 @@ def _flat_memory(memory: Memory | None) -> tuple[dict[int, np.ndarray] | None, n
         return None, None
     windows = {k: v.reshape(-1, v.shape[-1]) for k, v in memory.windows.items()}
     return windows, memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
-
-
-def decode(item: ImageInput, size: tuple[int, int], name: str) -> Decoded:
-    """Read and resize one input; errors become a message, never an exception (one bad image never stops a batch)."""
-    t0 = time.perf_counter()
-    try:
-        image = as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item)
-        model_input = resize_to_model(image, size)
-    except ImageError as err:
-        return Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, str(err))
-    except Exception as err:  # cv2.error, MemoryError ...: still one input's problem, not the batch's
-        return Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, f"{name}: {type(err).__name__}: {err}")
-    return Decoded(name, image, model_input, (time.perf_counter() - t0) * 1e3, None)
-
-
-def iter_decoded(items: Iterable[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[Decoded]]:
-    """Decoded batches of ``items``; the next batch is decoded on a worker thread while the caller uses this one.
-
-    ``items`` may be endless (a camera generator): it is read one batch ahead, never further."""
-    numbered = enumerate(items)
-
-    def load() -> list[Decoded]:
-        return [decode(item, size, name_of(item, i)) for i, item in itertools.islice(numbered, batch_size)]
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-decode") as pool:
-        pending = pool.submit(load)
-        while True:
-            decoded = pending.result()
-            if not decoded:
-                return
-            pending = pool.submit(load)
-            yield decoded
 
 
 class Inspector:

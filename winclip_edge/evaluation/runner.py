@@ -39,7 +39,8 @@ from ..engines.serial import serialised
 from ..errors import WinclipError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..heatmap import upsample_map
-from ..inspector import Inspector, iter_decoded
+from ..inspector import Inspector
+from ..samples import iter_decoded
 from ..tiles.roi import Roi
 from ..tiles.units import GLOBAL, FramePlan, frame_map, frame_score
 from ..tiles.tiling import TilingConfig
