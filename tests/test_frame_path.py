@@ -22,7 +22,7 @@ from winclip_edge.calibration import CalibrationError, calibrate, choose_thresho
 from winclip_edge.contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from winclip_edge.engines import EngineConfig, create_engine
 from winclip_edge.evaluation.datasets import read_folder, split_references
-from winclip_edge.evaluation.runner import SCORE_BATCH, EvalConfig, run_evaluation
+from winclip_edge.evaluation.runner import CASE_MAP_SCALE, SCORE_BATCH, EvalConfig, run_evaluation
 from winclip_edge.heatmap import upsample_map
 from winclip_edge.preprocess import ImageError, as_rgb, read_image, resize_to_model
 from winclip_edge.products import Memory, load_memory, load_text
@@ -369,10 +369,17 @@ def _folder(root: Path) -> Path:
     return root
 
 
-@pytest.mark.parametrize("setting", ["whole", "tiled+roi"])
-def test_eval_scores_equal_the_direct_computation(bundle_copy, engine, tmp_path, setting):
+EVAL_SETTINGS = {"whole": (None, None), "tiled+roi": (TilingConfig(tile=40, memory="pooled"), Roi(rect=(5, 5, 60, 50))),
+                 "one whole tile": (TilingConfig(tile=80, memory="pooled"), None)}  # every frame is one unit, tiled
+
+
+@pytest.mark.parametrize("setting", list(EVAL_SETTINGS))
+def test_eval_scores_and_pictures_equal_the_direct_computation(bundle_copy, engine, tmp_path, setting):
+    """Per-image scores and the example maps of every draw: whole frames picture their token map, tiled runs their
+    stitched map at CASE_MAP_SCALE x the grid (a tiled frame that is one whole tile too)."""
     root = _folder(tmp_path / PRODUCT)  # a folder data set is one class, named after the folder: the product
-    tiling, roi = (None, None) if setting == "whole" else (TilingConfig(tile=40, memory="pooled"), Roi(rect=(5, 5, 60, 50)))
+    tiling, roi = EVAL_SETTINGS[setting]
+    case_size = tuple(CASE_MAP_SCALE * g for g in Bundle(bundle_copy).spec.grid)
     out = tmp_path / "out"
     run_evaluation(EvalConfig(bundle=bundle_copy, dataset="folder", root=root, out=out, shots=(0, 1, 2), seeds=2,
                               batch=3, pictures=False, progress=False, tiling=tiling, roi=roi), engine=engine,
@@ -405,16 +412,20 @@ def test_eval_scores_equal_the_direct_computation(bundle_copy, engine, tmp_path,
                                                     tile_rows["position"], tile_rows["grids"], tile_rows["sizes"],
                                                     tiling.tile_shape(direct.size, direct.spec.grid), tiling.overlap,
                                                     [""] * len(refs))
-            scores = []
+            scores, pictures = [], {}
             for start in range(0, len(kept), SCORE_BATCH):
                 chunk = kept[start:start + SCORE_BATCH]
                 if tiling is None and roi is None:
                     s = direct.score(rows_of(outputs, [rows[p] for p in chunk]), flat(memory))
                     scores += [float(v) for v in s.image_score]
+                    pictures.update(zip(chunk, s.token_map))
                     continue
                 index = np.concatenate([np.arange(rows[p], rows[p] + len(plans[p])) for p in chunk])
                 frames = direct.score_units([plans[p] for p in chunk], rows_of(outputs, index), memory, tiles, True)
                 scores += [f[0] for f in frames]
+                pictures.update({p: cv2.resize(frame_map(plans[p], f[2]), case_size[::-1], interpolation=cv2.INTER_AREA)
+                                 for p, f in zip(chunk, frames)})
             record = json.loads(next((out / "partial").rglob(f"{shots}shot-seed{seed}.json")).read_text())
             assert [i["path"] for i in record["images"]] == kept
             assert [i["score"] for i in record["images"]] == scores, (shots, seed)
+            assert record["cases"] and all(c["token_map"] == pictures[c["path"]].tolist() for c in record["cases"])

@@ -42,7 +42,7 @@ from ..heatmap import upsample_map
 from ..inspector import Inspector
 from ..samples import iter_decoded
 from ..tiles.roi import Roi
-from ..tiles.units import GLOBAL, FramePlan, frame_map, frame_score
+from ..tiles.units import FramePlan, frame_map, frame_score
 from ..tiles.tiling import TilingConfig
 from .metrics import IMAGE_KEYS, PIXEL_KEYS, MetricError, PixelMetrics, image_metrics
 from .paper import PAPER_DATASETS, PAPER_SCALES, paper_result
@@ -325,9 +325,11 @@ def _cases(samples: Sequence[Sample], scores: np.ndarray, token_maps: np.ndarray
 def score_unit(inspector: Inspector, embedded: Embedded, test: Sequence[Sample], memory: Memory | None,
                pixel: bool, progress: Callable[[int], None]) -> dict:
     """Metrics, per-image scores and example cases of one unit from cached embeddings: SCORE_BATCH frames per
-    scoring call, each through its units. A whole frame's picture is its token map (upsampled to its mask for the
-    pixel metrics); tiled or ROI frames are stitched at full resolution and pictured at CASE_MAP_SCALE x the grid."""
+    scoring call, each through its units. Untiled runs without an ROI picture a frame by its token map (upsampled
+    to its mask for the pixel metrics); tiled or ROI runs stitch full-resolution maps and picture them at
+    CASE_MAP_SCALE x the grid (every frame, also one that is a single whole tile: the pictures share one size)."""
     kept = [s for s in test if s.path in embedded.rows]
+    whole_frames = inspector.tiling is None and inspector.roi is None
     scores, small_maps = [], []
     accumulator = PixelMetrics() if pixel else None
     case_size = tuple(CASE_MAP_SCALE * g for g in inspector.bundle.spec.grid)
@@ -342,7 +344,7 @@ def score_unit(inspector: Inspector, embedded: Embedded, test: Sequence[Sample],
             mask = None
             if accumulator is not None:
                 mask = read_mask(s.mask_path) if s.mask_path else np.zeros(plan.size, np.uint8)
-            if plan.keys == (GLOBAL,) and plan.inside is None:
+            if whole_frames:
                 small_maps.append(units.token_map[0])
                 if mask is not None:
                     accumulator.update(upsample_map(units.token_map[0], mask.shape), mask)
