@@ -159,12 +159,12 @@ class GatedEngine:
 
 
 def test_infer_decodes_the_next_batch_while_the_engine_runs(tiny_bundle, monkeypatch):
-    import winclip_edge.inspector as inspector_module
+    import winclip_edge.samples as samples_module  # the decoder (iter_decoded) the Inspector reads with
 
     events: list = []
     gate = threading.Event()
     images = [textured_part(seed=s) for s in range(6)]
-    real_decode = inspector_module.decode
+    real_decode = samples_module.decode
 
     def recording_decode(item, size, name):
         events.append(("decode", name, threading.current_thread().name))
@@ -172,7 +172,7 @@ def test_infer_decodes_the_next_batch_while_the_engine_runs(tiny_bundle, monkeyp
             gate.set()
         return real_decode(item, size, name)
 
-    monkeypatch.setattr(inspector_module, "decode", recording_decode)
+    monkeypatch.setattr(samples_module, "decode", recording_decode)
     engine = GatedEngine(Bundle(tiny_bundle).spec, events, gate)
     inspector = Inspector(tiny_bundle, "widget", engine=engine)
     results = inspector.inspect(images, batch_size=2)

@@ -1,5 +1,5 @@
-"""Concurrency and determinism: one Inspector shared by threads answers exactly as sequential calls (its
-lock serialises the engine), and the same image, bundle and backend give bit-identical CPU results in two
+"""Concurrency and determinism: one Inspector shared by threads answers exactly as sequential calls (the engine's
+one lock serialises its calls, engines/serial.py), and the same image, bundle and backend give bit-identical CPU results in two
 separate processes (docs/reliability.md)."""
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import textured_part
+from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, create_engine
 from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
 from winclip_edge.inspector import Inspector
@@ -71,27 +72,31 @@ def run_threads(work, n: int = THREADS) -> list:
 
 
 @pytest.fixture(scope="module")
-def probe_inspector(tiny_bundle):
-    inspector = Inspector(tiny_bundle, PRODUCT)
-    inspector.engine = OverlapProbe(inspector.engine)
+def probe(tiny_bundle):
+    return OverlapProbe(create_engine(Bundle(tiny_bundle)))
+
+
+@pytest.fixture(scope="module")
+def probe_inspector(tiny_bundle, probe):
+    """An Inspector made on the probe: the probe sits inside the engine's lock, where the engine runs."""
+    inspector = Inspector(tiny_bundle, PRODUCT, engine=probe)
     yield inspector
     inspector.close()
 
 
-def test_threads_get_the_sequential_answers(probe_inspector):
+def test_threads_get_the_sequential_answers(probe_inspector, probe):
     sequential = [outcome(probe_inspector.inspect(job(i), batch_size=2)) for i in range(THREADS)]
-    probe_inspector.engine.max_active = 0
+    probe.max_active = 0
 
     def work(i: int) -> list[list[tuple]]:
         return [outcome(probe_inspector.inspect(job(i), batch_size=2)) for _ in range(ROUNDS)]
 
     for i, rounds in enumerate(run_threads(work)):
         assert all(r == sequential[i] for r in rounds), f"thread {i} got other answers than sequential calls"
-    assert probe_inspector.engine.max_active == 1
+    assert probe.max_active == 1
 
 
-def test_engine_calls_are_serialised_and_the_probe_sees_overlap(probe_inspector):
-    probe = probe_inspector.engine
+def test_engine_calls_are_serialised_and_the_probe_sees_overlap(probe_inspector, probe):
     batch = np.zeros((1, *probe_inspector.model_size, 3), np.uint8)
     probe.max_active, calls = 0, probe.calls
     run_threads(lambda i: probe_inspector.embed(batch))
@@ -99,6 +104,22 @@ def test_engine_calls_are_serialised_and_the_probe_sees_overlap(probe_inspector)
     probe.max_active = 0
     run_threads(lambda i: probe.run(batch))
     assert probe.max_active > 1  # the control: straight to the engine, the same calls do overlap
+
+
+def test_inspectors_sharing_an_engine_share_its_one_lock(tiny_bundle, probe_inspector, probe):
+    """A catalog's products (and eval's classes) are Inspectors on one engine: their calls queue on one lock, and an
+    engine that is serialised already is not wrapped again (a second lock would let them overlap)."""
+    from winclip_edge.scoring import ScoringOptions
+
+    other = Inspector(tiny_bundle, PRODUCT, engine=probe_inspector.engine, options=ScoringOptions(use_memory=False))
+    assert other.engine is probe_inspector.engine and other.engine.engine is probe
+    probe.max_active = 0
+    run_threads(lambda i: (probe_inspector if i % 2 else other).inspect(job(i), batch_size=2))
+    assert probe.max_active == 1
+    alone = Inspector(tiny_bundle, PRODUCT, engine=probe)  # the bare engine again: a lock of its own
+    probe.max_active = 0
+    run_threads(lambda i: (probe_inspector if i % 2 else alone).embed(np.zeros((1, *alone.model_size, 3), np.uint8)))
+    assert probe.max_active > 1  # the control: two locks, overlapping calls
 
 
 def test_mixed_calls_from_threads(probe_inspector):

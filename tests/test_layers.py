@@ -96,7 +96,7 @@ LAYERS = (
     ("utilities", ("errors", "fileio", "performance.machine")),
     ("maths and the graph contract", ("contract", "windows", "scoring", "prompts", "evaluation.paper",
                                       "evaluation.metrics")),
-    ("files and images", ("bundle", "products", "preprocess", "heatmap", "inputs", "tokenizer", "tiles",
+    ("files and images", ("bundle", "products", "preprocess", "samples", "heatmap", "inputs", "tokenizer", "tiles",
                           "evaluation.datasets")),
     ("engines", ("engines", "builders", "export", "text_encoder")),
     ("pipeline", ("inspector", "catalog", "calibration", "registration", "rows", "results", "demo", "performance",

@@ -195,7 +195,7 @@ def test_video_to_results_mqtt_and_webhook_with_the_scores_of_inspect(tiny_bundl
 
 
 @needs_broker
-def test_broker_stopped_mid_run_every_decision_arrives_once_in_order(tiny_bundle, tmp_path):
+def test_broker_stopped_mid_run_every_decision_arrives_in_order(tiny_bundle, tmp_path):
     n = 40
     video = tmp_path / "line.avi"
     write_video(video, n, size=(48, 64))
@@ -219,8 +219,12 @@ def test_broker_stopped_mid_run_every_decision_arrives_once_in_order(tiny_bundle
         broker.stop()
     log = serve.text()
     assert "sink mqtt down" in log and "sink mqtt is back" in log and re.search(r"mqtt spool [1-9]", log)  # status lines show the spool
-    assert [m["frame"] for m in subscriber.messages] == list(range(n))  # once each, in order
-    assert [m["id"] for m in subscriber.messages] == [r["id"] for r in rows(tmp_path / "out")]
+    # MQTT QoS 1 is at-least-once (docs/line.md): a publish in flight when the broker stops may be delivered again.
+    # Consumers drop repeats by id; after that, every decision arrives once, in order, and at most a few repeat.
+    unique = list({m["id"]: m for m in subscriber.messages}.values())
+    assert [m["frame"] for m in unique] == list(range(n))  # each decision, in order
+    assert [m["id"] for m in unique] == [r["id"] for r in rows(tmp_path / "out")]
+    assert len(subscriber.messages) - len(unique) <= 2, "more repeats than the messages in flight at the outage"
 
 
 @needs_broker

@@ -394,6 +394,10 @@ def test_concurrent_clients_are_batched_by_the_server(server, tiny_bundle):
     for e in engines:
         e.close()
     assert not errors
+    # Triton's metrics are refreshed on an interval: wait for the counters to catch up with the requests sent.
+    deadline = time.monotonic() + 30
+    while server.metric("nv_inference_request_success") - before[0] < clients * rounds and time.monotonic() < deadline:
+        time.sleep(0.2)
     requests = server.metric("nv_inference_request_success") - before[0]
     executions = server.metric("nv_inference_exec_count") - before[1]
     assert requests == clients * rounds

@@ -5,7 +5,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from .errors import WinclipError
 from .inspector import ImageInput, InspectionResult, Inspector
 from .products import Threshold
@@ -40,17 +39,10 @@ def leave_one_out_scores(inspector: Inspector) -> list[float]:
             "leave-one-out calibration needs a few-shot memory of at least 2 references; "
             "register more normal images or pass normal images to calibrate"
         )
-    if inspector.tiling is not None:  # through the tiles, ROI and maximum of an inspected frame
-        return inspector.leave_one_out_scores()
-    if inspector.roi is not None:
+    if inspector.roi is not None and inspector.tiling is None:
         raise CalibrationError("leave-one-out calibration with an ROI but no tiling does not know the references' "
                                "frame sizes; pass normal images to calibrate")
-    scores = []
-    for r in range(memory.size):
-        outputs = {IMAGE_EMBEDDING: memory.image_embeddings[r:r + 1], PATCH_TOKENS: memory.patch_tokens[r:r + 1]}
-        outputs.update({window_output_name(k): v[r:r + 1] for k, v in memory.windows.items()})
-        scores.append(float(inspector.score(outputs, memory=memory.without(r)).image_score[0]))
-    return scores
+    return inspector.leave_one_out_scores()  # through the units, ROI and maximum of an inspected frame
 
 
 def calibrate(inspector: Inspector, images: Sequence[ImageInput] = (), target_false_alarm_rate: float = DEFAULT_FALSE_ALARM_RATE,

@@ -19,6 +19,7 @@ import numpy as np
 
 from .bundle import THRESHOLD, Bundle, read_checked_json
 from .engines import Engine, EngineConfig, Selection, select
+from .engines.serial import serialised
 from .errors import WinclipError
 from .inspector import Inspector
 from .scoring import ScoringOptions
@@ -33,22 +34,6 @@ class UnknownProduct(WinclipError, KeyError):
 
 class ProductServed(WinclipError, ValueError):
     """The product is in this catalog already."""
-
-
-class SerialEngine:
-    """An engine whose ``run`` calls are serialised: Inspectors of several products share it safely."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self.name, self.device = engine.name, engine.device
-        self._lock = threading.Lock()
-
-    def run(self, images: np.ndarray) -> dict[str, np.ndarray]:
-        with self._lock:
-            return self.engine.run(images)
-
-    def close(self) -> None:
-        self.engine.close()
 
 
 @dataclass(frozen=True)
@@ -86,7 +71,7 @@ class Catalog:
             self.bundle.check_product(product)  # every name first: a typo fails before the engine is made
         self.selection: Selection | None = select(self.bundle, engine) if isinstance(engine, EngineConfig) else None
         made = self.selection.create(self.bundle) if self.selection is not None else engine
-        self.engine = SerialEngine(made)
+        self.engine = serialised(made)  # the one lock; the Inspectors below take this engine as it is
         self._lock = threading.Lock()  # serialises reloads; readers never take it
         self._entries: dict[str, tuple[Inspector, ProductInfo]] = {}
         try:

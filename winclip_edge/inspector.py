@@ -6,36 +6,34 @@
         print(r.path, r.score, r.anomalous, r.anomaly_map.shape)
 
 One expensive call (the engine, batched) and cheap numpy scoring per batch. The next batch is
-decoded and resized on a worker thread while the engine runs the current one.
+decoded and resized on a worker thread while the engine runs the current one. Every frame is a plan
+of units (tiles/units.py: the whole frame alone is a one-unit plan, tiles and an ROI add to it), and
+inspect, register, calibrate and eval all embed frames through ``Inspector.embed_units``.
 """
 from __future__ import annotations
 
-import itertools
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence, Union
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
 from .bundle import Bundle, BundleError
 from .contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
 from .engines import Engine, EngineConfig, EngineError, Selection, select
+from .engines.serial import serialised
 from .errors import WinclipError
-from .heatmap import upsample_map
-from .preprocess import ImageError, as_rgb, read_image, resize_to_model
 from .products import Memory, Threshold, load_memory, load_text, load_threshold, load_tiling
-from .tiles.roi import Roi, load_roi
+from .samples import Decoded, ImageInput, decode, iter_decoded, name_of  # the decoder (re-exported: callers' names)
+from .tiles.roi import Roi, RoiError, load_roi
 from .scoring import Scores, ScoringOptions, score_batch
 from .tiles.memory import TileMemory, load_tile_memory
 from .tiles.units import GLOBAL, POOLED, FramePlan, UnitScores, frame_map, frame_score, plan_frame, reference_plan, \
     score_units, token_masks, unit_inputs
 from .tiles.tiling import TilingConfig
 
-ImageInput = Union[str, os.PathLike, np.ndarray]
 DEFAULT_BATCH = 8
 
 
@@ -57,16 +55,20 @@ class InspectionResult:
 
 
 @dataclass
-class Decoded:
-    name: str
-    image: np.ndarray | None  # RGB at original size
-    model_input: np.ndarray | None  # RGB at model size
-    decode_ms: float
-    error: str | None
+class FrameUnits:
+    """A batch of decoded frames through the engine (:meth:`Inspector.embed_units`): per frame its plan or its
+    error, and the outputs of all planned frames' units of one engine call (frame by frame, each in plan order)."""
 
+    plans: list[FramePlan | None]  # per frame; None where it has no plan (unreadable, ROI off the frame, ...)
+    errors: list[str | None]  # per frame: why it has no result (also set for every frame when the engine failed)
+    outputs: dict[str, np.ndarray] | None  # None when no frame was planned or the engine failed
+    engine_error: EngineError | None = None  # the engine's failure, for callers that stop on it (register, eval)
+    engine_ms: float = 0.0  # the engine call
 
-def name_of(item: ImageInput, index: int) -> str:
-    return f"array[{index}]" if isinstance(item, np.ndarray) else str(item)
+    @property
+    def planned(self) -> list[int]:
+        """Indices of the frames whose units are in ``outputs``, in order."""
+        return [i for i, (p, e) in enumerate(zip(self.plans, self.errors)) if p is not None and e is None]
 
 
 def _flat_memory(memory: Memory | None) -> tuple[dict[int, np.ndarray] | None, np.ndarray | None]:
@@ -78,48 +80,18 @@ def _flat_memory(memory: Memory | None) -> tuple[dict[int, np.ndarray] | None, n
     return windows, memory.patch_tokens.reshape(-1, memory.patch_tokens.shape[-1])
 
 
-def decode(item: ImageInput, size: tuple[int, int], name: str) -> Decoded:
-    """Read and resize one input; errors become a message, never an exception (one bad image never stops a batch)."""
-    t0 = time.perf_counter()
-    try:
-        image = as_rgb(item, name) if isinstance(item, np.ndarray) else read_image(item)
-        model_input = resize_to_model(image, size)
-    except ImageError as err:
-        return Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, str(err))
-    except Exception as err:  # cv2.error, MemoryError ...: still one input's problem, not the batch's
-        return Decoded(name, None, None, (time.perf_counter() - t0) * 1e3, f"{name}: {type(err).__name__}: {err}")
-    return Decoded(name, image, model_input, (time.perf_counter() - t0) * 1e3, None)
-
-
-def iter_decoded(items: Iterable[ImageInput], size: tuple[int, int], batch_size: int) -> Iterator[list[Decoded]]:
-    """Decoded batches of ``items``; the next batch is decoded on a worker thread while the caller uses this one.
-
-    ``items`` may be endless (a camera generator): it is read one batch ahead, never further."""
-    numbered = enumerate(items)
-
-    def load() -> list[Decoded]:
-        return [decode(item, size, name_of(item, i)) for i, item in itertools.islice(numbered, batch_size)]
-
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="winclip-decode") as pool:
-        pending = pool.submit(load)
-        while True:
-            decoded = pending.result()
-            if not decoded:
-                return
-            pending = pool.submit(load)
-            yield decoded
-
-
 class Inspector:
-    """Bundle + product + engine. Thread-safe: concurrent callers are serialised around the engine."""
+    """Bundle + product + engine. Thread-safe: engine calls queue on the engine's one lock (engines/serial.py),
+    shared with every Inspector given the same engine."""
 
     def __init__(self, bundle: str | os.PathLike | Bundle, product: str, engine: EngineConfig | Engine = EngineConfig(),
                  options: ScoringOptions = ScoringOptions(), sigma: float = 0.0, with_threshold: bool = True,
                  tiling: TilingConfig | None | str = "product", roi: Roi | None | str = "product"):
         """``engine``: what to run (an EngineConfig: ``select`` decides which engine it means and why, kept as
         ``self.selection``), or an engine already made for this bundle (shared between Inspectors, or a test double;
-        ``self.selection`` is then None). ``with_threshold=False`` skips the product's threshold (register and calibrate
-        replace it anyway); ``options.use_memory=False`` runs zero-shot without reading the memory.
+        ``self.selection`` is then None; serialised here unless it is already, as another Inspector's ``engine`` is).
+        ``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway);
+        ``options.use_memory=False`` runs zero-shot without reading the memory.
         ``tiling`` / ``roi``: "product" = the product's stored setting (docs/tiling.md), None = off, or a given one."""
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         self.product = product
@@ -135,8 +107,7 @@ class Inspector:
         self.threshold: Threshold | None = load_threshold(
             self.bundle, product, self.memory, self.decision_record()) if with_threshold else None
         self.selection: Selection | None = select(self.bundle, engine) if isinstance(engine, EngineConfig) else None
-        self.engine = self.selection.create(self.bundle) if self.selection is not None else engine
-        self._lock = threading.Lock()
+        self.engine = serialised(self.selection.create(self.bundle) if self.selection is not None else engine)
         self._set_memory(self.memory)
 
     # ------------------------------------------------------------ building blocks
@@ -154,8 +125,7 @@ class Inspector:
 
     def embed(self, batch: np.ndarray) -> dict[str, np.ndarray]:
         """uint8 ``[N, H, W, 3]`` at the model size -> the graph contract's outputs."""
-        with self._lock:
-            return self.engine.run(batch)
+        return self.engine.run(batch)
 
     def score(self, outputs: dict[str, np.ndarray], memory: Memory | None | str = "product") -> Scores:
         """Scores and token maps of embedded images; ``memory`` = "product" (default), another Memory, or None."""
@@ -179,67 +149,100 @@ class Inspector:
             yield from self.inspect_decoded(decoded, keep_images)
 
     def inspect_decoded(self, decoded: list[Decoded], keep_images: bool) -> list[InspectionResult]:
-        if self.tiling is not None or self.roi is not None:
-            return self._inspect_units(decoded, keep_images)
-        good = [d for d in decoded if d.error is None]
-        results = {}
-        if good:
-            t0 = time.perf_counter()
-            try:
-                outputs = self.embed(np.stack([d.model_input for d in good]))
-            except EngineError as err:  # e.g. a Triton server that is down: this batch fails, later ones still run
-                return [InspectionResult(path=d.name, error=d.error or f"{d.name}: {err}",
-                                         timings_ms={"decode": d.decode_ms}) for d in decoded]
+        """Results of a decoded batch (the line batcher's entry): its frames' units through :meth:`embed_units`,
+        scored and mapped per frame. An engine failure fails this batch only (e.g. a Triton server that is down)."""
+        frames = self.embed_units(decoded)
+        results: list[InspectionResult | None] = [None] * len(decoded)
+        if frames.outputs is not None:
+            planned = frames.planned
             t1 = time.perf_counter()
-            scores = self.score(outputs)
+            units = self.score_frames([frames.plans[i] for i in planned], frames.outputs)
             t2 = time.perf_counter()
-            engine_ms, scoring_ms = (t1 - t0) * 1e3 / len(good), (t2 - t1) * 1e3 / len(good)
+            engine_ms, scoring_ms = frames.engine_ms / len(planned), (t2 - t1) * 1e3 / len(planned)
             threshold = self.threshold.value if self.threshold is not None else None
-            for i, d in enumerate(good):
+            for i, frame_units in zip(planned, units):
                 t3 = time.perf_counter()
-                full_map = upsample_map(scores.token_map[i], d.image.shape[:2], self.sigma)
-                score = float(scores.image_score[i])
-                results[id(d)] = InspectionResult(
+                d, plan = decoded[i], frames.plans[i]
+                score, zero_shot = frame_score(frame_units)
+                results[i] = InspectionResult(
                     path=d.name, score=score, anomalous=None if threshold is None else bool(score > threshold),
-                    threshold=threshold, anomaly_map=full_map, zero_shot_score=float(scores.zero_shot_score[i]),
-                    image=d.image if keep_images else None,
+                    threshold=threshold, anomaly_map=frame_map(plan, frame_units.token_map, self.sigma),
+                    zero_shot_score=zero_shot, image=d.image if keep_images else None, roi=plan.inside,
                     timings_ms={"decode": d.decode_ms, "engine": engine_ms, "scoring": scoring_ms,
-                                "resize": (time.perf_counter() - t3) * 1e3},
-                )
-        return [results.get(id(d)) or InspectionResult(path=d.name, error=d.error, timings_ms={"decode": d.decode_ms})
-                for d in decoded]
+                                "resize": (time.perf_counter() - t3) * 1e3}, units=len(plan))
+        return [r or InspectionResult(path=d.name, error=e, timings_ms={"decode": d.decode_ms})
+                for d, r, e in zip(decoded, results, frames.errors)]
+
+    def embed_units(self, decoded: Sequence[Decoded], references: bool = False) -> FrameUnits:
+        """The one way frames reach the engine (inspect, register, calibrate, eval): every readable frame of
+        ``decoded`` is planned (:meth:`plan`; the whole frame is a one-unit plan whose input is the decoder's
+        ``model_input``) and all units of all frames go through one engine call. A frame that cannot be planned
+        is that frame's error; an engine failure is every planned frame's (``engine_error`` says so).
+        ``references``: the units a reference stores (whole frame, and every tile when tiled; no ROI)."""
+        plans: list[FramePlan | None] = []
+        errors: list[str | None] = []
+        inputs: list[np.ndarray] = []
+        for d in decoded:
+            plan, error = None, d.error
+            if error is None:
+                try:
+                    plan = self._reference_plan(d.image.shape[:2]) if references else self.plan(d.image.shape[:2])
+                except WinclipError as err:  # this frame's problem (ROI off the frame, other grid), not the batch's
+                    error = f"{d.name}: {err}"
+            if plan is not None:
+                crops = iter(unit_inputs(d.image, plan, self.model_size, skip_global=True))
+                inputs += [d.model_input if key == GLOBAL else next(crops) for key in plan.keys]
+            plans.append(plan)
+            errors.append(error)
+        if not inputs:
+            return FrameUnits(plans, errors, None)
+        t0 = time.perf_counter()
+        try:
+            outputs = self.embed(np.stack(inputs))
+        except EngineError as err:
+            failed = [e if p is None else f"{d.name}: {err}" for d, p, e in zip(decoded, plans, errors)]
+            return FrameUnits(plans, failed, None, engine_error=err)
+        return FrameUnits(plans, errors, outputs, engine_ms=(time.perf_counter() - t0) * 1e3)
 
     # ------------------------------------------------------------ references
     def embed_references(self, images: Sequence[ImageInput], batch_size: int = DEFAULT_BATCH,
                          progress: Any = None) -> tuple[Memory | None, list[InspectionResult]]:
-        """Embed normal reference images into a Memory; unreadable ones are returned as error results."""
+        """Embed normal reference images into a Memory (and, tiled, its TileMemory); unreadable ones are returned
+        as error results. The whole frames' rows go to memory.npz, the tiles' to the tile memory."""
         from .fileio import sha256_file
 
         items = list(images)
-        parts: dict[str, list[np.ndarray]] = {}
-        tile_parts: dict[str, list] = {}
+        whole: list[dict[str, np.ndarray]] = []
+        tiles: list[dict[str, np.ndarray]] = []
+        reference, position, grids, sizes = [], [], [], []
         sources, hashes, failed = [], [], []
         for start in range(0, len(items), batch_size):
             decoded = [decode(items[i], self.model_size, name_of(items[i], i)) for i in range(start, min(start + batch_size, len(items)))]
-            good = [d for d in decoded if d.error is None]
-            failed += [InspectionResult(path=d.name, error=d.error) for d in decoded if d.error is not None]
-            if good:
-                if self.tiling is None:
-                    outputs = self.embed(np.stack([d.model_input for d in good]))
-                else:  # the whole frames' rows go to memory.npz, the tiles' to the tile memory
-                    plans = [reference_plan(d.image.shape[:2], self.tiling, self.model_size, self.bundle.spec.grid)
-                             for d in good]
-                    outputs = self._split_reference_tiles(good, plans, len(sources), tile_parts)
-                for name, value in outputs.items():
-                    parts.setdefault(name, []).append(value)
-                for d in good:
-                    sources.append(str(Path(d.name).resolve()) if not d.name.startswith("array[") else d.name)
-                    hashes.append(sha256_file(d.name) if not d.name.startswith("array[") else "")
+            frames = self.embed_units(decoded, references=True)
+            if frames.engine_error is not None:
+                raise frames.engine_error
+            failed += [InspectionResult(path=d.name, error=e) for d, e in zip(decoded, frames.errors) if e is not None]
+            plans = [frames.plans[i] for i in frames.planned]
+            if frames.outputs is not None:
+                keys = np.array([k for p in plans for k in p.keys])
+                tile = keys != GLOBAL
+                whole.append({name: value[~tile] for name, value in frames.outputs.items()})
+                if self.tiling is not None:
+                    tiles.append({name: value[tile] for name, value in frames.outputs.items()})
+                    reference.append(np.repeat(np.arange(len(sources), len(sources) + len(plans)),
+                                               [len(p) for p in plans])[tile])
+                    position.append(keys[tile])
+                    grids += [p.grid for p in plans]
+                    sizes += [p.size for p in plans]
+            for i in frames.planned:
+                name = decoded[i].name
+                sources.append(str(Path(name).resolve()) if not name.startswith("array[") else name)
+                hashes.append(sha256_file(name) if not name.startswith("array[") else "")
             if progress is not None:
                 progress(len(decoded))
         if not sources:
             return None, failed
-        cat = {name: np.concatenate(v) for name, v in parts.items()}
+        cat = {name: np.concatenate([part[name] for part in whole]) for name in whole[0]}
         memory = Memory(
             image_embeddings=cat[IMAGE_EMBEDDING],
             windows={k: cat[window_output_name(k)] for k in self.bundle.spec.scales},
@@ -247,10 +250,9 @@ class Inspector:
         )
         if self.tiling is not None:
             memory.tiles = TileMemory.from_outputs(
-                {k: np.concatenate(v) for k, v in tile_parts.items() if k not in ("reference", "position", "grid", "size")},
-                self.bundle.spec.scales, np.concatenate(tile_parts["reference"]), np.concatenate(tile_parts["position"]),
-                tile_parts["grid"], tile_parts["size"], self.tiling.tile_shape(self.model_size, self.bundle.spec.grid),
-                self.tiling.overlap, hashes)
+                {name: np.concatenate([part[name] for part in tiles]) for name in tiles[0]}, self.bundle.spec.scales,
+                np.concatenate(reference), np.concatenate(position), grids, sizes,
+                self.tiling.tile_shape(self.model_size, self.bundle.spec.grid), self.tiling.overlap, hashes)
         return memory, failed
 
     # ------------------------------------------------------------ tiles and ROI (docs/tiling.md)
@@ -320,75 +322,33 @@ class Inspector:
         return [UnitScores(units.image_score[e - len(p):e], units.token_map[e - len(p):e], units.zero_shot_score[e - len(p):e])
                 for p, e in zip(plans, ends)]
 
-    def _inspect_units(self, decoded: list[Decoded], keep_images: bool) -> list[InspectionResult]:
-        """inspect_decoded with tiles and/or an ROI: every unit of every frame of the batch in one engine call."""
-        results, plans, inputs = {}, {}, []
-        for d in decoded:
-            if d.error is not None:
-                continue
-            try:
-                plans[id(d)] = plan = self.plan(d.image.shape[:2])
-            except WinclipError as err:  # this frame's problem (ROI off the frame, other grid), not the batch's
-                results[id(d)] = InspectionResult(path=d.name, error=f"{d.name}: {err}", timings_ms={"decode": d.decode_ms})
-                continue
-            crops = unit_inputs(d.image, plan, self.model_size, skip_global=True)
-            inputs += [d.model_input if key == GLOBAL else crops.pop(0) for key in plan.keys]
-        good = [d for d in decoded if id(d) in plans]
-        if good:
-            t0 = time.perf_counter()
-            try:
-                outputs = self.embed(np.stack(inputs))
-            except EngineError as err:
-                return [results.get(id(d)) or InspectionResult(path=d.name, error=d.error or f"{d.name}: {err}",
-                                                               timings_ms={"decode": d.decode_ms}) for d in decoded]
-            t1 = time.perf_counter()
-            frames = self.score_frames([plans[id(d)] for d in good], outputs)
-            t2 = time.perf_counter()
-            engine_ms, scoring_ms = (t1 - t0) * 1e3 / len(good), (t2 - t1) * 1e3 / len(good)
-            threshold = self.threshold.value if self.threshold is not None else None
-            for d, units in zip(good, frames):
-                t3 = time.perf_counter()
-                plan = plans[id(d)]
-                score, zero_shot = frame_score(units)
-                results[id(d)] = InspectionResult(
-                    path=d.name, score=score, anomalous=None if threshold is None else bool(score > threshold),
-                    threshold=threshold, anomaly_map=frame_map(plan, units.token_map, self.sigma),
-                    zero_shot_score=zero_shot, image=d.image if keep_images else None, roi=plan.inside,
-                    timings_ms={"decode": d.decode_ms, "engine": engine_ms, "scoring": scoring_ms,
-                                "resize": (time.perf_counter() - t3) * 1e3}, units=len(plan))
-        return [results.get(id(d)) or InspectionResult(path=d.name, error=d.error, timings_ms={"decode": d.decode_ms})
-                for d in decoded]
-
-    def _split_reference_tiles(self, good: list[Decoded], plans: list[FramePlan], first: int, tile_parts: dict) -> dict:
-        """Embed every unit of the references ``good`` in one engine call; the tiles' rows (with reference index and
-        position) go to ``tile_parts``, the whole frames' rows are returned."""
-        inputs = [x for d, p in zip(good, plans) for x in unit_inputs(d.image, p, self.model_size)]
-        outputs = self.embed(np.stack(inputs))
-        keys = np.array([k for p in plans for k in p.keys])
-        reference = np.repeat(np.arange(first, first + len(good)), [len(p) for p in plans])
-        tile = keys != GLOBAL
-        for name, value in outputs.items():
-            tile_parts.setdefault(name, []).append(value[tile])
-        tile_parts.setdefault("reference", []).append(reference[tile])
-        tile_parts.setdefault("position", []).append(keys[tile])
-        tile_parts.setdefault("grid", []).extend(p.grid for p in plans)
-        tile_parts.setdefault("size", []).extend(p.size for p in plans)
-        return {name: value[~tile] for name, value in outputs.items()}
+    def _reference_plan(self, size: tuple[int, int]) -> FramePlan:
+        """The units a reference stores: the whole frame, and every tile when tiled; ROI or not, so that the
+        references serve any ROI (and the global pass on or off)."""
+        if self.tiling is None:
+            return plan_frame(size, None, self.model_size, self.bundle.spec.grid)
+        return reference_plan(size, self.tiling, self.model_size, self.bundle.spec.grid)
 
     def leave_one_out_scores(self) -> list[float]:
         """Each reference frame scored against the others from the stored embeddings (no engine call), through the
-        same units, ROI and maximum as an inspected frame (tiled products: the tile memory knows the frame sizes)."""
+        same units, ROI and maximum as an inspected frame. Whole-frame references are one unit each; tiled ones are
+        planned from the frame sizes the tile memory keeps (whole-frame memories keep none: no ROI then)."""
         memory, tiles = self.memory, self.tile_memory
+        if tiles is None and self.roi is not None:
+            raise RoiError("leave-one-out scoring with an ROI needs the references' frame sizes, which only a tile "
+                           "memory keeps")
         scores = []
         for r in range(memory.size):
-            plan = self.plan(tiles.frame_sizes[r])
-            positions = [k for k in plan.keys if k != GLOBAL]
-            outputs = tiles.outputs_of(r, positions)
-            if GLOBAL in plan.keys:  # plans list the whole frame first
-                whole = {IMAGE_EMBEDDING: memory.image_embeddings[r:r + 1], PATCH_TOKENS: memory.patch_tokens[r:r + 1],
-                         **{window_output_name(k): v[r:r + 1] for k, v in memory.windows.items()}}
-                outputs = {name: np.concatenate([whole[name], value]) for name, value in outputs.items()}
-            units = self.score_frames([plan], outputs, memory.without(r), tiles.without(r))[0]
+            whole = {IMAGE_EMBEDDING: memory.image_embeddings[r:r + 1], PATCH_TOKENS: memory.patch_tokens[r:r + 1],
+                     **{window_output_name(k): v[r:r + 1] for k, v in memory.windows.items()}}
+            if tiles is None:
+                plan, outputs = plan_frame(self.model_size, None, self.model_size, self.bundle.spec.grid), whole
+            else:
+                plan = self.plan(tiles.frame_sizes[r])
+                outputs = tiles.outputs_of(r, [k for k in plan.keys if k != GLOBAL])
+                if GLOBAL in plan.keys:  # plans list the whole frame first
+                    outputs = {name: np.concatenate([whole[name], value]) for name, value in outputs.items()}
+            units = self.score_frames([plan], outputs, memory.without(r), None if tiles is None else tiles.without(r))[0]
             scores.append(frame_score(units)[0])
         return scores
 

@@ -3,7 +3,8 @@
 NNCF's transformer recipe (``model_type=TRANSFORMER``, mixed preset: symmetric int8 weights, asymmetric
 activations where that helps, fast bias correction) quantises the GEMMs; LayerNorm, softmax, GELU and the L2
 normalisations stay float. Calibration images are what the line will see: the product's registered references
-when their files are still on disk, else the normal images of the textile data set (conformal-clip-data).
+when their files are still on disk, else the normal images of the textile data set (conformal-clip-data),
+read by the one loader of model inputs (samples.py).
 The result is written as OpenVINO IR next to the ONNX variants (engines/openvino.py reads and verifies it);
 how faithful it is gets measured by ``winclip-edge tune`` / ``bench``, never assumed. Needs ``nncf``
 (the ``[openvino]`` extra), which imports torch when torch is installed: this is a build step, not the runtime.
@@ -25,52 +26,26 @@ from ..contract import INPUT_NAME
 from ..engines.onnx_variants import VariantError
 from ..engines.openvino_model import PIP, check_compiled, int8_paths, load_int8
 from ..fileio import atomic_write_bytes, atomic_write_json, sha256_file
-from ..preprocess import ImageError, read_image, resize_to_model
+from ..samples import REFERENCES, TEXTILE, load_model_inputs
 
 DEFAULT_CALIBRATION_IMAGES = 8  # enough for the min-max statistics of PTQ; tune measures the fidelity
-TEXTILE_NORMAL = "nominal"
 
 
 def _log(message: str) -> None:
     print(f"[quantize openvino] {message}", file=sys.stderr, flush=True)
 
 
-def reference_images(bundle: Bundle, product: str | None = None) -> list[str]:
-    """Files of the registered references of ``product`` (every product when None) that are still on disk."""
-    from ..products import load_memory
-
-    paths: list[str] = []
-    for name in [product] if product else bundle.products():
-        memory = load_memory(bundle, name)
-        paths += [s for s in (memory.sources if memory else []) if s and Path(s).is_file() and s not in paths]
-    return paths
-
-
 def calibration_images(bundle: Bundle, product: str | None = None, limit: int = DEFAULT_CALIBRATION_IMAGES,
                        paths: Sequence[str] = ()) -> tuple[np.ndarray, str]:
     """Model-size uint8 ``[N, H, W, 3]`` calibration images and where they came from: ``paths`` when given, else
-    the references, else the textile normals. Unreadable files are skipped (and said)."""
-    source = "given images"
-    chosen = list(paths)
-    if not chosen:
-        chosen, source = reference_images(bundle, product), "the product's registered reference images"
-    if not chosen:
-        from ..evaluation.datasets import textile_root
-
-        root = textile_root() / TEXTILE_NORMAL
-        chosen = sorted(str(p) for p in root.iterdir() if p.is_file())
-        source = f"normal images of the textile data set ({root})"
-    frames = []
-    for path in chosen:
-        if len(frames) >= limit:
-            break
-        try:
-            frames.append(resize_to_model(read_image(path), bundle.spec.image_size))
-        except ImageError as err:
-            _log(f"skipping {path}: {err}")
-    if not frames:
-        raise VariantError(f"no readable calibration image among {len(chosen)} from {source}")
-    return np.stack(frames), f"{len(frames)} {source}"
+    the references, else the textile normals (samples.py). Unreadable files are skipped (and said)."""
+    loaded = load_model_inputs(bundle.spec.image_size, paths, bundle=bundle, product=product,
+                               fallbacks=(REFERENCES, TEXTILE), limit=limit)
+    for path, why in loaded.skipped:
+        _log(f"skipping {path}: {why}")
+    if not len(loaded.images):
+        raise VariantError(f"no readable calibration image among {loaded.tried} from {loaded.source}")
+    return loaded.images, loaded.described
 
 
 @dataclass(frozen=True)
@@ -117,4 +92,4 @@ def make_int8(bundle: Bundle, calibration: np.ndarray, described: str) -> Int8In
     return Int8Info(path=xml, sha256=sha256_file(weights), method=method, seconds=time.perf_counter() - t0)
 
 
-__all__ = ["DEFAULT_CALIBRATION_IMAGES", "Int8Info", "calibration_images", "make_int8", "reference_images"]
+__all__ = ["DEFAULT_CALIBRATION_IMAGES", "Int8Info", "calibration_images", "make_int8"]

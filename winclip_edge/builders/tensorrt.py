@@ -54,7 +54,7 @@ from ..engines.engine_cache import (
 from ..engines.cache_dir import engine_dir as engine_folder
 from ..engines.tensorrt import Cuda, TensorInfo, check_engine_io, load_cudart, load_tensorrt, stderr_logger
 from ..fileio import atomic_write_bytes
-from ..preprocess import ImageError, read_image, resize_to_model
+from ..samples import load_model_inputs
 
 DEFAULT_MAX_BATCH = 8  # the runtime's default --batch
 DEFAULT_WORKSPACE_GIB = 2.0  # fits the 8 GB Jetson Orin Nano next to the runtime; desktops may give more
@@ -164,23 +164,24 @@ def keep_fp32(network: Any, trt: Any) -> list[Any]:
 # ---------------------------------------------------------------- INT8 calibration
 def calibration_batches(paths: Sequence[str | Path], image_size: tuple[int, int], batch_size: int,
                         log: Callable[[str], None] = _log) -> Iterator[np.ndarray]:
-    """uint8 ``[batch_size, H, W, 3]`` batches through the runtime's own decode + resize. Unreadable images are
-    skipped with a message; images that do not fill a last batch are left out (said so)."""
-    batch: list[np.ndarray] = []
-    used = skipped = 0
-    for path in paths:
-        try:
-            batch.append(resize_to_model(read_image(path), image_size))
-        except ImageError as err:
-            skipped += 1
-            log(f"calibration: skipped {err}")
-            continue
-        if len(batch) == batch_size:
-            used += batch_size
-            yield np.stack(batch)
-            batch = []
-    if batch:
-        log(f"calibration: the last {len(batch)} image(s) do not fill a batch of {batch_size} and are left out")
+    """uint8 ``[batch_size, H, W, 3]`` batches of the one loader of model inputs (samples.py: the runtime's own
+    decode + resize), read a batch at a time as TensorRT asks. Unreadable images are skipped with a message;
+    images that do not fill a last batch are left out (said so)."""
+    paths = [str(p) for p in paths]
+    used = skipped = start = 0
+    while start < len(paths):
+        loaded = load_model_inputs(image_size, paths[start:], limit=batch_size)
+        start += loaded.tried
+        skipped += len(loaded.skipped)
+        for _, why in loaded.skipped:
+            log(f"calibration: skipped {why}")
+        if len(loaded.images) < batch_size:
+            if len(loaded.images):
+                log(f"calibration: the last {len(loaded.images)} image(s) do not fill a batch of {batch_size} and "
+                    "are left out")
+            break
+        used += batch_size
+        yield loaded.images
     log(f"calibration: {used} image(s) used in batches of {batch_size}, {skipped} unreadable")
 
 

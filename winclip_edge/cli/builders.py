@@ -5,8 +5,6 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from ..builders.tensorrt import DEFAULT_MAX_BATCH, DEFAULT_WORKSPACE_GIB
 from ..engines.config import PRECISIONS
 from ..engines.onnx_variants import GRAPHS
@@ -19,7 +17,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from ..builders.variants import make_variant
     from ..engines.onnx_variants import source_graph
     from ..bundle import Bundle
-    from ..inspector import decode
+    from ..samples import load_model_inputs
 
     bundle = Bundle(args.bundle)
     if args.backend == "openvino":
@@ -31,14 +29,12 @@ def run_quantize(args: argparse.Namespace) -> int:
         if args.graph != "visual":
             raise CliError("--calibration-images is for the visual graph; the text graph's int8 variant is dynamic")
         paths = collect_inputs(args.calibration_images)
-        decoded = [decode(p, bundle.spec.image_size, p) for p in paths]
-        for d in decoded:
-            if d.error is not None:
-                print(f"error: {d.error}", file=sys.stderr)
-        good = [d.model_input for d in decoded if d.error is None]
-        if not good:
+        loaded = load_model_inputs(bundle.spec.image_size, paths)
+        for _, why in loaded.skipped:
+            print(f"error: {why}", file=sys.stderr)
+        if not len(loaded.images):
             raise CliError(f"none of the {len(paths)} calibration image(s) could be read")
-        calibration = np.stack(good)
+        calibration = loaded.images
     print(f"[quantize] making the {args.precision} variant of {source_graph(bundle, args.graph)[0]} "
          f"({'static, ' + str(len(calibration)) + ' calibration images' if calibration is not None else 'no calibration'}) ...", file=sys.stderr)
     info = make_variant(bundle, args.precision, calibration, graph=args.graph)

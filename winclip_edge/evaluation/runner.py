@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -36,12 +36,14 @@ from .datasets import (
 )
 from ..engines import Engine, EngineConfig, select
 from ..engines.registry import identity
+from ..engines.serial import serialised
 from ..errors import WinclipError
 from ..fileio import atomic_write_bytes, atomic_write_json
 from ..heatmap import upsample_map
-from ..inspector import Inspector, iter_decoded
+from ..inspector import Inspector
+from ..samples import iter_decoded
 from ..tiles.roi import Roi
-from ..tiles.units import FramePlan, frame_map, frame_score, unit_inputs
+from ..tiles.units import FramePlan, frame_map, frame_score
 from ..tiles.tiling import TilingConfig
 from .metrics import IMAGE_KEYS, PIXEL_KEYS, MetricError, PixelMetrics, image_metrics
 from .paper import PAPER_DATASETS, PAPER_SCALES, paper_result
@@ -272,54 +274,38 @@ def ensure_products(bundle: Bundle, class_names: Sequence[str], prompts: str, sh
 # ---------------------------------------------------------------- embedding and scoring
 @dataclass
 class Embedded:
-    """Engine outputs of a class's test images, one row per readable image."""
+    """Engine outputs of a class's test images: the units of every readable image (docs/tiling.md; a whole frame is
+    one unit), rows ``rows[path] .. rows[path] + len(plans[path])``."""
 
-    rows: dict[str, int]  # image path -> row in `outputs`
-    outputs: dict[str, np.ndarray]  # the graph contract's outputs, [N, ...]
-    sizes: dict[str, tuple[int, int]]  # image path -> original (H, W)
-    failed: list[str]  # one message per unreadable image
-    plans: dict[str, FramePlan] = field(default_factory=dict)  # tiles / ROI: path -> its units (rows from rows[path])
+    rows: dict[str, int]  # image path -> its first row in `outputs`
+    outputs: dict[str, np.ndarray]  # the graph contract's outputs, [units, ...]
+    failed: list[str]  # one message per unreadable image (or one whose units cannot be planned: ROI off the frame)
+    plans: dict[str, FramePlan]  # image path -> its units
 
 
 def embed_images(inspector: Inspector, samples: Sequence[Sample], batch: int,
                  progress: Callable[[int], None]) -> Embedded:
-    """One engine pass over ``samples``; the next batch is decoded on a worker thread meanwhile."""
+    """One engine pass over ``samples`` through ``Inspector.embed_units`` (every unit of every image of a batch in
+    one engine call); the next batch is decoded on a worker thread meanwhile."""
     rows: dict[str, int] = {}
-    sizes: dict[str, tuple[int, int]] = {}
-    parts: dict[str, list[np.ndarray]] = {}
+    parts: list[dict[str, np.ndarray]] = []
     failed: list[str] = []
     plans: dict[str, FramePlan] = {}
-    units, n_rows = inspector.tiling is not None or inspector.roi is not None, 0
+    n_rows = 0
     for decoded in iter_decoded([s.path for s in samples], inspector.model_size, batch):
-        good = [d for d in decoded if d.error is None]
+        frames = inspector.embed_units(decoded)
+        if frames.engine_error is not None:
+            raise frames.engine_error
         failed += [d.error for d in decoded if d.error is not None]
-        if good and units:  # every unit (whole frame, tiles) of every image of the batch in one engine call
-            good, inputs = _plan_units(inspector, good, plans, failed)
-        elif good:
-            inputs = [d.model_input for d in good]
-        if good:
-            for name, value in inspector.embed(np.stack(inputs)).items():
-                parts.setdefault(name, []).append(value)
-            for d in good:
-                rows[d.name] = n_rows
-                n_rows += len(plans[d.name]) if units else 1
-                sizes[d.name] = d.image.shape[:2]
+        failed += [e for d, e in zip(decoded, frames.errors) if e is not None and d.error is None]
+        if frames.outputs is not None:
+            parts.append(frames.outputs)
+        for i in frames.planned:
+            name, plans[decoded[i].name] = decoded[i].name, frames.plans[i]
+            rows[name] = n_rows
+            n_rows += len(frames.plans[i])
         progress(len(decoded))
-    return Embedded(rows, {k: np.concatenate(v) for k, v in parts.items()}, sizes, failed, plans)
-
-
-def _plan_units(inspector: Inspector, good: list, plans: dict, failed: list[str]) -> tuple[list, list[np.ndarray]]:
-    """The images whose units could be planned (an ROI off the frame is that image's error) and their model inputs."""
-    kept, inputs = [], []
-    for d in good:
-        try:
-            plans[d.name] = plan = inspector.plan(d.image.shape[:2])
-        except WinclipError as err:
-            failed.append(f"{d.name}: {err}")
-            continue
-        kept.append(d)
-        inputs += unit_inputs(d.image, plan, inspector.model_size)
-    return kept, inputs
+    return Embedded(rows, {k: np.concatenate([p[k] for p in parts]) for k in parts[0]} if parts else {}, failed, plans)
 
 
 def _cases(samples: Sequence[Sample], scores: np.ndarray, token_maps: np.ndarray) -> list[dict]:
@@ -339,43 +325,12 @@ def _cases(samples: Sequence[Sample], scores: np.ndarray, token_maps: np.ndarray
 
 def score_unit(inspector: Inspector, embedded: Embedded, test: Sequence[Sample], memory: Memory | None,
                pixel: bool, progress: Callable[[int], None]) -> dict:
-    """Metrics, per-image scores and example cases of one unit from cached embeddings."""
+    """Metrics, per-image scores and example cases of one unit from cached embeddings: SCORE_BATCH frames per
+    scoring call, each through its units. Untiled runs without an ROI picture a frame by its token map (upsampled
+    to its mask for the pixel metrics); tiled or ROI runs stitch full-resolution maps and picture them at
+    CASE_MAP_SCALE x the grid (every frame, also one that is a single whole tile: the pictures share one size)."""
     kept = [s for s in test if s.path in embedded.rows]
-    if embedded.plans:
-        return _score_unit_frames(inspector, embedded, kept, memory, pixel, progress)
-    rows = np.array([embedded.rows[s.path] for s in kept], dtype=np.intp)
-    image_scores, token_maps = [], []
-    for start in range(0, len(rows), SCORE_BATCH):
-        chunk = rows[start:start + SCORE_BATCH]
-        scores = inspector.score({k: v[chunk] for k, v in embedded.outputs.items()}, memory=memory)
-        image_scores.append(scores.image_score)
-        token_maps.append(scores.token_map)
-        if not pixel:
-            progress(len(chunk))
-    scores = np.concatenate(image_scores)
-    maps = np.concatenate(token_maps)
-    metrics: dict[str, float | None] = image_metrics(np.array([s.label for s in kept]), scores)
-    if pixel:
-        accumulator = PixelMetrics()
-        for s, token_map in zip(kept, maps):
-            mask = read_mask(s.mask_path) if s.mask_path else np.zeros(embedded.sizes[s.path], np.uint8)
-            accumulator.update(upsample_map(token_map, mask.shape), mask)
-            progress(1)
-        metrics.update(accumulator.compute())
-    else:
-        metrics.update(dict.fromkeys(PIXEL_KEYS))
-    return _unit_record(kept, scores, metrics, maps)
-
-
-def _unit_record(kept: Sequence[Sample], scores: np.ndarray, metrics: dict, maps: np.ndarray) -> dict:
-    images = [{"path": s.path, "label": s.label, "defect_type": s.defect_type, "score": float(v)}
-              for s, v in zip(kept, scores)]
-    return {"n_test": len(kept), "metrics": metrics, "images": images, "cases": _cases(kept, scores, maps)}
-
-
-def _score_unit_frames(inspector: Inspector, embedded: Embedded, kept: Sequence[Sample], memory: Memory | None,
-                       pixel: bool, progress: Callable[[int], None]) -> dict:
-    """score_unit of a tiled / ROI run (docs/tiling.md): frame scores and stitched full-resolution maps."""
+    whole_frames = inspector.tiling is None and inspector.roi is None
     scores, small_maps = [], []
     accumulator = PixelMetrics() if pixel else None
     case_size = tuple(CASE_MAP_SCALE * g for g in inspector.bundle.spec.grid)
@@ -387,15 +342,29 @@ def _score_unit_frames(inspector: Inspector, embedded: Embedded, kept: Sequence[
                                         None if memory is None else memory.tiles)
         for s, plan, units in zip(chunk, plans, frames):
             scores.append(frame_score(units)[0])
-            full = frame_map(plan, units.token_map)
-            small_maps.append(cv2.resize(full, case_size[::-1], interpolation=cv2.INTER_AREA))
+            mask = None
             if accumulator is not None:
-                accumulator.update(full, read_mask(s.mask_path) if s.mask_path else np.zeros(plan.size, np.uint8))
+                mask = read_mask(s.mask_path) if s.mask_path else np.zeros(plan.size, np.uint8)
+            if whole_frames:
+                small_maps.append(units.token_map[0])
+                if mask is not None:
+                    accumulator.update(upsample_map(units.token_map[0], mask.shape), mask)
+            else:
+                full = frame_map(plan, units.token_map)
+                small_maps.append(cv2.resize(full, case_size[::-1], interpolation=cv2.INTER_AREA))
+                if mask is not None:
+                    accumulator.update(full, mask)
             progress(1)
     scores = np.array(scores, np.float32)
     metrics: dict[str, float | None] = image_metrics(np.array([s.label for s in kept]), scores)
     metrics.update(accumulator.compute() if accumulator is not None else dict.fromkeys(PIXEL_KEYS))
     return _unit_record(kept, scores, metrics, np.stack(small_maps) if small_maps else np.zeros((0, *case_size)))
+
+
+def _unit_record(kept: Sequence[Sample], scores: np.ndarray, metrics: dict, maps: np.ndarray) -> dict:
+    images = [{"path": s.path, "label": s.label, "defect_type": s.defect_type, "score": float(v)}
+              for s, v in zip(kept, scores)]
+    return {"n_test": len(kept), "metrics": metrics, "images": images, "cases": _cases(kept, scores, maps)}
 
 
 # ---------------------------------------------------------------- units and resuming
@@ -572,7 +541,7 @@ def run_evaluation(config: EvalConfig, engine: Engine | None = None, log: Log | 
         todo_classes = [c for c in classes if any(u.data is c for u in todo)]
         ensure_products(bundle, [c.name for c in todo_classes], config.prompts, config.progress, log)
         own_engine = engine is None
-        engine = engine or selection.create(bundle)
+        engine = serialised(engine or selection.create(bundle))  # one lock for every class's Inspector
         info.update(engine=engine.name, device=engine.device)
         total = sum(len(c.test) for c in todo_classes) + sum(len(u.references) + len(u.test) for u in todo)
         try:

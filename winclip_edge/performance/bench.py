@@ -33,6 +33,7 @@ import numpy as np
 from ..engines.config import EngineConfig
 from ..errors import WinclipError
 from .machine import cpu_model, gpus, installed_versions
+from ..samples import load_model_inputs, synthetic_images
 from ..scoring import ScoringOptions
 
 RESULT_MARKER = "WINCLIP_BENCH_RESULT "  # a cold-start child prints this + JSON when its first result exists
@@ -41,7 +42,6 @@ DEFAULT_BATCHES = (1, 4, 8)
 DEFAULT_SYNTHETIC_SIZE = (1024, 1024)  # (H, W) of generated frames: MVTec-like resolution
 DEFAULT_FIDELITY_IMAGES = 4
 COLD_START_TIMEOUT_S = 900.0
-SYNTHETIC_TEXTURE_CELL = 8  # pixels per random value of the generated texture (smooth, PNG-compressible)
 PERCENTILES = (50, 90, 99)
 # Distributions whose versions a report lists (the ones present).
 VERSIONED_PACKAGES = ("numpy", "opencv-python-headless", "opencv-python", "onnxruntime", "onnxruntime-gpu", "onnx",
@@ -231,26 +231,6 @@ def write_report(out_dir: str | os.PathLike, stem: str, report: dict, markdown: 
     return md, js
 
 
-def synthetic_images(count: int, size: tuple[int, int], folder: str | os.PathLike, seed: int = 0) -> list[str]:
-    """Write ``count`` smooth random-texture RGB PNGs of ``size`` (H, W) into ``folder``; returns their paths."""
-    import cv2
-
-    rng = np.random.default_rng(seed)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    paths = []
-    h, w = size
-    for i in range(count):
-        cells = rng.integers(0, 256, (max(1, h // SYNTHETIC_TEXTURE_CELL), max(1, w // SYNTHETIC_TEXTURE_CELL), 3),
-                             dtype=np.uint8)
-        image = cv2.resize(cells, (w, h), interpolation=cv2.INTER_CUBIC)
-        path = folder / f"frame_{i:04d}.png"
-        if not cv2.imwrite(str(path), image):
-            raise OSError(f"cannot write the synthetic image {path}")
-        paths.append(str(path))
-    return paths
-
-
 # ---------------------------------------------------------------- the pipeline, stage by stage
 STAGES = ("decode", "engine", "scoring", "resize_overlay")
 
@@ -258,8 +238,8 @@ STAGES = ("decode", "engine", "scoring", "resize_overlay")
 def pipeline_once(inspector: Any, items: Sequence[Any]) -> dict[str, float]:
     """One batch through the Inspector's building blocks, each stage timed alone: stage -> ms for the batch."""
     from ..heatmap import overlay, upsample_map
-    from ..inspector import decode, name_of
     from ..preprocess import ImageError
+    from ..samples import decode, name_of
 
     t0 = time.perf_counter()
     decoded = [decode(item, inspector.model_size, name_of(item, i))
@@ -359,14 +339,12 @@ def _images(spec: str, folder: Path, size: tuple[int, int]) -> tuple[list[str], 
 
 
 def _model_inputs(inspector: Any, paths: Sequence[str], count: int) -> np.ndarray:
-    from ..inspector import decode
     from ..preprocess import ImageError
 
-    decoded = [decode(p, inspector.model_size, p) for p in paths[:count]]
-    failed = [d.error for d in decoded if d.error is not None]
-    if failed:
-        raise ImageError(f"fidelity input unreadable: {failed[0]}; benchmark readable images only")
-    return np.stack([d.model_input for d in decoded])
+    loaded = load_model_inputs(inspector.model_size, paths[:count])
+    if loaded.skipped:
+        raise ImageError(f"fidelity input unreadable: {loaded.skipped[0][1]}; benchmark readable images only")
+    return loaded.images
 
 
 def _gpu_peak_mib() -> float | None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from typing import Callable, Sequence
 
@@ -95,20 +94,19 @@ def candidates(config: TuneConfig, log: Callable[[str], None] = lambda m: None) 
 
 
 # ---------------------------------------------------------------- measuring
-def _fidelity_images(bundle: Bundle, config: TuneConfig, product: str) -> tuple[np.ndarray, str]:
-    from ..builders.openvino import calibration_images, reference_images
+def _fidelity_images(bundle: Bundle, config: TuneConfig, product: str,
+                     log: Callable[[str], None] = lambda m: None) -> tuple[np.ndarray, str]:
+    """The given images, else the product's references, else synthetic frames (samples.py)."""
+    from ..engines.onnx_variants import VariantError
+    from ..samples import REFERENCES, SYNTHETIC, load_model_inputs
 
-    if config.images:
-        return calibration_images(bundle, product, config.fidelity_images, config.images)
-    if reference_images(bundle, product):
-        return calibration_images(bundle, product, config.fidelity_images)
-    from .bench import synthetic_images
-    from ..preprocess import read_image, resize_to_model
-
-    with tempfile.TemporaryDirectory(prefix="winclip-tune-") as tmp:
-        paths = synthetic_images(config.fidelity_images, bundle.spec.image_size, tmp)
-        frames = [resize_to_model(read_image(p), bundle.spec.image_size) for p in paths]
-    return np.stack(frames), f"{len(frames)} synthetic frames (no reference images on disk)"
+    loaded = load_model_inputs(bundle.spec.image_size, config.images, bundle=bundle, product=product,
+                               fallbacks=(REFERENCES, SYNTHETIC), limit=config.fidelity_images)
+    for path, why in loaded.skipped:
+        log(f"skipping {path}: {why}")
+    if not len(loaded.images):
+        raise VariantError(f"no readable calibration image among {loaded.tried} from {loaded.source}")
+    return loaded.images, loaded.described
 
 
 def prepare_engine(bundle: Bundle, cfg: EngineConfig, product: str | None, log: Callable[[str], None],
@@ -171,7 +169,7 @@ def run_tune(bundle: Bundle, config: TuneConfig = TuneConfig(), factory: EngineF
     if product is None:
         raise TuneError(f"bundle {bundle.root} has no product to score with; add one with `winclip-edge add-product`")
     load_before = [round(v, 2) for v in os.getloadavg()]
-    images, described = _fidelity_images(bundle, config, product)
+    images, described = _fidelity_images(bundle, config, product, log)
     log(f"timing + fidelity on {described}, scored with product {product!r}")
     tries, skipped = candidates(config, log)
     scorer = Inspector(bundle, product, engine=_NoEngine(), with_threshold=False)

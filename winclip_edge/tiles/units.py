@@ -101,7 +101,10 @@ def score_units(outputs: dict[str, np.ndarray], keys: Sequence[int], masks: np.n
     image, zero_shot, maps = np.zeros(n, np.float32), np.zeros(n, np.float32), None
     for group in np.unique(groups):
         rows = np.flatnonzero(groups == group)
-        s = score({name: v[rows] for name, v in outputs.items()}, int(group), None if masks is None else masks[rows])
+        if len(rows) == n:  # one memory for the batch (whole frames): its outputs as they are, no copy
+            s = score(outputs, int(group), masks)
+        else:
+            s = score({name: v[rows] for name, v in outputs.items()}, int(group), None if masks is None else masks[rows])
         if maps is None:
             maps = np.zeros((n, *s.token_map.shape[1:]), np.float32)
         image[rows], zero_shot[rows], maps[rows] = s.image_score, s.zero_shot_score, s.token_map
