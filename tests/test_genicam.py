@@ -267,6 +267,30 @@ def test_software_trigger_gives_exactly_one_frame_per_trigger_with_its_part(fake
     assert not source._thread.is_alive()
 
 
+def test_hardware_trigger_waits_for_the_line_and_queues_announced_parts(fake_camera):
+    from winclip_edge.line.genicam import CameraError, GenicamOptions, GenicamSource
+
+    fake = fake_camera()
+    options = GenicamOptions(features={"Width": 64, "Height": 48, "TriggerMode": "On", "TriggerSource": "Line0",
+                                       "TriggerActivation": "RisingEdge"})
+    source = GenicamSource(fake.id, "cam", options)
+    source.check()
+    source.start()
+    try:
+        assert source.connected.wait(20) and source.trigger_mode == "hardware"
+        assert {k: source.settings[k] for k in ("TriggerSelector", "TriggerMode", "TriggerSource", "TriggerActivation")} \
+            == {"TriggerSelector": "FrameStart", "TriggerMode": "On", "TriggerSource": "Line0",
+                "TriggerActivation": "RisingEdge"}
+        source.expect("part-1")
+        time.sleep(1.5)
+        assert source.captured == 0  # no edge on Line0 (the fake camera has no input line): no frame
+        with pytest.raises(CameraError, match="software trigger needs"):
+            source.trigger("x")
+    finally:
+        source.stop()
+        source.join(10)
+
+
 def test_the_camera_killed_and_restarted_is_reconnected_and_counted(fake_camera):
     from winclip_edge.line.genicam import GenicamOptions, GenicamSource
 
