@@ -19,9 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 from conftest import free_port, wait_for  # noqa: E402
 from winclip_edge.line.control import (  # noqa: E402
     Command, ControlRefused, Recipe, StationState, Trigger, VisionState)
-from winclip_edge.line.opcua import (  # noqa: E402
+from winclip_edge.line.opcua.server import (  # noqa: E402
     E_REFUSED, E_STATE, E_UNKNOWN_RECIPE, NAMESPACE, OK, OpcuaFace, RESULT_EVENT_FIELDS)
-from winclip_edge.line.opcua_config import OpcuaConfig, OpcuaError  # noqa: E402
+from winclip_edge.line.opcua import OpcuaConfig, OpcuaError, start_opcua  # noqa: E402
 
 EMPTY = ua.Variant([], ua.VariantType.Variant)  # the Parameters argument of StartSingleJob
 
@@ -73,7 +73,7 @@ def station():
 
 @pytest.fixture
 def face(station):
-    face = OpcuaFace(OpcuaConfig(port=free_port(), poll_s=0.05), station).start()
+    face = start_opcua(OpcuaConfig(port=free_port(), poll_s=0.05), station)
     yield face
     face.stop()
 

@@ -1,6 +1,6 @@
 """What a line controller (a PLC, an MES) may ask of a station, as a small typed interface.
 
-The OPC UA face (``line/opcua.py``, docs/opcua_modbus.md) drives a station only through :class:`StationControl`:
+The OPC UA face (``line/opcua/``, docs/opcua_modbus.md) drives a station only through :class:`StationControl`:
 it reads the station's state and recipes, prepares a recipe, triggers a part and passes the machine commands of
 OPC 40100-1 on. Everything here is plain data, so a station implements it without importing an OPC UA library
 and the face is tested against a fake station.
@@ -90,9 +90,10 @@ class ControlRefused(WinclipError, RuntimeError):
 
 class StationControl(Protocol):
     """The station as a line controller sees it. Calls come from the face's worker threads, never from the
-    station's own threads, and may block (``prepare`` reloads a product); they raise :class:`ControlRefused`
-    (or ``KeyError`` for an unknown recipe) to refuse. Results go the other way: the station passes every result
-    row to the face (``OpcuaFace.publish``)."""
+    station's own threads; ``state`` and ``recipes`` are read every poll interval (keep them cheap), the others
+    may block (``prepare`` reloads a product) and raise :class:`ControlRefused` (or ``KeyError`` for an unknown
+    recipe) to refuse. Results go the other way: the station passes every result row to the face
+    (``OpcuaFace.publish``)."""
 
     def state(self) -> StationState: ...
 

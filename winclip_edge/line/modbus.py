@@ -183,7 +183,10 @@ class ModbusSink:
 
     def __init__(self, config: ModbusConfig, clock: Callable[[], float] = time.time):
         config.check()
-        from pymodbus.client import ModbusTcpClient  # the plc extra, imported when a sink is made
+        try:
+            from pymodbus.client import ModbusTcpClient  # the plc extra, imported when a sink is made
+        except ImportError as err:
+            raise ModbusError(f"--modbus needs the plc extra: pip install \"winclip-edge[plc]\" ({err})") from None
 
         self.config, self.clock = config, clock
         self.written = 0  # verdicts written (sequence register confirmed)

@@ -37,9 +37,9 @@ from asyncua.server.user_managers import UserManager
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from ..fileio import atomic_write_bytes
-from .control import Command, ControlRefused, Recipe, StationControl, StationState, Trigger, VisionState
-from .opcua_config import OpcuaConfig, OpcuaError
+from ...fileio import atomic_write_bytes
+from ..control import Command, ControlRefused, Recipe, StationControl, StationState, Trigger, VisionState
+from .config import OpcuaConfig, OpcuaError
 
 log = logging.getLogger("winclip_edge.line.opcua")
 
@@ -749,10 +749,5 @@ class _Model:
                 ua.Variant([r.id for r in chosen], _S), ua.Variant(OK, _I32)]
 
 
-def start_opcua(config: OpcuaConfig, control: StationControl, timeout: float = 60.0) -> OpcuaFace:
-    """Make and start the face (the one call a station needs)."""
-    return OpcuaFace(config, control).start(timeout)
-
-
-__all__ = ["NAMESPACE", "OpcuaFace", "result_fields", "result_state", "server_certificate", "start_opcua",
+__all__ = ["NAMESPACE", "OpcuaFace", "result_fields", "result_state", "server_certificate",
            "E_STATE", "E_UNKNOWN_RECIPE", "E_REFUSED", "E_INTERNAL", "OK"]

@@ -12,8 +12,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import WinclipError
-from ..service.config import is_loopback
+from ...errors import WinclipError
+from ...service.config import is_loopback
 
 DEFAULT_PORT = 4840  # the port IANA registered for OPC UA
 USERNAME_ENV = "WINCLIP_OPCUA_USERNAME"
@@ -83,3 +83,4 @@ class OpcuaConfig:
         if not self.certificate and not self.certificate_dir:
             raise OpcuaError("a secure OPC UA endpoint (Basic256Sha256) needs a server certificate: give "
                              "certificate + private_key, or certificate_dir to make and keep a self-signed one")
+
