@@ -213,17 +213,15 @@ class ModbusSink:
 
     # --- the hooks: what is written at all --------------------------------------------------------------------
 
-    def skip_reason(self, message: Mapping[str, Any]) -> str | None:
-        """Why ``message`` must not reach the PLC as a live verdict now (None: write it)."""
+    def skip_reason(self, message: Mapping[str, Any]) -> tuple[str, str] | None:
+        """Why ``message`` must not reach the PLC as a live verdict now, as (counter, text); None: write it."""
         if message.get("late_for"):
-            self.late += 1
-            return f"a late result of part {message.get('part_id')!r} (its timeout {message['late_for']} was sent)"
+            return "late", f"a late result of a part whose timeout ({message['late_for']}) was sent"
         deadline = deadline_of(message)
         if deadline is not None:
             late_s = self.clock() - deadline
             if late_s * 1000.0 > self.config.write_grace_ms:
-                self.stale += 1
-                return f"{late_s:.3f} s past its deadline"
+                return "stale", f"{late_s:.3f} s past its deadline"
         return None
 
     # --- writing ----------------------------------------------------------------------------------------------
@@ -237,11 +235,13 @@ class ModbusSink:
             self.bad += 1
             log.error("modbus: message %d is not a result row (%s): not written", key, err)
             return
-        reason = self.skip_reason(row)
-        if reason is not None:
+        skip = self.skip_reason(row)
+        if skip is not None:
+            counter, reason = skip
+            setattr(self, counter, getattr(self, counter) + 1)
             log.warning("modbus: verdict %s (part %r, %s) NOT written to %s:%d: %s", row.get("id"), row.get("part_id"),
                         row.get("decision"), self.config.host, self.config.port, reason)
-            return
+            return  # handled: the spool forgets it (it is in results.jsonl)
         try:
             self._write(key, message, row)
         except SinkUnavailable:

@@ -258,6 +258,8 @@ class OpcuaFace:
             raise OpcuaError("the OPC UA face is running already")
         self._ready.clear()
         self._error = None
+        self._stop = asyncio.Event()  # bound to the server's loop on first use
+        self._queue = asyncio.Queue(self.config.max_pending_results)
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="winclip-opcua-call")
         self._thread = threading.Thread(target=self._run, name="winclip-opcua", daemon=True)
         self._thread.start()
@@ -280,6 +282,9 @@ class OpcuaFace:
         thread, loop = self._thread, self._loop
         if thread is None:
             return
+        if loop is None:  # the thread has not made its loop yet: let it start, then stop it
+            self._ready.wait(timeout)
+            loop = self._loop
         if loop is not None and self._stop is not None and not loop.is_closed():
             try:
                 loop.call_soon_threadsafe(self._stop.set)
@@ -294,7 +299,8 @@ class OpcuaFace:
 
     def publish(self, row: Mapping[str, Any]) -> bool:
         """Hand one result row to the face (any thread, never blocks): one ResultReady event and the LastResult
-        variables. False when the face is not running or too many results wait (counted in ``dropped``)."""
+        variables. False when the face is not running; a row that finds ``max_pending_results`` waiting is
+        counted in ``dropped`` and logged."""
         loop, queue = self._loop, self._queue
         if loop is None or queue is None or not self.running:
             return False
@@ -328,8 +334,7 @@ class OpcuaFace:
                 loop.close()
 
     async def _main(self) -> None:
-        self._stop = asyncio.Event()
-        self._queue = asyncio.Queue(self.config.max_pending_results)
+        assert self._stop is not None
         try:
             model = _Model(self.config, self.control, self._pool)
             server = await model.build()
