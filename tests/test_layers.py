@@ -14,10 +14,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "winclip_edge"
 HEAVY = ("torch", "torchvision", "open_clip", "tensorrt", "cuda", "onnx", "openvino", "nncf", "tritonclient",
-         "pytriton", "fastapi", "uvicorn", "paho", "watchdog", "matplotlib", "sklearn")
+         "pytriton", "fastapi", "uvicorn", "paho", "watchdog", "matplotlib", "sklearn", "asyncua", "pymodbus",
+         "cryptography")
 # Modules that exist to use one heavy library: they may import it at module level (they are imported lazily).
 HEAVY_HOMES = {"winclip_edge.export", "winclip_edge.engines.torch", "winclip_edge.service", "winclip_edge.triton",
-               "winclip_edge.line.mqtt", "winclip_edge.line.sinks", "winclip_edge.line.sources"}
+               "winclip_edge.line.mqtt", "winclip_edge.line.sinks", "winclip_edge.line.sources",
+               "winclip_edge.line.opcua.server"}
 # The design notes, method notes and seminar notes of the project's workspace live outside the repository: no
 # tracked file may cite them (the pattern is spelled so that this file does not cite them either).
 OUTSIDE_NAMES = re.compile(r"\b(?:DESI" r"GN|WIN" r"CLIP|STY" r"LE)\.md\b|shared/do" r"cs|seed/0" r"00_")
