@@ -95,12 +95,12 @@ def test_no_import_circle():
 LAYERS = (
     ("utilities", ("errors", "fileio", "performance.machine")),
     ("maths and the graph contract", ("contract", "windows", "scoring", "prompts", "evaluation.paper",
-                                      "evaluation.metrics")),
-    ("files and images", ("bundle", "products", "preprocess", "heatmap", "inputs", "tokenizer", "tiles",
-                          "evaluation.datasets")),
+                                      "evaluation.metrics", "drift")),
+    ("files and images", ("bundle", "products", "versions", "review", "preprocess", "heatmap", "inputs", "tokenizer",
+                          "tiles", "evaluation.datasets")),
     ("engines", ("engines", "builders", "export", "text_encoder")),
-    ("pipeline", ("inspector", "catalog", "calibration", "registration", "results", "demo", "performance",
-                  "evaluation", "triton")),
+    ("pipeline", ("inspector", "catalog", "calibration", "registration", "teaching", "results", "demo",
+                  "performance", "evaluation", "triton")),
     ("faces", ("line", "service")),
     ("command line", ("cli",)),
 )
