@@ -128,17 +128,24 @@ class DriftTracker:
             self._goods.append(bool(flagged))
         return self._update(("false_alarm_rate",))
 
+    def value(self, name: str) -> float:
+        """One statistic over the window (NaN below ``min_samples``)."""
+        if name == "false_alarm_rate":
+            return false_alarm_rate(self._goods) if len(self._goods) >= self.limits.min_samples else math.nan
+        if len(self._scores) < self.limits.min_samples:
+            return math.nan
+        if name == "ks":
+            return ks_statistic(self._scores, self._calibration)
+        return share_above(self._scores, self.threshold)
+
     def stats(self) -> DriftStats:
-        scores, enough = list(self._scores), self.limits.min_samples
-        far = false_alarm_rate(self._goods) if len(self._goods) >= enough else math.nan
-        ks = ks_statistic(scores, self._calibration) if len(scores) >= enough else math.nan
-        above = share_above(scores, self.threshold) if len(scores) >= enough else math.nan
-        return DriftStats(len(scores), len(self._goods), far, ks, above)
+        return DriftStats(len(self._scores), len(self._goods), *(self.value(name) for name in STATISTICS))
 
     def _update(self, names: Sequence[str]) -> list[Alert]:
-        stats, changes = self.stats(), []
+        changes = []
         for name in names:
-            limit, value = getattr(self.limits, name), stats.value(name)
+            limit = getattr(self.limits, name)
+            value = math.nan if limit is None else self.value(name)
             if limit is None or math.isnan(value):
                 continue
             if not self.active[name] and value > limit.on:

@@ -21,6 +21,7 @@ which product version; an image is taught once, so a rollback is not undone by t
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import json
 import os
 import re
@@ -217,8 +218,6 @@ class ReviewDB:
             data, suffix = encode_png(image), ".png"
         else:
             data, suffix = Path(image).read_bytes(), (Path(image).suffix.lower() or ".img")
-        import hashlib
-
         digest = hashlib.sha256(data).hexdigest()
         path = self.images / f"{digest}{suffix}"
         if not (path.is_file() and sha256_file(path) == digest):

@@ -10,7 +10,6 @@ write. A station picks it up with ``Catalog.reload``, which swaps the product's 
 """
 from __future__ import annotations
 
-import datetime as _dt
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -57,10 +56,6 @@ class Taught:
     added: list[str]  # the images that became references
     skipped: list[str] = field(default_factory=list)  # references already (same sha256)
     failed: list[InspectionResult] = field(default_factory=list)  # unreadable references or calibration images
-
-
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
 
 def _calibration_record(threshold: Threshold | None, previous: float | None = None, failed: int = 0) -> dict:

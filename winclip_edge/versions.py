@@ -71,6 +71,10 @@ class Version:
                 "weights_id": self.weights_id}
 
 
+class UnknownVersion(BundleError):
+    """A version number the product does not have."""
+
+
 @dataclass(frozen=True)
 class VersionStatus:
     """A listing entry: the version, or why it cannot be served."""
@@ -79,6 +83,17 @@ class VersionStatus:
     version: Version | None
     error: str | None
     live: bool
+
+    def to_dict(self) -> dict:
+        """The listing row of ``product versions --json`` and the versions endpoint."""
+        v = self.version
+        if v is None:
+            return {"version": self.number, "live": self.live, "error": self.error}
+        return {"version": v.number, "live": self.live, "parent": v.parent, "action": v.action, "who": v.who,
+                "created": v.created, "references": v.references.get("count"), "added": v.references.get("added"),
+                "threshold": v.calibration.get("threshold"), "calibration": v.calibration.get("method"),
+                "target_false_alarm_rate": v.calibration.get("target_false_alarm_rate"),
+                "false_alarm_rate": v.calibration.get("false_alarm_rate"), "note": v.note, "error": None}
 
 
 # ---------------------------------------------------------------- paths
@@ -121,7 +136,7 @@ def load_version(bundle: Bundle, product: str, number: int) -> Version:
     what = f"version {number} of product {product!r}"
     if not (folder / VERSION_FILE).is_file():
         known = ", ".join(map(str, numbers(bundle, product))) or "none"
-        raise BundleError(f"{what} does not exist (versions: {known})")
+        raise UnknownVersion(f"{what} does not exist (versions: {known})")
 
     def damaged(detail: str) -> BundleError:
         return BundleError(f"{what} is damaged ({detail}); it is not served: roll back to another version with "

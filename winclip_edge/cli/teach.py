@@ -54,21 +54,10 @@ def run_teach(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if taught.failed else EXIT_OK
 
 
-def _status_row(status) -> dict:
-    v = status.version
-    if v is None:
-        return {"version": status.number, "live": status.live, "error": status.error}
-    return {"version": v.number, "live": status.live, "parent": v.parent, "action": v.action, "who": v.who,
-            "created": v.created, "references": v.references.get("count"), "added": v.references.get("added"),
-            "threshold": v.calibration.get("threshold"), "calibration": v.calibration.get("method"),
-            "target_false_alarm_rate": v.calibration.get("target_false_alarm_rate"),
-            "false_alarm_rate": v.calibration.get("false_alarm_rate"), "note": v.note, "error": None}
-
-
 def run_versions(args: argparse.Namespace) -> int:
     from ..teaching import product_versions
 
-    rows = [_status_row(s) for s in product_versions(args.bundle, args.product)]
+    rows = [s.to_dict() for s in product_versions(args.bundle, args.product)]
     if args.json:
         print(json.dumps({"product": args.product, "versions": rows}, indent=2))
         return EXIT_OK
