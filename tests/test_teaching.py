@@ -96,6 +96,9 @@ def test_teach_makes_the_false_alarm_a_zero_distance_reference_and_rollback_rest
     assert after.score < before.score and after.anomalous is False and after.threshold == taught.threshold.value
     assert patch_distances(bundle, odd).max() < 1e-6  # it is a reference now: its patches are in the memory
     assert after.score == pytest.approx(after.zero_shot_score / 2, abs=1e-6)  # window distances zero too: V = 0
+    live = Inspector(bundle, "widget").threshold  # which threshold decided, without reading the file again
+    record = json.loads((v.folder / "threshold.json").read_text())
+    assert (live.checksum, live.created) == (record["sha256"], record["created"]) and live.value == after.threshold
 
     pointer = rollback(bundle, "widget", 1, "bob")
     assert (pointer["version"], pointer["previous"], pointer["who"]) == (1, 2, "bob")

@@ -99,7 +99,7 @@ def _import_unversioned(bundle: Bundle, product: str, who: str) -> Version:
 def _hashes(items: Sequence[ImageInput]) -> tuple[list[tuple[ImageInput, str]], list[InspectionResult]]:
     """(image, sha256 of its file) for paths that can be read; arrays get "" (they cannot be recognised again)."""
     out, failed = [], []
-    for i, item in enumerate(items):
+    for item in items:
         if isinstance(item, (str, Path)):
             try:
                 out.append((item, sha256_file(item)))
