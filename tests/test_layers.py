@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "winclip_edge"
 HEAVY = ("torch", "torchvision", "open_clip", "tensorrt", "cuda", "onnx", "openvino", "nncf", "tritonclient",
          "pytriton", "fastapi", "uvicorn", "paho", "watchdog", "matplotlib", "sklearn", "asyncua", "pymodbus",
-         "cryptography")
+         "cryptography", "gi")
 # Modules that exist to use one heavy library: they may import it at module level (they are imported lazily).
 HEAVY_HOMES = {"winclip_edge.export", "winclip_edge.engines.torch", "winclip_edge.service", "winclip_edge.triton",
                "winclip_edge.line.mqtt", "winclip_edge.line.sinks", "winclip_edge.line.sources",
-               "winclip_edge.line.opcua.server"}
+               "winclip_edge.line.opcua.server", "winclip_edge.line.genicam"}
 # The design notes, method notes and seminar notes of the project's workspace live outside the repository: no
 # tracked file may cite them (the pattern is spelled so that this file does not cite them either).
 OUTSIDE_NAMES = re.compile(r"\b(?:DESI" r"GN|WIN" r"CLIP|STY" r"LE)\.md\b|shared/do" r"cs|seed/0" r"00_")
@@ -97,12 +97,12 @@ def test_no_import_circle():
 LAYERS = (
     ("utilities", ("errors", "fileio", "names", "performance.machine")),
     ("maths and the graph contract", ("contract", "windows", "scoring", "prompts", "evaluation.paper",
-                                      "evaluation.metrics")),
-    ("files and images", ("bundle", "products", "preprocess", "samples", "heatmap", "inputs", "tokenizer", "tiles",
-                          "evaluation.datasets")),
+                                      "evaluation.metrics", "drift")),
+    ("files and images", ("bundle", "products", "versions", "review", "preprocess", "samples", "heatmap", "inputs",
+                          "tokenizer", "tiles", "evaluation.datasets")),
     ("engines", ("engines", "builders", "export", "text_encoder")),
-    ("pipeline", ("inspector", "catalog", "calibration", "registration", "rows", "results", "demo", "performance",
-                  "evaluation", "triton")),
+    ("pipeline", ("inspector", "catalog", "calibration", "registration", "teaching", "rows", "results", "demo",
+                  "performance", "evaluation", "triton")),
     ("faces", ("line", "service")),
     ("command line", ("cli",)),
 )

@@ -7,6 +7,8 @@ Layout (documented in models/README.md)::
     bundle/products/<p>/text.npz          t_normal, t_anomalous (+ prompts used)
     bundle/products/<p>/memory.npz        few-shot references (optional)
     bundle/products/<p>/threshold.json    calibrated decision threshold (optional)
+    bundle/products/<p>/versions/<n>/     taught versions of the few-shot files; current.json names the live one
+                                          (winclip_edge/versions.py)
 
 Every file is written atomically (temp file in the same folder, fsync, rename): a killed process
 leaves the previous file or the new one, never half of one. ``visual.onnx`` is checked against the
@@ -15,6 +17,7 @@ after export, so the manifest cannot list them) and are checked on load too.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import io
@@ -36,6 +39,8 @@ PRODUCTS = "products"
 TEXT = "text.npz"
 MEMORY = "memory.npz"
 THRESHOLD = "threshold.json"
+TILING = "tiling.json"  # the product's tiling setting (docs/tiling.md)
+TILE_MEMORY = "tile_memory.npz"  # few-shot references per tile (winclip_edge/tiles/memory.py)
 _CHECKSUM_KEY = "__sha256__"
 _META_KEY = "__meta__"
 
@@ -208,6 +213,9 @@ class Bundle:
         except ValueError as err:
             raise BundleError(f"{manifest_path} is not valid JSON ({err}); re-export the bundle") from None
         self.manifest = Manifest.from_dict(data, where=str(manifest_path))
+        # product -> the folder its few-shot files (memory, tile memory, tiling, threshold) are read from and written
+        # to, instead of the live one: a version being built or a version pinned for one load (winclip_edge/versions.py)
+        self.product_folders: dict[str, Path] = {}
         if verify:
             self.verify_files()
 
@@ -235,6 +243,12 @@ class Bundle:
         if not product or "/" in product or "\\" in product or product.startswith("."):
             raise BundleError(f"invalid product name {product!r}: use letters, digits, '_' or '-'")
         return self.root / PRODUCTS / product
+
+    def with_product_folder(self, product: str, folder: Path) -> "Bundle":
+        """The same bundle (nothing re-read) with ``product``'s few-shot files in ``folder`` (see versions.py)."""
+        view = copy.copy(self)
+        view.product_folders = {**self.product_folders, product: Path(folder)}
+        return view
 
     def products(self) -> list[str]:
         folder = self.root / PRODUCTS

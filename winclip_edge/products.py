@@ -11,6 +11,7 @@ from .bundle import (
     MEMORY,
     TEXT,
     THRESHOLD,
+    TILING,
     Bundle,
     BundleError,
     json_with_checksum,
@@ -21,8 +22,7 @@ from .bundle import (
 from .contract import PATCH_TOKENS, window_output_name
 from .fileio import atomic_write_json
 from .tiles.tiling import TilingConfig
-
-TILING = "tiling.json"  # the product's tiling setting (docs/tiling.md)
+from .versions import files_dir, write_dir
 
 
 def _now() -> str:
@@ -122,14 +122,14 @@ def save_memory(bundle: Bundle, product: str, memory: Memory) -> str:
         "patch_layer": bundle.manifest.patch_layer, "sources": memory.sources,
         "source_sha256": memory.source_sha256, "created": _now(),
     }
-    memory.checksum = save_arrays(bundle.product_dir(product) / MEMORY, arrays, meta)
+    memory.checksum = save_arrays(write_dir(bundle, product) / MEMORY, arrays, meta)
     return memory.checksum
 
 
 def load_memory(bundle: Bundle, product: str) -> Memory | None:
     """The product's memory, or None when it has not been registered."""
     bundle.check_product(product)
-    path = bundle.product_dir(product) / MEMORY
+    path = files_dir(bundle, product) / MEMORY
     if not path.is_file():
         return None
     remedy = f"re-create it with `winclip-edge register --bundle {bundle.root} --product {product} IMAGES...`"
@@ -174,23 +174,31 @@ class Threshold:
     scores: list[float] = field(default_factory=list)  # the calibration scores
     sources: list[str] = field(default_factory=list)
     leave_one_out: bool = False
+    # Of the file it was read from (empty before it is saved): its sha256 field and when calibrate wrote it. They tell
+    # which threshold decided without reading the file again (a versioned product's file is not beside text.npz).
+    checksum: str = field(default="", compare=False)
+    created: str = field(default="", compare=False)
+
+
+_RECORDED = tuple(f for f in Threshold.__dataclass_fields__ if f not in ("checksum", "created"))  # the file's fields
 
 
 def save_threshold(bundle: Bundle, product: str, threshold: Threshold) -> None:
-    body = {**asdict(threshold), "weights_id": bundle.manifest.weights_id, "created": _now()}
-    atomic_write_json(bundle.product_dir(product) / THRESHOLD, json_with_checksum(body))
+    body = {**{k: v for k, v in asdict(threshold).items() if k in _RECORDED}, "weights_id": bundle.manifest.weights_id,
+            "created": _now()}
+    atomic_write_json(write_dir(bundle, product) / THRESHOLD, json_with_checksum(body))
 
 
 def load_threshold(bundle: Bundle, product: str, memory: Memory | None, scoring: dict | None = None) -> Threshold | None:
     """The calibrated threshold, or None. Refused when it was calibrated in the other mode (zero-/few-shot), with
     another memory, or (when ``scoring`` is given) with other scoring options: its decisions would not hold."""
-    path = bundle.product_dir(product) / THRESHOLD
+    path = files_dir(bundle, product) / THRESHOLD
     if not path.is_file():
         return None
     calibrate = f"`winclip-edge calibrate --bundle {bundle.root} --product {product}`"
     obj = read_checked_json(path, f"re-create it with {calibrate}")
     bundle.check_weights(obj, path, f"re-create it with {calibrate}")
-    missing = sorted(set(Threshold.__dataclass_fields__) - set(obj))
+    missing = sorted(set(_RECORDED) - set(obj))
     if missing:
         raise BundleError(f"{path} lacks {missing} (written by an older winclip-edge); re-run {calibrate}")
     mode = "few-shot" if memory is not None else "zero-shot"
@@ -205,20 +213,20 @@ def load_threshold(bundle: Bundle, product: str, memory: Memory | None, scoring:
                   if obj["scoring"].get(k) != scoring.get(k)}
         raise BundleError(f"{path} was calibrated with other scoring options (calibrated, now: {differ}); "
                           f"use the same options or re-run {calibrate} with these")
-    return Threshold(**{k: obj[k] for k in Threshold.__dataclass_fields__})
+    return Threshold(**{k: obj[k] for k in _RECORDED}, checksum=obj["sha256"], created=obj.get("created", ""))
 
 
 # ---------------------------------------------------------------- tiling setting
 def save_tiling(bundle: Bundle, product: str, tiling: TilingConfig) -> None:
     """Record the tiling the product's tile memory / threshold were made with; runs use it unless flags override."""
     body = {**tiling.to_dict(), "weights_id": bundle.manifest.weights_id, "created": _now()}
-    atomic_write_json(bundle.product_dir(product) / TILING, json_with_checksum(body))
+    atomic_write_json(write_dir(bundle, product) / TILING, json_with_checksum(body))
 
 
 def load_tiling(bundle: Bundle, product: str) -> TilingConfig | None:
     """The product's tiling setting, or None (whole-frame inspection)."""
     bundle.check_product(product)
-    path = bundle.product_dir(product) / TILING
+    path = files_dir(bundle, product) / TILING
     if not path.is_file():
         return None
     obj = read_checked_json(path, f"record it again with `winclip-edge register --bundle {bundle.root} --product "

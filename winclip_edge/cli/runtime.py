@@ -79,6 +79,7 @@ def run_info(args: argparse.Namespace) -> int:
     from ..errors import WinclipError
     from ..products import load_memory, load_threshold, load_tiling
     from ..tiles.roi import load_roi
+    from ..versions import live_version
 
     bundle = Bundle(args.bundle)
     m = bundle.manifest
@@ -92,6 +93,7 @@ def run_info(args: argparse.Namespace) -> int:
             memory = load_memory(bundle, product)
             threshold = load_threshold(bundle, product, memory)
             tiling, roi = load_tiling(bundle, product), load_roi(bundle, product)
+            live = live_version(bundle, product)
         except WinclipError as err:  # one broken product must not hide the others
             print(f"  {product}: {err}")
             continue
@@ -100,7 +102,8 @@ def run_info(args: argparse.Namespace) -> int:
                  f"{'' if tiling.use_global else ', no whole-frame pass'}")
         print(f"  {product}: memory {memory.size if memory else 0} image(s), threshold "
               f"{'none' if threshold is None else f'{threshold.value:.6f} ({threshold.mode}, {threshold.n_images} images)'}"
-              f", {tiles}, ROI {'none' if roi is None else roi.identity}")
+              f", {tiles}, ROI {'none' if roi is None else roi.identity}"
+              f"{'' if live is None else f', version {live.number} (winclip-edge product versions)'}")
     from ..performance.tuning import engine_notes
 
     for line in engine_notes(bundle):

@@ -1,7 +1,8 @@
 """The review store: the newest inspections (record, overlay, map, image) on disk, bounded, found by id.
 
 One folder, four files per result: ``<id>.image.jpg``, ``<id>.overlay.png``, ``<id>.map.npy`` and, written
-last, ``<id>.json`` (the record). Every file is written atomically and a result exists only once its
+last, ``<id>.json`` (the record); a flagged result also keeps ``<id>.original.png``, the inspected pixels without
+loss: the JPEG is for viewing, and teaching a false alarm needs the exact image (winclip_edge/review.py). Every file is written atomically and a result exists only once its
 record does, so a crash leaves whole results (the files of a half-written one are removed at the next
 start). The id is the line payload's own ``id`` (the same in results.jsonl, MQTT and here): 32 lower-case
 hex digits, checked before any path is built, so no id names anything outside the folder. The oldest
@@ -23,10 +24,12 @@ from ..fileio import atomic_write_bytes, atomic_write_json
 from ..heatmap import write_npy
 from ..inspector import InspectionResult
 from ..results import write_overlay
+from ..review import encode_png
 
 ID_PATTERN = re.compile(r"[0-9a-f]{32}")
-FILES = {"image": ".image.jpg", "overlay": ".overlay.png", "map": ".map.npy"}
-OWN_FILE = re.compile(r"\.?([0-9a-f]{32})(?:\.json|\.image\.jpg|\.overlay\.png|\.map\.npy)(?:\.[^/]+\.tmp)?")
+FILES = {"image": ".image.jpg", "overlay": ".overlay.png", "map": ".map.npy", "original": ".original.png"}
+OWN_FILE = re.compile(r"\.?([0-9a-f]{32})(?:\.json|\.image\.jpg|\.overlay\.png|\.map\.npy|\.original\.png)"
+                      r"(?:\.[^/]+\.tmp)?")
 JPEG_QUALITY = 90  # the stored input image is for viewing; the map keeps the numbers
 
 
@@ -78,6 +81,8 @@ class ResultStore:
             if not ok:
                 raise OSError("JPEG encoding failed")
             atomic_write_bytes(self.root / (rid + FILES["image"]), jpg.tobytes())
+            if record.get("anomalous") is True:  # a false alarm may be taught: keep the exact pixels
+                atomic_write_bytes(self.root / (rid + FILES["original"]), encode_png(image))
         if image is not None and anomaly_map is not None:
             write_overlay(self.root / (rid + FILES["overlay"]), result)
         if anomaly_map is not None:
@@ -101,7 +106,7 @@ class ResultStore:
             return self._index.get(rid) if valid_id(rid) else None
 
     def file(self, rid: str, kind: str) -> Path | None:
-        """Path of a result's ``image``, ``overlay`` or ``map`` file, or None."""
+        """Path of a result's ``image``, ``overlay``, ``map`` or ``original`` (flagged results) file, or None."""
         if kind not in FILES or self.get(rid) is None:
             return None
         path = self.root / (rid + FILES[kind])

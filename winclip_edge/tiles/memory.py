@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..bundle import Bundle, BundleError, load_arrays, save_arrays
+from ..bundle import TILE_MEMORY, Bundle, BundleError, load_arrays, save_arrays
 from ..contract import IMAGE_EMBEDDING, PATCH_TOKENS, window_output_name
+from ..versions import files_dir, write_dir
 
-TILE_MEMORY = "tile_memory.npz"
 POOLED = None  # rows(POOLED): every tile of every reference
 
 
@@ -112,14 +112,14 @@ def save_tile_memory(bundle: Bundle, product: str, memory: TileMemory) -> str:
             "frame_sizes": [list(s) for s in memory.frame_sizes], "tile": list(memory.tile), "overlap": memory.overlap,
             "source_sha256": memory.source_sha256,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    memory.checksum = save_arrays(bundle.product_dir(product) / TILE_MEMORY, arrays, meta)
+    memory.checksum = save_arrays(write_dir(bundle, product) / TILE_MEMORY, arrays, meta)
     return memory.checksum
 
 
 def load_tile_memory(bundle: Bundle, product: str, source_sha256: list[str]) -> TileMemory | None:
     """The product's tile memory, or None when there is none. Refused when made for other weights or geometry,
     or for other references than ``source_sha256`` (those of memory.npz)."""
-    path = bundle.product_dir(product) / TILE_MEMORY
+    path = files_dir(bundle, product) / TILE_MEMORY
     if not path.is_file():
         return None
     arrays, meta, checksum = load_arrays(path, _remedy(bundle, product))
