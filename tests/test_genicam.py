@@ -404,6 +404,6 @@ def test_frames_score_as_infer_scores_the_same_frames_written_to_png(fake_camera
     out = tmp_path / "out"
     assert main(["infer", "--bundle", str(tiny_bundle), "--product", "widget", "--batch", "1", "--quiet",
                  "--out", str(out), str(folder)]) == 0
-    rows = {Path(r["path"]).name: r["score"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    rows = {Path(r["file"]).name: r["score"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert [rows[f"frame{i}.png"] for i in range(4)] == scores  # bit for bit
     assert len(set(scores)) > 1  # the frames differ (the pattern moves), so the comparison can fail
