@@ -30,6 +30,7 @@ from ..prompts import PromptError, PromptSpec, object_name_for
 from ..text_encoder import ProductExistsError, add_product as encode_product
 from .auth import TokenAuth
 from .config import HttpConfig
+from .errors import error
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .store import FILES, ResultStore, valid_id
 from .uploads import UploadError, decode_upload, read_upload
@@ -70,10 +71,6 @@ class NewProduct(BaseModel):
     force: bool = False  # re-encode a product that exists
 
 
-def _error(status: int, kind: str, detail: str) -> JSONResponse:
-    return JSONResponse({"error": kind, "detail": detail}, status_code=status)
-
-
 def _urls(rid: str) -> dict[str, str]:
     base = f"/v1/results/{rid}"
     return {"self": base, "image": f"{base}/image.jpg", "overlay": f"{base}/overlay.png", "map": f"{base}/map.npy"}
@@ -97,7 +94,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     async def bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.errors.labels("bad_request").inc()
         where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return _error(422, "bad_request", where)
+        return error(422, "bad_request", where)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
@@ -113,7 +110,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     @app.get("/readyz", summary="Engine loaded and warmed up: the station takes requests")
     def readyz():
         if not ctx.ready.is_set():
-            return _error(503, "not_ready", "the engine is still loading / warming up")
+            return error(503, "not_ready", "the engine is still loading / warming up")
         return {"status": "ready", "products": catalog.products, "engine": catalog.engine.name,
                 "device": catalog.engine.device}
 
@@ -147,7 +144,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                 raise UploadError(500, "inspection_failed", result.error)
         except UploadError as err:
             metrics.errors.labels(err.kind).inc()
-            return _error(err.status, err.kind, err.detail)
+            return error(err.status, err.kind, err.detail)
         # decode = bytes -> RGB here + the resize to the model input in submit
         result.timings_ms.update(upload=(t1 - t0) * 1e3, decode=(t2 - t1) * 1e3 + result.timings_ms.get("decode", 0.0))
         t3 = time.perf_counter()
@@ -160,7 +157,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             rid = await run_in_threadpool(store.add, row, result)
         except OSError as err:
             metrics.errors.labels("store").inc()
-            return _error(507, "store_failed", f"the result could not be stored ({err}); score {result.score}")
+            return error(507, "store_failed", f"the result could not be stored ({err}); score {result.score}")
         result.timings_ms["store"] = (time.perf_counter() - t3) * 1e3
         metrics.observe_result(product, "http", result.anomalous, None, result.timings_ms, time.perf_counter() - t0)
         return _with_urls(store.get(rid))
@@ -173,9 +170,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     def _checked(rid: str):
         if not valid_id(rid):
             metrics.errors.labels("bad_id").inc()
-            return _error(422, "bad_id", "a result id is 32 lower-case hex digits")
+            return error(422, "bad_id", "a result id is 32 lower-case hex digits")
         if store.get(rid) is None:
-            return _error(404, "not_found", f"no result {rid} (unknown, or older than the newest "
+            return error(404, "not_found", f"no result {rid} (unknown, or older than the newest "
                                             f"{ctx.config.keep_results} kept)")
         return None
 
@@ -189,7 +186,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             return problem
         path = store.file(rid, kind)
         if path is None:
-            return _error(404, "not_found", f"result {rid} has no {kind}")
+            return error(404, "not_found", f"result {rid} has no {kind}")
         return FileResponse(path, media_type=MEDIA_TYPES[kind], filename=f"{rid}{FILES[kind]}")
 
     @app.get("/v1/results/{rid}/overlay.png", summary="Heatmap over the image, with score and verdict")
@@ -216,12 +213,12 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     async def reload(product: str):
         if product not in ctx.batchers:
             metrics.errors.labels("unknown_product").inc()
-            return _error(404, "unknown_product", f"unknown product {product!r}; this station serves {catalog.products}")
+            return error(404, "unknown_product", f"unknown product {product!r}; this station serves {catalog.products}")
         try:
             inspector = await run_in_threadpool(catalog.reload, product)
         except (UnknownProduct, WinclipError) as err:
             metrics.reloads.labels(product, "failed").inc()
-            return _error(409, "reload_failed", f"{err} (the previous files stay in use)")
+            return error(409, "reload_failed", f"{err} (the previous files stay in use)")
         ctx.ids[product] = ModelIds.of(inspector)
         ctx.batchers[product].inspector = inspector  # the next batch is scored with the new files
         metrics.reloads.labels(product, "ok").inc()
@@ -239,12 +236,12 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             try:
                 text = await run_in_threadpool(encode_product, catalog.bundle, body.name, spec, "fp32", body.force)
             except ProductExistsError as err:
-                return _error(409, "product_exists", str(err))
+                return error(409, "product_exists", str(err))
             except PromptError as err:
-                return _error(422, "bad_prompt", str(err))
+                return error(422, "bad_prompt", str(err))
             except WinclipError as err:  # no text encoder, a damaged one, a bad name: nothing was written
                 metrics.errors.labels("add_product").inc()
-                return _error(409, "add_product_failed", str(err))
+                return error(409, "add_product_failed", str(err))
             try:
                 if body.name in ctx.batchers:
                     inspector = await run_in_threadpool(catalog.reload, body.name)
@@ -254,7 +251,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                     first = next(iter(ctx.batchers.values()))
                     ctx.batchers[body.name] = Batcher(inspector, first.max_batch, first.max_wait * 1e3, first.queue_size)
             except WinclipError as err:
-                return _error(409, "add_product_failed", f"{body.name!r} was written but cannot be served: {err}")
+                return error(409, "add_product_failed", f"{body.name!r} was written but cannot be served: {err}")
             ctx.ids[body.name] = ModelIds.of(inspector)
         return {**_product(body.name), "prompts": {"normal": len(text.normal_prompts),
                                                    "anomalous": len(text.anomalous_prompts)}, "encoder": text.encoder}
