@@ -55,7 +55,7 @@ def rows(out: Path) -> list[dict]:
     return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
-MOVING = ("id", "captured_at", "latency_ms", "timings_ms")  # what differs between two runs of one station
+MOVING = ("id", "captured_at", "decided_at", "latency_ms", "timings_ms")  # what differs between two runs of one station
 
 
 def test_print_config_then_config_runs_the_same_station(tiny_bundle, tmp_path, capsys, monkeypatch):

@@ -53,6 +53,16 @@ def _new_id() -> str:
     return uuid.uuid4().hex
 
 
+DECISIONS = ("pass", "fail", "timeout")
+
+
+def decision_of(anomalous: bool | None, error: str | None) -> str | None:
+    """``pass`` / ``fail`` of a scored image (the same verdict as ``anomalous``); None without a threshold or score."""
+    if error is not None or anomalous is None:
+        return None
+    return "fail" if anomalous else "pass"
+
+
 @dataclass(frozen=True)
 class ResultRow:
     """One decision as every face writes it (docs/line.md, "The result row"). The field order is the JSON order."""
@@ -82,14 +92,29 @@ class ResultRow:
     map: Optional[str] = None  # path (or URL) of the map .npy when saved
     moved_to: Optional[str] = None  # hot folder: where the file goes after its row is written
     error: Optional[str] = None
+    # The line's terms (docs/line.md, "Triggered parts"): what was decided for which part, when, and whether it is live.
+    part_id: Optional[str] = None  # the triggered part; null when free-running
+    decision: Optional[str] = None  # "pass" | "fail" | "timeout"; null without a threshold (or with an error)
+    accept: Optional[bool] = None  # what the line does with the part: true good, false reject (fail-safe)
+    job_id: Optional[str] = None  # the trigger's job id (OPC UA StartSingleJob's JobId)
+    meas_id: Optional[str] = None  # the trigger's measurement id (OPC UA MeasId)
+    triggered_by: Optional[str] = None  # opcua | mqtt | http | camera | folder | restart
+    triggered_at: Optional[str] = None  # ISO 8601 UTC: when the station took the trigger
+    deadline_at: Optional[str] = None  # ISO 8601 UTC: the part's verdict is due by then
+    decided_at: Optional[str] = None  # ISO 8601 UTC: when this row was decided
+    late_for: Optional[str] = None  # not a live verdict: the id of the row that was (its fail-safe timeout)
+    views: Optional[list] = None  # a part's views: one object per captured view (source, score, map, ...)
+    overlay_url: Optional[str] = None  # the overlay on the HTTP face (when it runs)
 
     @classmethod
     def of(cls, result: InspectionResult, ids: ModelIds, captured_at: float | None = None,
-           latency_ms: float | None = None, **where: Any) -> "ResultRow":
+           latency_ms: float | None = None, decided_at: float | None = None, **where: Any) -> "ResultRow":
         """The row of ``result`` decided with ``ids``; ``where`` sets the face's own fields (station, source, frame,
-        file, file_sha256, overlay, map, moved_to, and ``error`` when writing the outputs failed). ``captured_at``:
-        seconds since the epoch."""
+        file, file_sha256, overlay, map, moved_to, the part's fields, and ``error`` when writing the outputs
+        failed). ``captured_at`` and ``decided_at``: seconds since the epoch. ``decision`` and ``accept`` follow
+        ``anomalous`` (null without a threshold)."""
         ok = result.error is None and result.anomaly_map is not None
+        decision = decision_of(result.anomalous, result.error)
         made = dict(
             product=ids.product, mode=ids.mode, model=ids.model, weights_id=ids.weights_id, memory_id=ids.memory_id,
             threshold_id=ids.threshold_id, score=result.score, anomalous=result.anomalous, threshold=result.threshold,
@@ -97,7 +122,9 @@ class ResultRow:
             captured_at=None if captured_at is None else utc_iso(captured_at),
             latency_ms=None if latency_ms is None else round(latency_ms, 3),
             image_size=list(result.anomaly_map.shape) if ok else None,
-            timings_ms={k: round(v, 3) for k, v in result.timings_ms.items()} if result.timings_ms else None)
+            timings_ms={k: round(v, 3) for k, v in result.timings_ms.items()} if result.timings_ms else None,
+            decision=decision, accept=None if decision is None else decision == "pass",
+            decided_at=None if decided_at is None else utc_iso(decided_at))
         if "error" in where and where["error"] is None:
             where.pop("error")  # no output error: the result's own stays
         return cls(**{**made, **where})

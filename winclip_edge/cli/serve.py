@@ -17,12 +17,16 @@ from typing import Any
 
 from .. import inputs
 from ..line.build import build_station
+from ..line.modbus import ModbusOptions
+from ..line.parts import ON_TIMEOUT
 from ..line.registry import resolve_source, source_plugins
 from ..line.sinks import MqttOptions, WebhookOptions
 from ..line.sources import DROP_POLICIES
 from ..line.spec import (
     EngineSpec,
     HttpSpec,
+    OpcuaSpec,
+    PartsSpec,
     SinkSpec,
     SourceSpec,
     StationSpec,
@@ -44,7 +48,9 @@ SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reco
 NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
 # Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
 FLAG_OF_KEY = {"products": "--product", "scoring.scales": "--use-scales", "scoring.use_image_scale": "--no-image-scale",
-               "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source"}
+               "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source",
+               "opcua.listen": "--opcua", "parts.views": "--view", "parts.max_pending": "--max-parts",
+               "parts.continuous": "--triggered", "modbus.host": "--modbus", "modbus.port": "--modbus"}
 
 
 def register(sub: Any) -> None:
@@ -103,6 +109,26 @@ def register(sub: Any) -> None:
                    help="at exit, seconds the sinks may take to deliver what is spooled (the rest waits on disk)")
     o.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (0 = none)")
     add_http_options(p)
+
+    t = p.add_argument_group("triggered parts and the line controller (docs/line.md)")
+    t.add_argument("--deadline-ms", type=float, default=None,
+                   help="a triggered part's verdict is due this long after its trigger; at the deadline without one a "
+                        "fail-safe row (decision \"timeout\") is published (default: no deadline)")
+    t.add_argument("--on-timeout", choices=ON_TIMEOUT, default="reject",
+                   help="what the fail-safe row tells the line (default reject)")
+    t.add_argument("--triggered", action="store_true",
+                   help="inspect triggered parts only: frames no part claims are dropped (counted); a hot-folder file "
+                        "is its own part (default: free-running between parts)")
+    t.add_argument("--view", action="append", metavar="NAME",
+                   help="repeatable: a source (or 'http') whose capture is one of a part's views (default: every source)")
+    t.add_argument("--max-parts", type=int, default=64,
+                   help="parts in flight at most; a trigger beyond gets its fail-safe row at once (default 64)")
+    t.add_argument("--opcua", metavar="HOST:PORT", default=None,
+                   help="serve OPC UA (OPC 40100-1 machine vision) here; beyond loopback only with "
+                        "WINCLIP_OPCUA_USERNAME/WINCLIP_OPCUA_PASSWORD (Basic256Sha256); needs the plc extra")
+    t.add_argument("--modbus", metavar="HOST:PORT", default=None,
+                   help="write every verdict to this PLC (Modbus TCP, port 502 if left out; docs/line.md has the "
+                        "register map); needs the plc extra")
     # The defaults above are for --help; a flag not given leaves no value, so only the flags given override the
     # station file (the spec's dataclasses hold the same defaults).
     for action in p._actions:
@@ -200,6 +226,37 @@ def _http(base: HttpSpec | None, given: dict[str, Any]) -> HttpSpec | None:
     return _replace(http, "http", **changes)
 
 
+def _opcua(base: OpcuaSpec | None, given: dict[str, Any]) -> OpcuaSpec | None:
+    if "opcua" not in given:
+        return base
+    try:
+        inputs.parse_host_port(given["opcua"])
+    except Exception:
+        raise CliError(f"--opcua {given['opcua']!r}: expected HOST:PORT, e.g. 127.0.0.1:4840") from None
+    return _replace(base or OpcuaSpec(), "opcua", listen=given["opcua"])
+
+
+def _modbus(base: ModbusOptions | None, given: dict[str, Any]) -> ModbusOptions | None:
+    if "modbus" not in given:
+        return base
+    try:
+        host, port = inputs.parse_host_port(given["modbus"], 502)
+    except Exception:
+        raise CliError(f"--modbus {given['modbus']!r}: expected HOST:PORT, e.g. 192.168.0.10:502") from None
+    return _replace(base, "modbus", host=host, port=port) if base is not None else ModbusOptions(host=host, port=port)
+
+
+def _parts(base: PartsSpec, given: dict[str, Any]) -> PartsSpec:
+    changes: dict[str, Any] = {}
+    if given.get("triggered"):
+        changes["continuous"] = False
+    if "view" in given:
+        changes["views"] = tuple(given["view"])
+    if "max_parts" in given:
+        changes["max_pending"] = given["max_parts"]
+    return _replace(base, "parts", **changes)
+
+
 def _engine(base: EngineSpec, given: dict[str, Any]) -> EngineSpec:
     """The file's ``[engine]`` with the engine flags given laid over it, checked as every command checks them (a
     flag the backend does not take is refused by name)."""
@@ -231,7 +288,8 @@ def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSp
     """``base`` (a station file, or the defaults) with the flags ``given`` (flag dest -> value) laid over it."""
     base = StationSpec() if base is None else base
     top = {"station": given.get("station"), "bundle": given.get("bundle"), "sigma": given.get("sigma"),
-           "products": tuple(given["product"]) if "product" in given else None}
+           "products": tuple(given["product"]) if "product" in given else None,
+           "deadline_ms": given.get("deadline_ms"), "on_timeout": given.get("on_timeout")}
     scoring = {"temperature": given.get("temperature"), "scales": given.get("use_scales"), "mean": given.get("mean"),
                "use_image_scale": False if given.get("no_image_scale") else None,
                "use_memory": False if given.get("zero_shot") else None}
@@ -246,7 +304,8 @@ def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSp
             tiling=_replace(base.tiling, "tiling", **tiling),
             batching=_replace(base.batching, "batching", **batching),
             outputs=_replace(base.outputs, "outputs", **outputs),
-            sources=_sources(base.sources, given), sinks=_sinks(base.sinks, given), http=_http(base.http, given))
+            sources=_sources(base.sources, given), sinks=_sinks(base.sinks, given), http=_http(base.http, given),
+            parts=_parts(base.parts, given), opcua=_opcua(base.opcua, given), modbus=_modbus(base.modbus, given))
         return _replace(base, "", **{k: v for k, v in top.items() if v is not None}, **parts)
     except SpecError as err:  # a value that is refused with the others, e.g. two sources of one name
         raise CliError(_flag_message(err)) from None

@@ -173,9 +173,10 @@ class Batcher:
 
     def _process(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
+        inspector = self.inspector  # read once: a reload swaps it between batches, never inside one
         try:
-            results = self.inspector.inspect_decoded([p.decoded for p in batch],
-                                                     keep_images=any(p.job.keep_image for p in batch))
+            results = inspector.inspect_decoded([p.decoded for p in batch],
+                                                keep_images=any(p.job.keep_image for p in batch))
         except Exception as err:  # the engine failed: these jobs get error results, the next batch still runs
             results = [InspectionResult(path=p.job.name, error=f"{p.job.name}: engine failed: {type(err).__name__}: {err}")
                        for p in batch]
@@ -185,6 +186,7 @@ class Batcher:
             self._counts["errors"] += sum(r.error is not None for r in results)
             self._batch_sizes[len(batch)] = self._batch_sizes.get(len(batch), 0) + 1
         for p, result in zip(batch, results):
+            p.job.metadata["inspector"] = inspector  # which product files decided it (the row's ids)
             result.path = p.job.name
             result.timings_ms["queue"] = (started - p.enqueued) * 1e3
             if not p.job.keep_image:

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping
 from ..bundle import json_with_checksum, read_checked_json
 from ..errors import WinclipError
 from ..fileio import atomic_write_json
+from .plugins import SinkContext, SinkPlugin
 from .sinks import SinkUnavailable
 
 log = logging.getLogger("winclip_edge.line")
@@ -153,6 +154,8 @@ def verdict_values(message: Mapping[str, Any], registers: Mapping[str, tuple[int
     """Register address -> value and coil address -> value of one verdict (the sequence register excluded)."""
     decision = message.get("decision")
     code = RESULT_CODES.get(decision, RESULT_ERROR)  # no decision (an error) is rejected too: fail-safe
+    accept = message.get("accept")  # what the station decided to do with the part (a timeout: its on_timeout)
+    good = accept if isinstance(accept, bool) else code == RESULT_PASS
     part = part_id_number(message.get("part_id"))
     words = {"part_id": [part >> 16, part & 0xFFFF], "score": [milli(message.get("score"))],
              "threshold": [milli(message.get("threshold"))], "result": [code]}
@@ -161,7 +164,7 @@ def verdict_values(message: Mapping[str, Any], registers: Mapping[str, tuple[int
         if name != "sequence":
             for offset, word in enumerate(words[name]):
                 values[address + offset] = word
-    bits = {"accept": code == RESULT_PASS, "reject": code != RESULT_PASS, "timeout": code == RESULT_TIMEOUT}
+    bits = {"accept": good, "reject": not good, "timeout": code == RESULT_TIMEOUT}
     return values, {address: bits[name] for name, address in coils.items()}
 
 
@@ -292,6 +295,63 @@ class ModbusSink:
         self._last_sequence = sequence
 
 
-__all__ = ["ModbusConfig", "ModbusError", "ModbusMap", "ModbusSink", "deadline_of", "milli", "part_id_number",
+# ---------------------------------------------------------------- the sink kind (registry.py) and [modbus]
+NOT_WRITTEN = -1  # an address of ModbusOptions that is not written (TOML has no null)
+STATE_SUFFIX = ".modbus-state.json"
+
+
+@dataclass(frozen=True)
+class ModbusOptions:
+    """A PLC in a station file (``[modbus]``, or ``[[sinks]]`` with ``kind = "modbus"``): where it listens, the
+    register map (0-based addresses; -1 = not written) and the deadline grace (docs/line.md, "Modbus TCP")."""
+
+    host: str
+    port: int = 502
+    unit: int = 1
+    accept_coil: int = 0
+    reject_coil: int = 1
+    timeout_coil: int = 2
+    part_id_register: int = 0
+    score_register: int = 2
+    threshold_register: int = NOT_WRITTEN
+    result_register: int = 3
+    sequence_register: int = 4
+    timeout_s: float = 2.0
+    write_grace_ms: float = 500.0
+
+    def __post_init__(self) -> None:
+        if not self.host:
+            raise ModbusError("a modbus sink needs the PLC's host")
+        self.config().check()
+
+    def config(self, state_file: str | None = None) -> ModbusConfig:
+        def at(address: int) -> int | None:
+            return None if address == NOT_WRITTEN else address
+
+        mapping = ModbusMap(unit=self.unit, accept_coil=at(self.accept_coil), reject_coil=at(self.reject_coil),
+                            timeout_coil=at(self.timeout_coil), part_id_register=at(self.part_id_register),
+                            score_register=at(self.score_register), threshold_register=at(self.threshold_register),
+                            result_register=at(self.result_register), sequence_register=self.sequence_register)
+        return ModbusConfig(self.host, self.port, mapping, timeout_s=self.timeout_s,
+                            write_grace_ms=self.write_grace_ms, state_file=state_file)
+
+
+def state_file(out: str | None, name: str) -> str | None:
+    """The sequence state of sink ``name``: beside its spool folder (``OUT/spool/<name>.modbus-state.json``)."""
+    return None if out is None else str(Path(out).resolve() / "spool" / f"{name}{STATE_SUFFIX}")
+
+
+def _modbus(name: str, options: ModbusOptions, context: SinkContext) -> ModbusSink:
+    sink = ModbusSink(options.config(state_file(context.out, name)))
+    sink.name = name
+    return sink
+
+
+MODBUS_SINK = SinkPlugin("modbus", ModbusOptions, _modbus, requires=("pymodbus",),
+                         install='pip install "winclip-edge[plc]"')
+
+
+__all__ = ["MODBUS_SINK", "ModbusConfig", "ModbusError", "ModbusMap", "ModbusOptions", "ModbusSink", "deadline_of",
+           "milli", "part_id_number",
            "runs", "verdict_values", "RESULT_NONE", "RESULT_PASS", "RESULT_FAIL", "RESULT_TIMEOUT", "RESULT_ERROR",
            "NO_SCORE", "SEQUENCE_MAX"]

@@ -95,6 +95,7 @@ class SinkContext:
 
     station: str
     products: tuple[str, ...]
+    out: Optional[str] = None  # the station's output folder (a sink may keep its state beside its spool)
 
 
 @dataclass(frozen=True)

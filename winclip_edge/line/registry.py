@@ -15,6 +15,7 @@ from importlib import metadata
 from typing import Iterable
 
 from ..errors import WinclipError
+from .modbus import MODBUS_SINK
 from .plugins import SinkPlugin, SourcePlugin
 from .sinks import BUILTIN_SINKS
 from .sources import BUILTIN_SOURCES
@@ -75,7 +76,7 @@ def source_plugins() -> dict[str, SourcePlugin]:
 def sink_plugins() -> dict[str, SinkPlugin]:
     """Every sink kind: kind -> plugin."""
     found: dict[str, SinkPlugin] = {}
-    for plugin in [*BUILTIN_SINKS, *_loaded(SINK_GROUP, SinkPlugin)]:
+    for plugin in [*BUILTIN_SINKS, MODBUS_SINK, *_loaded(SINK_GROUP, SinkPlugin)]:
         if plugin.kind in found:
             raise PluginError(f"sink kind {plugin.kind!r} of {plugin.origin} is taken by {found[plugin.kind].origin}")
         found[plugin.kind] = plugin

@@ -23,11 +23,15 @@ from ..inputs import parse_host_port
 from ..scoring import ScoringOptions
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from ..tiles.overrides import TilingOverrides
+from .modbus import ModbusOptions
+from .opcua.config import DEFAULT_PORT as OPCUA_PORT
+from .parts import HTTP_VIEW, ON_TIMEOUT, PartsConfig
 from .registry import PluginError, resolve_source, sink_plugin, sink_plugins, source_plugins
 from .station import SAVE_POLICIES
 from .typed import SpecError, build, from_table, to_table
 
 DEFAULT_LISTEN = f"127.0.0.1:{DEFAULT_PORT}"
+OPCUA_LISTEN = f"127.0.0.1:{OPCUA_PORT}"
 
 
 @dataclass(frozen=True)
@@ -284,6 +288,49 @@ class HttpSpec:
 
 
 @dataclass(frozen=True)
+class PartsSpec:
+    """``[parts]``: how triggered parts are captured (docs/line.md, "Triggered parts"); the deadline is the
+    station's ``deadline_ms``."""
+
+    continuous: bool = True  # frames no part claims are inspected free-running; false: triggered parts only
+    views: tuple[str, ...] = ()  # the sources (or "http") whose captures are a part's views; empty: every source
+    max_pending: int = 64  # parts in flight at most; beyond, a trigger gets its fail-safe row at once (counted)
+    capture_timeout_ms: float = 10000.0  # a view not captured this long after the trigger fails its part
+    remember: int = 10000  # decided part ids kept (in the journal too): a trigger for one of them is refused
+    mqtt_trigger: bool = True  # with an MQTT sink: take triggers on winclip/<station>/trigger
+
+    def __post_init__(self) -> None:
+        for key, value in (("max_pending", self.max_pending), ("remember", self.remember)):
+            if value < 1:
+                raise SpecError(key, f"must be >= 1, got {value}")
+        if not (self.capture_timeout_ms > 0 and math.isfinite(self.capture_timeout_ms)):
+            raise SpecError("capture_timeout_ms", f"must be > 0, got {self.capture_timeout_ms}")
+
+
+@dataclass(frozen=True)
+class OpcuaSpec:
+    """``[opcua]``: the OPC UA face (OPC 40100-1 machine vision). User and password only from the environment
+    (WINCLIP_OPCUA_USERNAME / WINCLIP_OPCUA_PASSWORD); a non-loopback listen needs them or trusted client
+    certificates. ``certificate_dir`` None: ``OUT/opcua`` (a self-signed server certificate is made there once)."""
+
+    listen: str = OPCUA_LISTEN
+    certificate: Optional[str] = None
+    private_key: Optional[str] = None
+    certificate_dir: Optional[str] = None
+    trusted_clients: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        try:
+            parse_host_port(self.listen)
+        except Exception:
+            raise SpecError("listen", f"expected HOST:PORT, e.g. {OPCUA_LISTEN}, got {self.listen!r}") from None
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        return parse_host_port(self.listen)
+
+
+@dataclass(frozen=True)
 class StationSpec:
     """A whole station. Sources inspect the first product; the HTTP face serves all of them."""
 
@@ -299,12 +346,35 @@ class StationSpec:
     sources: tuple[SourceSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     http: Optional[HttpSpec] = None
+    deadline_ms: Optional[float] = None  # a triggered part's verdict is due this long after its trigger
+    on_timeout: str = "reject"  # the fail-safe row at the deadline: reject | pass
+    parts: PartsSpec = PartsSpec()
+    opcua: Optional[OpcuaSpec] = None
+    modbus: Optional[ModbusOptions] = None  # one PLC; more: [[sinks]] with kind = "modbus"
 
     def __post_init__(self) -> None:
         if self.sigma < 0:
             raise SpecError("sigma", f"must be >= 0, got {self.sigma}")
+        if self.deadline_ms is not None and not (self.deadline_ms > 0 and math.isfinite(self.deadline_ms)):
+            raise SpecError("deadline_ms", f"must be > 0, got {self.deadline_ms}")
+        if self.on_timeout not in ON_TIMEOUT:
+            raise SpecError("on_timeout", f"must be one of {', '.join(ON_TIMEOUT)}, got {self.on_timeout!r}")
         object.__setattr__(self, "sources", tuple(named_sources(self.sources)))
         object.__setattr__(self, "sinks", tuple(named_sinks(self.sinks)))
+        names = {s.name for s in self.sources}
+        unknown = [v for v in self.parts.views if v not in names and v != HTTP_VIEW]
+        if unknown:
+            raise SpecError("parts.views", f"{unknown[0]!r} is not a source of this station (sources: "
+                                           f"{', '.join(sorted(names)) or 'none'}; or {HTTP_VIEW!r} for uploads)")
+        if self.modbus is not None and any(s.name == "modbus" for s in self.sinks):
+            raise SpecError("modbus", "a sink is named 'modbus' already (its spool would be the [modbus] one's)")
+
+    def parts_config(self) -> PartsConfig:
+        """The station's PartsConfig: the deadline and fail-safe with ``[parts]``."""
+        p = self.parts
+        return PartsConfig(deadline_ms=self.deadline_ms, on_timeout=self.on_timeout, views=p.views,
+                           continuous=p.continuous, max_pending=p.max_pending,
+                           capture_timeout_ms=p.capture_timeout_ms, remember=p.remember)
 
     @property
     def station_name(self) -> str:

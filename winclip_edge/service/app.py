@@ -10,9 +10,10 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional, Union
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,12 +26,14 @@ from ..catalog import Catalog, UnknownProduct
 from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
+from ..line.control import ControlRefused, Trigger
+from ..line.parts import PartRefused
 from ..rows import ModelIds, ResultRow
 from ..prompts import PromptError, PromptSpec, object_name_for
 from ..text_encoder import ProductExistsError, add_product as encode_product
 from .auth import TokenAuth
 from .config import HttpConfig
-from .errors import error
+from .errors import error, responses
 from .metrics import CONTENT_TYPE, ServiceMetrics
 from .store import FILES, ResultStore, valid_id
 from .uploads import UploadError, decode_upload, read_upload
@@ -53,6 +56,10 @@ class ServiceContext:
     ready: threading.Event = field(default_factory=threading.Event)
     ids: dict[str, ModelIds] = field(default_factory=dict)  # per product, renewed by a reload
     on_decision: Optional[Callable[[dict], None]] = None  # the station counts HTTP decisions with its own
+    # The station's triggered parts (docs/line.md, "Triggered parts"): set by the station that runs this face.
+    trigger: Optional[Callable[[Trigger], Any]] = None  # POST /v1/trigger
+    upload_part: Optional[Callable[..., Any]] = None  # POST /v1/inspect?part_id=...: (part_id, product, image, name,
+    # received_at, timeout) -> a Future of the part's row
 
     def __post_init__(self) -> None:
         for product in self.catalog.products:
@@ -69,6 +76,14 @@ class NewProduct(BaseModel):
     templates: List[str] = []  # extra templates, "{c}" = the state phrase
     prompt_style: str = "cpe"
     force: bool = False  # re-encode a product that exists
+
+
+class TriggerBody(BaseModel):
+    """``POST /v1/trigger``: a part in front of the station's cameras (docs/line.md, "Triggered parts")."""
+
+    part_id: Union[str, int]
+    product: Optional[str] = None  # default: the prepared recipe
+    meas_id: str = ""
 
 
 def _urls(rid: str) -> dict[str, str]:
@@ -114,9 +129,46 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         return {"status": "ready", "products": catalog.products, "engine": catalog.engine.name,
                 "device": catalog.engine.device}
 
+    @app.post("/v1/trigger", status_code=202, summary="Trigger a part: its views are captured, one row per part",
+              responses=responses(404, 409, 422, 503))
+    async def trigger(body: TriggerBody):
+        if ctx.trigger is None:
+            return error(503, "no_parts", "this face runs without a station that takes triggers")
+        job_id = uuid.uuid4().hex
+        try:
+            part = await run_in_threadpool(ctx.trigger, Trigger(part_id=str(body.part_id), product=body.product,
+                                                                meas_id=body.meas_id, job_id=job_id, source="http"))
+        except PartRefused as err:
+            return error(409, "part_refused", str(err))
+        except ControlRefused as err:
+            return error(409, "refused", str(err))
+        except KeyError as err:
+            return error(404, "unknown_product", str(err).strip("'\""))
+        return {"part_id": part.part_id, "job_id": job_id, "product": part.product,
+                "deadline_ms": None if part.deadline_at is None else round((part.deadline_at - part.triggered_at) * 1e3, 3)}
+
+    async def inspect_part(part_id: str, product: str, image, label: str, received: float):
+        """An upload with a part id: the part's view through the station (its row in results.jsonl and every sink,
+        its deadline); the answer is the part's row (or, after its fail-safe, the late result)."""
+        try:
+            future = await run_in_threadpool(ctx.upload_part, part_id, product, image, label, received,
+                                             ctx.config.submit_timeout_s)
+            row = await asyncio.wait_for(asyncio.wrap_future(future), ctx.config.result_timeout_s)
+        except PartRefused as err:
+            raise UploadError(409, "part_refused", str(err)) from None
+        except ControlRefused as err:
+            raise UploadError(409, "refused", str(err)) from None
+        except (BatcherFull, BatcherClosed) as err:
+            raise UploadError(503, "busy", str(err)) from None
+        except asyncio.TimeoutError:
+            raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
+        return {**row, "urls": _urls(row["id"])}
+
     @app.post("/v1/inspect", summary="Inspect one image (raw body or multipart field 'image')")
     async def inspect(request: Request, product: str = Query(..., description="product to inspect it as"),
-                      name: Optional[str] = Query(None, description="a name for the image (default: its file name)")):
+                      name: Optional[str] = Query(None, description="a name for the image (default: its file name)"),
+                      part_id: Optional[str] = Query(None, description="the part this image shows: a view of a "
+                                                     "triggered part, or a part of its own (docs/line.md)")):
         received = time.time()
         t0 = time.perf_counter()
         try:
@@ -128,6 +180,10 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             t1 = time.perf_counter()
             image = await run_in_threadpool(decode_upload, data, label)
             t2 = time.perf_counter()
+            if part_id is not None:
+                if ctx.upload_part is None:
+                    raise UploadError(503, "no_parts", "this face runs without a station that takes parts")
+                return await inspect_part(part_id, product, image, label, received)
             job = Job(name=label, image=image, metadata={"source": "http"}, keep_image=True)
             try:
                 future = await run_in_threadpool(batcher.submit, job, True, ctx.config.submit_timeout_s)
