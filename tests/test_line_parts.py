@@ -272,6 +272,8 @@ def test_engine_failure_is_error_with_the_reason_and_recovery_is_operational(two
             write_png(inbox / "f1.png", 1)
             wait_for(lambda: controller.state().state is VisionState.ERROR, 30, "Error")
             assert controller.state().reason == "engine failed: RuntimeError: CUDA error: device lost"
+            wait_for(lambda: len(rows_of(tmp_path / "out")) == 1, 30, "the failed part's row")
+            assert controller.state().state is VisionState.ERROR  # until the engine works again
             flaky.fail = None
             controller.command(Command.RESET, "operator")  # probes the engine at once
             assert controller.state().state is VisionState.READY

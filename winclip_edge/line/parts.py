@@ -23,6 +23,7 @@ from .control import ControlRefused
 HTTP_VIEW = "http"  # the view an upload with the part id fills (POST /v1/inspect?part_id=...)
 ON_TIMEOUT = ("reject", "pass")
 MAX_PART_ID = 128
+DEFAULT_CAPTURE_MS = 10000.0  # without a deadline, how long a part waits for its views
 VIEW_SEPARATOR = "@"  # a hot-folder file 4711@top.png is a view of part 4711 (so is 4711.png)
 
 WAITING, INSPECTING, DONE = "waiting", "inspecting", "done"
@@ -63,7 +64,7 @@ class PartsConfig:
     views: tuple[str, ...] = ()
     continuous: bool = True
     max_pending: int = 64  # parts in flight at most; beyond, a trigger gets its fail-safe row at once (counted)
-    capture_timeout_ms: float = 10000.0  # a view not captured by then fails its part
+    capture_timeout_ms: float | None = None  # a view not captured by then fails; None: the deadline (else 10 s)
     remember: int = 10000  # decided part ids kept: a trigger for one of them is refused
 
     def __post_init__(self) -> None:
@@ -73,10 +74,18 @@ class PartsConfig:
             raise ValueError(f"--on-timeout must be one of {', '.join(ON_TIMEOUT)}, got {self.on_timeout!r}")
         if self.max_pending < 1:
             raise ValueError(f"--max-parts must be >= 1, got {self.max_pending}")
-        if not (self.capture_timeout_ms > 0 and math.isfinite(self.capture_timeout_ms)):
+        if self.capture_timeout_ms is not None and not (self.capture_timeout_ms > 0
+                                                        and math.isfinite(self.capture_timeout_ms)):
             raise ValueError(f"capture_timeout_ms must be > 0, got {self.capture_timeout_ms}")
         if self.remember < 1:
             raise ValueError(f"remember must be >= 1, got {self.remember}")
+
+    @property
+    def capture_ms(self) -> float:
+        """How long a part waits for its views: ``capture_timeout_ms``, else its deadline, else 10 s."""
+        if self.capture_timeout_ms is not None:
+            return self.capture_timeout_ms
+        return self.deadline_ms if self.deadline_ms is not None else DEFAULT_CAPTURE_MS
 
 
 @dataclass
@@ -156,7 +165,7 @@ class PartTracker:
                     triggered_at=epoch, triggered_mono=mono,
                     deadline_at=None if deadline is None else epoch + deadline / 1e3,
                     deadline_mono=None if deadline is None else mono + deadline / 1e3,
-                    capture_by_mono=mono + self.config.capture_timeout_ms / 1e3)
+                    capture_by_mono=mono + self.config.capture_ms / 1e3)
 
     def refusal(self, part_id: str) -> str | None:
         """Why a new part with this id is refused (in flight or decided already), or None."""
@@ -251,7 +260,7 @@ class PartTracker:
 
     def expire(self, now: float | None = None) -> Expired:
         """Parts past their deadline without a verdict (marked: the caller publishes their fail-safe and sets
-        ``timeout_row``) and parts completed by views that waited past ``capture_timeout_ms``."""
+        ``timeout_row``) and parts completed by views that waited past ``capture_ms``."""
         now = self.clock() if now is None else now
         timed_out, completed = [], []
         with self._lock:
@@ -263,7 +272,7 @@ class PartTracker:
                         slot = part.views[name]
                         slot.state = DONE
                         slot.error = (f"no {'frame' if slot.live else 'file or upload'} from view {name} within "
-                                      f"{self.config.capture_timeout_ms:g} ms of the trigger")
+                                      f"{self.config.capture_ms:g} ms of the trigger")
                     if part.complete:
                         completed.append(part)
             self.counts["timeouts"] += len(timed_out)

@@ -295,7 +295,8 @@ class PartsSpec:
     continuous: bool = True  # frames no part claims are inspected free-running; false: triggered parts only
     views: tuple[str, ...] = ()  # the sources (or "http") whose captures are a part's views; empty: every source
     max_pending: int = 64  # parts in flight at most; beyond, a trigger gets its fail-safe row at once (counted)
-    capture_timeout_ms: float = 10000.0  # a view not captured this long after the trigger fails its part
+    capture_timeout_ms: Optional[float] = None  # a view not captured this long after the trigger fails its part;
+    # absent: the deadline (without one, 10 s)
     remember: int = 10000  # decided part ids kept (in the journal too): a trigger for one of them is refused
     mqtt_trigger: bool = True  # with an MQTT sink: take triggers on winclip/<station>/trigger
 
@@ -303,7 +304,8 @@ class PartsSpec:
         for key, value in (("max_pending", self.max_pending), ("remember", self.remember)):
             if value < 1:
                 raise SpecError(key, f"must be >= 1, got {value}")
-        if not (self.capture_timeout_ms > 0 and math.isfinite(self.capture_timeout_ms)):
+        if self.capture_timeout_ms is not None and not (self.capture_timeout_ms > 0
+                                                        and math.isfinite(self.capture_timeout_ms)):
             raise SpecError("capture_timeout_ms", f"must be > 0, got {self.capture_timeout_ms}")
 
 

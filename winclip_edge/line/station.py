@@ -145,6 +145,21 @@ def part_rows(out: Path, wanted: set[str]) -> dict[str, str]:
     return found
 
 
+def spooled_part_rows(spool: Path, wanted: set[str]) -> list[dict]:
+    """The live rows of the ``wanted`` parts that wait in a sink's spool (a crash came between the spool and
+    results.jsonl), oldest first, one per part."""
+    found: dict[str, tuple[int, dict]] = {}
+    for path in sorted(spool.glob("*/*.json")) if wanted else ():
+        try:
+            row = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        part = row.get("part_id") if isinstance(row, dict) else None
+        if part in wanted and not row.get("late_for") and part not in found and path.stem.isdigit():
+            found[part] = (int(path.stem), row)
+    return [row for _, row in sorted(found.values(), key=lambda item: item[0])]
+
+
 class StationBusy(WinclipError, RuntimeError):
     """Another station process writes into the same output folder."""
 
@@ -782,7 +797,11 @@ class Station:
         for part_id, row_id in recovered.decided:
             self.tracker.decided(part_id, row_id)
         if recovered.open:
-            found = part_rows(self.out, {t.part_id for t in recovered.open})
+            wanted = {t.part_id for t in recovered.open}
+            found = part_rows(self.out, wanted)
+            for row in spooled_part_rows(self.out / SPOOL, wanted - set(found)):
+                self.writer.append_row(row)  # spooled, then the crash: results.jsonl gets it now, the sinks have it
+                found[row["part_id"]] = row["id"]
             now_mono, now = self.clock(), time.time()
             for entry in recovered.open:
                 if entry.part_id in found:

@@ -90,13 +90,14 @@ def _number(value: Any) -> float:
 
 
 def result_state(row: Mapping[str, Any]) -> int:
-    """ResultState of a row: Completed for a verdict, Aborted for a fail-safe timeout, Failed for an error."""
+    """ResultState of a row: Aborted for a fail-safe timeout, Failed for an error (no score), else Completed (a
+    verdict, or a score without a threshold to decide it)."""
     decision = row.get("decision")
-    if decision in ("pass", "fail"):
-        return RESULT_COMPLETED
     if decision == "timeout":
         return RESULT_ABORTED
-    return RESULT_FAILED
+    if decision in ("pass", "fail"):
+        return RESULT_COMPLETED
+    return RESULT_FAILED if row.get("error") or row.get("score") is None else RESULT_COMPLETED
 
 
 def result_fields(row: Mapping[str, Any]) -> dict[str, Any]:
