@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import textured_part, wait_for
+from test_genicam import fake_camera  # noqa: F401  (the fixture: Aravis's simulated camera on loopback)
 from winclip_edge.catalog import Catalog
 from winclip_edge.inspector import Inspector
 from winclip_edge.line.batcher import Batcher
@@ -247,8 +248,31 @@ def two_products(make_bundle):
     return make_bundle(products=("widget", "bolt"))
 
 
+def opcua_state(endpoint: str) -> tuple[str, str, str]:
+    """(CurrentState, the automatic mode's CurrentState, StateReason) as asyncua's client reads them."""
+    import asyncio
+
+    from asyncua import Client
+
+    from winclip_edge.line.opcua.server import NAMESPACE
+
+    async def read():
+        async with Client(endpoint, timeout=10) as client:
+            idx = await client.get_namespace_index(NAMESPACE)
+            machine = await client.nodes.objects.get_child([f"{idx}:VisionSystem", f"{idx}:VisionStateMachine"])
+            auto = await machine.get_child([f"{idx}:AutomaticModeStateMachine"])
+            return ((await (await machine.get_child(["0:CurrentState"])).read_value()).Text,
+                    (await (await auto.get_child(["0:CurrentState"])).read_value()).Text,
+                    await (await machine.get_child([f"{idx}:StateReason"])).read_value())
+
+    return asyncio.run(asyncio.wait_for(read(), 60))
+
+
 def test_engine_failure_is_error_with_the_reason_and_recovery_is_operational(two_products, tmp_path):
+    pytest.importorskip("asyncua")
+    from conftest import free_port
     from winclip_edge.line.health import watch
+    from winclip_edge.line.opcua import OpcuaConfig, start_opcua
 
     flaky = SlowEngine(Inspector(two_products, "widget").engine.engine)
     catalog = Catalog(two_products, ["widget", "bolt"], engine=flaky)
@@ -260,7 +284,9 @@ def test_engine_failure_is_error_with_the_reason_and_recovery_is_operational(two
     station = Station(config, tmp_path / "out", batchers["widget"], [FolderSource(inbox, "inbox", settle_s=0.05)],
                       batchers=batchers)
     controller = StationController()
+    face = start_opcua(OpcuaConfig(port=free_port(), poll_s=0.05), controller)
     assert controller.state().state is VisionState.PREOPERATIONAL
+    assert opcua_state(face.endpoint) == ("Preoperational", "", "loading the bundle and the engine")
     controller.attach(Line(catalog, batchers, station, engine_watch))
     with pytest.raises(ControlRefused, match="still loading"):
         controller.trigger(Trigger(part_id="x"))
@@ -268,15 +294,19 @@ def test_engine_failure_is_error_with_the_reason_and_recovery_is_operational(two
     try:
         with Running(station):
             assert controller.state().state is VisionState.READY
+            wait_for(lambda: opcua_state(face.endpoint) == ("Operational", "Ready", ""), 30, "Ready over OPC UA")
             flaky.fail = "CUDA error: device lost"
             write_png(inbox / "f1.png", 1)
             wait_for(lambda: controller.state().state is VisionState.ERROR, 30, "Error")
             assert controller.state().reason == "engine failed: RuntimeError: CUDA error: device lost"
             wait_for(lambda: len(rows_of(tmp_path / "out")) == 1, 30, "the failed part's row")
             assert controller.state().state is VisionState.ERROR  # until the engine works again
+            wait_for(lambda: opcua_state(face.endpoint) == ("Error", "", "engine failed: RuntimeError: CUDA error: "
+                                                                    "device lost"), 30, "Error over OPC UA")
             flaky.fail = None
             controller.command(Command.RESET, "operator")  # probes the engine at once
             assert controller.state().state is VisionState.READY
+            wait_for(lambda: opcua_state(face.endpoint) == ("Operational", "Ready", ""), 30, "back over OPC UA")
             [row] = rows_of(tmp_path / "out")
             assert row["part_id"] == "f1" and row["decision"] is None and row["accept"] is False  # fail-safe
             assert "CUDA error" in row["error"]
@@ -297,6 +327,7 @@ def test_engine_failure_is_error_with_the_reason_and_recovery_is_operational(two
             controller.prepare("bolt")
             assert [(r.id, r.prepared) for r in controller.recipes()] == [("widget", False), ("bolt", True)]
     finally:
+        face.stop()
         for b in batchers.values():
             b.close()
         catalog.close()
@@ -387,3 +418,45 @@ def test_a_restart_gives_each_journaled_part_one_row(inspector, tmp_path):
     assert by_part["waits"][0]["score"] is not None and by_part["waits"][0]["late_for"] is None
     recovered = PartJournal(out).recover()
     assert not recovered.open and {p for p, _ in recovered.decided} >= {"passed", "waits", "has-row", "decided"}
+
+
+# ---------------------------------------------------------------- a GenICam camera as a view
+def _aravis_missing():
+    from test_genicam import _aravis_missing as missing
+
+    return missing()
+
+
+@pytest.mark.skipif(_aravis_missing() is not None, reason=str(_aravis_missing()))
+def test_a_software_triggered_camera_takes_one_frame_per_part_and_a_missed_frame_fails_its_part(
+        inspector, tmp_path, fake_camera):  # noqa: F811
+    from winclip_edge.line.genicam import GenicamOptions, GenicamSource, MissedPart
+
+    fake = fake_camera()
+    options = GenicamOptions(features={"Width": 96, "Height": 64, "TriggerMode": "On", "TriggerSource": "Software"})
+    camera = GenicamSource(fake.serial, "cam", options)
+    camera.check()
+    config = StationConfig(station="s", save="all", status_every_s=0,
+                           parts=PartsConfig(deadline_ms=20000, continuous=False))
+    with Batcher(inspector, max_batch=1) as batcher:
+        station = Station(config, tmp_path / "out", batcher, [camera])
+        with Running(station):
+            assert camera.connected.wait(30)
+            for i in range(3):
+                station.trigger(Trigger(part_id=f"cam-{i}"))  # the station fires the camera's software trigger
+                wait_for(lambda: len(rows_of(tmp_path / "out")) == i + 1, 60, f"part cam-{i}")
+            time.sleep(1.0)
+            assert camera.captured == 3  # one frame per trigger, none free-running
+            station._open_part("ghost", "widget", "opcua")  # in flight, its frame lost on the way:
+            camera.on_missed(MissedPart("ghost", "frame 9 incomplete"))  # what the camera layer reports
+            camera.on_missed(MissedPart("nobody", "frame 10 incomplete"))  # a part the station does not know
+            wait_for(lambda: len(rows_of(tmp_path / "out")) == 4, 30, "the missed part's row")
+    rows = rows_of(tmp_path / "out")
+    assert [r["part_id"] for r in rows] == ["cam-0", "cam-1", "cam-2", "ghost"]
+    assert [r["views"][0]["frame"] for r in rows[:3]] == [0, 1, 2]  # the camera's frames, one per part, in order
+    assert all(r["score"] is not None and np.load(r["map"]).shape == (64, 96) for r in rows[:3])
+    ghost = rows[3]
+    assert (ghost["decision"], ghost["accept"], ghost["late_for"]) == (None, False, None)  # rejected, fail-safe
+    assert "view cam: frame 9 incomplete" in ghost["error"]
+
+

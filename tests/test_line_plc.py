@@ -339,6 +339,9 @@ def test_http_triggers_survive_a_sigkill_each_acknowledged_part_gets_one_row(cal
         one = client.post("/v1/inspect", params={"product": "widget", "part_id": "u1"},
                           files={"image": ("u.png", cv2.imencode(".png", textured_part(seed=9))[1].tobytes())})
         assert one.status_code == 200 and one.json()["score"] is not None
+        overlay = client.get(one.json()["overlay_url"])  # the row names its overlay on the HTTP face
+        assert overlay.status_code == 200 and overlay.headers["content-type"] == "image/png"
+        assert one.json()["overlay_url"] == f"http://127.0.0.1:{http}/v1/results/{one.json()['id']}/overlay.png"
         second.signal(signal.SIGTERM)
         assert second.wait() == 0, second.text()
     finally:

@@ -38,8 +38,9 @@ class BatcherFull(WinclipError, RuntimeError):
 class Job:
     """One image to inspect: an already-decoded RGB uint8 ``image`` or a file ``path`` (read by ``submit``).
 
-    ``metadata`` travels with the job untouched (source, frame index, capture time ...): the caller keeps
-    the job beside its future. ``keep_image`` keeps the decoded image on the result (for overlays)."""
+    ``metadata`` travels with the job (source, frame index, capture time ...): the caller keeps the job beside
+    its future; the batcher adds ``inspector``, the one that scored it (which product files decided, across a
+    reload). ``keep_image`` keeps the decoded image on the result (for overlays)."""
 
     name: str
     image: np.ndarray | None = None

@@ -194,7 +194,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                 raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
             if result.error is not None:
                 failed = ResultRow.of(result, ctx.ids[product], received, (time.perf_counter() - t0) * 1e3,
-                                      station=ctx.station, source="http", file=label).as_dict()
+                                      decided_at=time.time(), station=ctx.station, source="http", file=label).as_dict()
                 _decided(failed)
                 metrics.observe_result(product, "http", None, result.error, result.timings_ms, None)
                 raise UploadError(500, "inspection_failed", result.error)
@@ -204,8 +204,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         # decode = bytes -> RGB here + the resize to the model input in submit
         result.timings_ms.update(upload=(t1 - t0) * 1e3, decode=(t2 - t1) * 1e3 + result.timings_ms.get("decode", 0.0))
         t3 = time.perf_counter()
-        row = ResultRow.of(result, ctx.ids[product], received, (t3 - t0) * 1e3, station=ctx.station, source="http",
-                           file=label).as_dict()
+        row = ResultRow.of(result, ctx.ids[product], received, (t3 - t0) * 1e3, decided_at=time.time(),
+                           station=ctx.station, source="http", file=label).as_dict()
         urls = _urls(row["id"])
         row.update(overlay=urls["overlay"], map=urls["map"])
         _decided(row)
