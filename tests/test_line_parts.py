@@ -142,7 +142,8 @@ def test_a_file_named_for_no_part_is_its_own_part_and_a_repeat_is_a_late_row(ins
         station = Station(config, tmp_path / "out", batcher, [FolderSource(inbox, "inbox", settle_s=0.05)])
         with Running(station):
             write_png(inbox / "A-1.png", 5)
-            wait_for(lambda: len(rows_of(tmp_path / "out")) == 1, 60, "the file's part")
+            wait_for(lambda: len(rows_of(tmp_path / "out")) == 1 and station.tracker.get("A-1") is None, 60,
+                     "the file's part")
             with pytest.raises(PartRefused, match="has its verdict already"):
                 station.trigger(Trigger(part_id="A-1"))
             write_png(inbox / "A-1@again.png", 6)  # the same part again: recorded, linked, not a second verdict
@@ -387,7 +388,7 @@ def test_a_restart_gives_each_journaled_part_one_row(inspector, tmp_path):
     now = time.time()
     journal = PartJournal(out)
     for part, age, deadline in (("passed", 10, 2.0), ("waits", 0.1, 30.0), ("has-row", 5, 30.0),
-                                ("decided", 5, 30.0), ("nodeadline", 0.1, None)):
+                                ("decided", 5, 30.0), ("nodeadline", 0.1, None), ("spooled", 5, 2.0)):
         journal.triggered(Triggered(part, "widget", "opcua", f"job-{part}", "", now - age,
                                     None if deadline is None else now - age + deadline, ("inbox",)))
     journal.decided("decided", "f" * 32)
@@ -395,15 +396,18 @@ def test_a_restart_gives_each_journaled_part_one_row(inspector, tmp_path):
     with open(out / JOURNAL, "a") as f:
         f.write('{"event": "trigger", "part_id": "cut by a cra')
     (out / "results.jsonl").write_text(json.dumps({"id": "e" * 32, "part_id": "has-row", "decision": "pass"}) + "\n")
+    (out / "spool" / "mqtt").mkdir(parents=True)  # spooled, then the crash before results.jsonl: its verdict stands
+    (out / "spool" / "mqtt" / "000000000007.json").write_text(json.dumps({"id": "d" * 32, "part_id": "spooled",
+                                                                          "decision": "fail"}))
     config = StationConfig(station="s", save="none", status_every_s=0,
                            parts=PartsConfig(deadline_ms=30000, continuous=False))
     with Batcher(inspector) as batcher:
         station = Station(config, out, batcher, [FolderSource(inbox, "inbox", settle_s=0.05)])
         with Running(station):
-            wait_for(lambda: len(rows_of(out)) == 2, 30, "the fail-safe of the part whose deadline passed")
+            wait_for(lambda: len(rows_of(out)) == 3, 30, "the fail-safe of the part whose deadline passed")
             write_png(inbox / "waits.png", 1)  # the re-armed part's file arrives after the restart
             write_png(inbox / "nodeadline.png", 2)
-            wait_for(lambda: len(rows_of(out)) == 4, 60, "the re-armed parts' rows")
+            wait_for(lambda: len(rows_of(out)) == 5, 60, "the re-armed parts' rows")
             with pytest.raises(PartRefused, match="verdict already"):
                 station.trigger(Trigger(part_id="decided"))
             with pytest.raises(PartRefused, match="verdict already"):
@@ -412,12 +416,14 @@ def test_a_restart_gives_each_journaled_part_one_row(inspector, tmp_path):
     by_part = {}
     for r in rows:
         by_part.setdefault(r["part_id"], []).append(r)
-    assert sorted(by_part) == ["nodeadline", "passed", "waits"] and all(len(v) == 1 for v in by_part.values())
+    assert sorted(by_part) == ["nodeadline", "passed", "spooled", "waits"] and all(len(v) == 1 for v in by_part.values())
+    assert by_part["spooled"][0]["id"] == "d" * 32  # the spooled row, now in results.jsonl too: not a second verdict
     assert by_part["passed"][0]["decision"] == "timeout" and "restarted" in by_part["passed"][0]["error"]
     assert by_part["passed"][0]["job_id"] == "job-passed"
     assert by_part["waits"][0]["score"] is not None and by_part["waits"][0]["late_for"] is None
     recovered = PartJournal(out).recover()
-    assert not recovered.open and {p for p, _ in recovered.decided} >= {"passed", "waits", "has-row", "decided"}
+    assert not recovered.open and {p for p, _ in recovered.decided} >= {"passed", "waits", "has-row", "decided",
+                                                                         "spooled"}
 
 
 # ---------------------------------------------------------------- a GenICam camera as a view

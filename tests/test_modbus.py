@@ -1,4 +1,4 @@
-"""The Modbus TCP sink against pymodbus' own server as the PLC (docs/opcua_modbus.md): the register map, the write
+"""The Modbus TCP sink against pymodbus' own server as the PLC (docs/line.md): the register map, the write
 order, a PLC that goes down and comes back mid-run (nothing lost, order kept, no duplicate live write), exactly
 one live write across a station restart, and verdicts past their deadline never written as live ones."""
 from __future__ import annotations

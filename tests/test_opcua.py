@@ -1,4 +1,4 @@
-"""The OPC UA face against asyncua's own client on loopback (docs/opcua_modbus.md): the address space as documented,
+"""The OPC UA face against asyncua's own client on loopback (docs/line.md): the address space as documented,
 the recipe and trigger methods, one result event per verdict, the state machine following the station (Error
 with the reason, and back), a server restart with clients reconnecting, and the security rules."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What a line controller (a PLC, an MES) may ask of a station, as a small typed interface.
 
-The OPC UA face (``line/opcua/``, docs/opcua_modbus.md) drives a station only through :class:`StationControl`:
+The OPC UA face (``line/opcua/``, docs/line.md "OPC UA") drives a station only through :class:`StationControl`:
 it reads the station's state and recipes, prepares a recipe, triggers a part and passes the machine commands of
 OPC 40100-1 on. Everything here is plain data, so a station implements it without importing an OPC UA library
 and the face is tested against a fake station.

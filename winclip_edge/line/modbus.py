@@ -2,7 +2,7 @@
 
 :class:`ModbusSink` implements the ``Sink`` protocol of ``line/sinks.py``; wrapped in a ``SpooledSink`` a PLC that
 is down loses nothing and gets the writes in order when it is back, also after a restart of the station.
-docs/opcua_modbus.md has the register map. Per verdict the writes go in one order the PLC can rely on: the data
+docs/line.md ("Modbus TCP") has the register map. Per verdict the writes go in one order the PLC can rely on: the data
 registers, then the coils, then the sequence register **last**; the PLC acts when the sequence register changes.
 
 Exactly one live write per verdict: a retried message (lost answer, reconnect, restart) is written again with

@@ -238,6 +238,7 @@ class Station:
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock(self.out)
         self.journal = PartJournal(self.out, keep=config.parts.remember)
+        self._recovered = self._read_journal()  # before the sinks start: they deliver (and forget) spooled rows
         self.sinks = [SpooledSink(sink, Spool(self.out / SPOOL / sink.name, config.spool_max)) for sink in sinks]
         _end_with_newline(self.out / RESULTS_JSONL)
         saving = config.save != "none"
@@ -789,18 +790,24 @@ class Station:
                 self._expire_locked(deferred)
             self._run(deferred)
 
+    def _read_journal(self) -> tuple[Any, dict[str, str], list[dict]]:
+        """What an earlier run left: its journal, the rows of its open parts found in results.jsonl, and those only
+        in a sink's spool (a crash came between the spool and results.jsonl)."""
+        recovered = self.journal.recover()
+        wanted = {t.part_id for t in recovered.open}
+        found = part_rows(self.out, wanted) if wanted else {}
+        return recovered, found, spooled_part_rows(self.out / SPOOL, wanted - set(found))
+
     def _recover_parts(self) -> None:
         """An earlier run's journal: parts with a row stay decided; a part without one gets its fail-safe row now
         (its deadline passed, or a camera view cannot be taken again), or waits again for its files and uploads
         until its deadline."""
-        recovered = self.journal.recover()
+        recovered, found, spooled = self._recovered
         for part_id, row_id in recovered.decided:
             self.tracker.decided(part_id, row_id)
         if recovered.open:
-            wanted = {t.part_id for t in recovered.open}
-            found = part_rows(self.out, wanted)
-            for row in spooled_part_rows(self.out / SPOOL, wanted - set(found)):
-                self.writer.append_row(row)  # spooled, then the crash: results.jsonl gets it now, the sinks have it
+            for row in spooled:
+                self.writer.append_row(row)  # results.jsonl gets it now; the sinks have it already
                 found[row["part_id"]] = row["id"]
             now_mono, now = self.clock(), time.time()
             for entry in recovered.open:

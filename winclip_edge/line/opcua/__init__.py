@@ -1,4 +1,4 @@
-"""The station's OPC UA face (``serve --opcua``, docs/opcua_modbus.md): an OPC 40100-1 machine-vision server. Needs
+"""The station's OPC UA face (``serve --opcua``, docs/line.md "OPC UA"): an OPC 40100-1 machine-vision server. Needs
 the ``plc`` extra (asyncua) only to start, not to import, so a command line checks its settings first."""
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The station as an OPC UA server, modelled after OPC 40100-1 (OPC UA for Machine Vision, release 1.0): the line's
 PLC or MES browses a ``VisionSystem`` object, watches its state machine, prepares recipes, triggers parts and
-subscribes to one ``ResultReadyEventType`` event per verdict (docs/opcua_modbus.md lists the address space).
+subscribes to one ``ResultReadyEventType`` event per verdict (docs/line.md, "OPC UA", lists the address space).
 
 The browse names, state numbers, method signatures and event fields are the specification's; the types are this
 project's own (namespace :data:`NAMESPACE`), written here rather than loaded from the official nodeset, and the
@@ -101,7 +101,7 @@ def result_state(row: Mapping[str, Any]) -> int:
 
 
 def result_fields(row: Mapping[str, Any]) -> dict[str, Any]:
-    """The event fields (and LastResult variables) of one result row (docs/opcua_modbus.md, "Results")."""
+    """The event fields (and LastResult variables) of one result row (docs/line.md, "OPC UA", "Results")."""
     product = str(row.get("product") or "")
     return {
         "IsPartial": False, "IsSimulated": False, "ResultState": result_state(row),
