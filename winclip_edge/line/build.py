@@ -135,6 +135,7 @@ class LineStation:
                 self.catalog.warm_up(self.spec.batching.max_batch)  # memory at its working level before /readyz
             if self.service is not None:
                 self.service.set_ready()
+            self.station.recover()  # the parts an earlier run left, before any new trigger
             if self.triggers is not None:
                 self.triggers.start()
             self.controller.running()

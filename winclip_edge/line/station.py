@@ -238,7 +238,8 @@ class Station:
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock(self.out)
         self.journal = PartJournal(self.out, keep=config.parts.remember)
-        self._recovered = self._read_journal()  # before the sinks start: they deliver (and forget) spooled rows
+        self._recovered: Any = self._read_journal()  # before the sinks start: they deliver (and forget) spooled rows
+        self._recover_lock = threading.Lock()
         self.sinks = [SpooledSink(sink, Spool(self.out / SPOOL / sink.name, config.spool_max)) for sink in sinks]
         _end_with_newline(self.out / RESULTS_JSONL)
         saving = config.save != "none"
@@ -323,6 +324,7 @@ class Station:
         triggered camera is told to take its frame). Beyond ``max_pending`` parts in flight it gets its fail-safe
         row at once. Raises ControlRefused (PartRefused for an id in flight or decided) or KeyError."""
         part_id = check_part_id(trigger.part_id)
+        self.recover()
         if self._stopping:
             raise ControlRefused("the station is stopping")
         if self.halted:
@@ -390,6 +392,7 @@ class Station:
         """An upload with a part id (HTTP): the part's ``http`` view if it waits for one, else a part of its own
         (triggered by the upload). The future's result is the part's row once written (live or late)."""
         part_id = check_part_id(part_id)
+        self.recover()
         if self._stopping:
             raise BatcherClosed("the station is stopping")
         mono, epoch = self.clock(), received_at if received_at is not None else time.time()
@@ -443,7 +446,7 @@ class Station:
     # ------------------------------------------------------------ running
     def run(self, stop: threading.Event) -> None:
         """Until ``stop`` is set (or, without ``keep_running``, every source ended): then drain and flush."""
-        self._recover_parts()
+        self.recover()
         file_sources = [s for s in self.sources if isinstance(s, FileSource)]
         index = moved_rows(self.out) if file_sources else {}
         for source in file_sources:
@@ -798,11 +801,16 @@ class Station:
         found = part_rows(self.out, wanted) if wanted else {}
         return recovered, found, spooled_part_rows(self.out / SPOOL, wanted - set(found))
 
-    def _recover_parts(self) -> None:
+    def recover(self) -> None:
         """An earlier run's journal: parts with a row stay decided; a part without one gets its fail-safe row now
         (its deadline passed, or a camera view cannot be taken again), or waits again for its files and uploads
-        until its deadline."""
-        recovered, found, spooled = self._recovered
+        until its deadline. Once, before the first trigger is taken (the first trigger or ``run`` calls it)."""
+        with self._recover_lock:
+            if self._recovered is not None:
+                self._recover_parts(*self._recovered)
+                self._recovered = None
+
+    def _recover_parts(self, recovered: Any, found: dict[str, str], spooled: list[dict]) -> None:
         for part_id, row_id in recovered.decided:
             self.tracker.decided(part_id, row_id)
         if recovered.open:
