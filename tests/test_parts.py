@@ -62,7 +62,7 @@ def test_deadlines_capture_timeouts_the_bound_and_the_decided_ids():
     clock = Clock()
     parts = tracker(clock, deadline_ms=500, max_pending=2, remember=3)
     a = parts.new_part("a", "widget", "opcua")
-    assert parts.admit(a) and a.deadline_mono == pytest.approx(100.5) and a.capture_by_mono == pytest.approx(100.5)
+    assert parts.admit(a) and a.deadline_mono == pytest.approx(100.5) and a.capture_by_mono == pytest.approx(101.0)
     assert a.deadline_at == pytest.approx(1e9 + 100.5)
     assert parts.next_wake() == pytest.approx(100.5)
     with pytest.raises(PartRefused, match="in flight already"):
@@ -74,8 +74,14 @@ def test_deadlines_capture_timeouts_the_bound_and_the_decided_ids():
     assert parts.expire().timed_out == []
     clock.now = 100.5
     expired = parts.expire()
-    assert [p.part_id for p in expired.timed_out] == ["a", "b"]  # their fail-safe is due; no view came either
-    assert [p.part_id for p in expired.completed] == ["a", "b"] and "within 500 ms" in a.views["cam"].error
+    assert [p.part_id for p in expired.timed_out] == ["a", "b"] and a.missing == ["cam", "top"]  # fail-safe due
+    assert expired.completed == []  # a view may still come: the late result
+    for part in expired.timed_out:
+        part.timeout_row = f"fail-safe-{part.part_id}"  # what the station does: it publishes their fail-safe rows
+    clock.now = 101.0
+    expired = parts.expire()
+    assert expired.timed_out == [] and [p.part_id for p in expired.completed] == ["a", "b"]
+    assert "within 1000 ms" in a.views["cam"].error
     parts.decided("a", "row-a")
     parts.close(a)
     with pytest.raises(PartRefused, match=r"verdict already \(row row-a\)"):
@@ -83,7 +89,7 @@ def test_deadlines_capture_timeouts_the_bound_and_the_decided_ids():
     for p in "wxyz":
         parts.decided(p, f"row-{p}")
     assert parts.decided_row("a") is None and [p for p, _ in parts.remembered()] == ["x", "y", "z"]  # the newest 3
-    assert PartsConfig().capture_ms == 10000.0 and PartsConfig(deadline_ms=250).capture_ms == 250
+    assert PartsConfig().capture_ms == 10000.0 and PartsConfig(deadline_ms=250).capture_ms == 500
     with pytest.raises(ValueError, match="--on-timeout"):
         PartsConfig(on_timeout="maybe")
 

@@ -64,7 +64,7 @@ class PartsConfig:
     views: tuple[str, ...] = ()
     continuous: bool = True
     max_pending: int = 64  # parts in flight at most; beyond, a trigger gets its fail-safe row at once (counted)
-    capture_timeout_ms: float | None = None  # a view not captured by then fails; None: the deadline (else 10 s)
+    capture_timeout_ms: float | None = None  # a view not captured by then fails; None: 2 x the deadline (else 10 s)
     remember: int = 10000  # decided part ids kept: a trigger for one of them is refused
 
     def __post_init__(self) -> None:
@@ -82,10 +82,11 @@ class PartsConfig:
 
     @property
     def capture_ms(self) -> float:
-        """How long a part waits for its views: ``capture_timeout_ms``, else its deadline, else 10 s."""
+        """How long a part waits for its views: ``capture_timeout_ms``, else twice its deadline (a view captured
+        after the deadline is still its late result), else 10 s."""
         if self.capture_timeout_ms is not None:
             return self.capture_timeout_ms
-        return self.deadline_ms if self.deadline_ms is not None else DEFAULT_CAPTURE_MS
+        return 2 * self.deadline_ms if self.deadline_ms is not None else DEFAULT_CAPTURE_MS
 
 
 @dataclass
@@ -114,6 +115,7 @@ class Part:
     deadline_mono: float | None = None
     capture_by_mono: float = math.inf
     timeout_row: str | None = None  # the id of its fail-safe row, once published: later rows are late
+    missing: list = field(default_factory=list)  # the views it still waited for at its deadline
     fail_safe: dict | None = None  # that row
     waiters: list = field(default_factory=list)  # futures resolved with its final row (uploads)
     recovered: bool = False  # re-armed from the journal after a restart
@@ -266,6 +268,7 @@ class PartTracker:
         with self._lock:
             for part in self._open.values():
                 if part.live and part.deadline_mono is not None and now >= part.deadline_mono and not part.complete:
+                    part.missing = part.waiting()
                     timed_out.append(part)
                 if now >= part.capture_by_mono and part.waiting():
                     for name in part.waiting():

@@ -296,7 +296,7 @@ class PartsSpec:
     views: tuple[str, ...] = ()  # the sources (or "http") whose captures are a part's views; empty: every source
     max_pending: int = 64  # parts in flight at most; beyond, a trigger gets its fail-safe row at once (counted)
     capture_timeout_ms: Optional[float] = None  # a view not captured this long after the trigger fails its part;
-    # absent: the deadline (without one, 10 s)
+    # absent: twice the deadline (without one, 10 s)
     remember: int = 10000  # decided part ids kept (in the journal too): a trigger for one of them is refused
     mqtt_trigger: bool = True  # with an MQTT sink: take triggers on winclip/<station>/trigger
 

@@ -59,6 +59,7 @@ LOCK = ".station.lock"
 SPOOL = "spool"
 _END = object()
 _CLOSE = object()
+PART_FIELDS = ("part_id", "job_id", "meas_id", "triggered_by", "triggered_at", "deadline_at")  # of the trigger
 
 
 @dataclass(frozen=True)
@@ -691,7 +692,7 @@ class Station:
     def _expire_locked(self, deferred: list) -> None:
         expired = self.tracker.expire()
         for part in expired.timed_out:
-            waiting = part.waiting()
+            waiting = part.missing
             why = (f"waiting for view{'s' if len(waiting) > 1 else ''} {', '.join(waiting)}" if waiting
                    else f"inspecting (engine queue {self.batchers[part.product].stats().queue_depth})")
             self._fail_safe_locked(part, f"deadline {self.config.parts.deadline_ms:g} ms passed before the verdict: "
@@ -712,9 +713,11 @@ class Station:
             for waiter in part.waiters:
                 deferred.append(lambda w=waiter: w.set_result(part.fail_safe) if not w.done() else None)
             return
-        errors = [v.error or v.outcome.result.error or v.outcome.saved.error for v in views
-                  if v.error or v.outcome is None or v.outcome.result.error or v.outcome.saved.error]
-        errors = [e for e in errors if e]
+        # A view without a result fails the part (no decision: rejected); one whose outputs could not be written
+        # keeps its score, and its row says why.
+        failures = [v.error or (f"view {v.name}: not captured" if v.outcome is None else v.outcome.result.error)
+                    for v in views if v.error or v.outcome is None or v.outcome.result.error]
+        notes = [v.outcome.saved.error for v in views if v.outcome is not None and v.outcome.saved.error]
         scored = [o for o in outcomes if o.result.error is None and o.result.score is not None]
         best = max(scored, key=lambda o: o.result.score) if scored else (outcomes[0] if outcomes else None)
         moves, entries = [], []
@@ -727,18 +730,20 @@ class Station:
                 moves.append((o.source, o.frame, destination))
             entries.append(self._view_entry(v.name, o, v.error, destination))
         row = self._base_row(part, best.ids if best is not None else None, now)
-        best_entry = entries[[v.outcome for v in views].index(best)] if best is not None else None
+        best_entry = next(e for v, e in zip(views, entries) if v.outcome is best) if best is not None else None
         if best is not None:
             made = ResultRow.of(best.result, best.ids or self._model_ids(), best.frame.captured_at,
                                 (self.clock() - max(o.frame.captured_mono for o in outcomes)) * 1e3, decided_at=now,
                                 station=self.config.station, source=best.frame.source,
                                 frame=best_entry["frame"], file=best.frame.path, file_sha256=best.frame.sha256,
                                 overlay=best.saved.overlay, map=best.saved.map, moved_to=best_entry["moved_to"])
-            keep = {k: v for k, v in row.items() if v is not None and k not in ("id", "schema")}
-            row = {**made.as_dict(), **keep, "captured_at": utc_iso(max(o.frame.captured_at for o in outcomes))}
+            part_fields = {k: row[k] for k in PART_FIELDS}
+            row = {**made.as_dict(), **part_fields, "captured_at": utc_iso(max(o.frame.captured_at for o in outcomes))}
         row["views"] = entries
-        if errors:
-            row.update(error="; ".join(dict.fromkeys(errors)), decision=None)
+        if failures or notes:
+            row["error"] = "; ".join(dict.fromkeys(failures + notes))
+        if failures:
+            row["decision"] = None
         decision = row.get("decision")
         if part.live:
             row["accept"] = decision == "pass"  # no decision (an error, no threshold): rejected, fail-safe
