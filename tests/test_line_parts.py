@@ -152,6 +152,7 @@ def test_a_file_named_for_no_part_is_its_own_part_and_a_repeat_is_a_late_row(ins
     assert (first["part_id"], first["triggered_by"], first["late_for"]) == ("A-1", "folder", None)
     assert (again["part_id"], again["late_for"], again["accept"]) == ("A-1", first["id"], None)
     assert again["score"] is not None and Path(again["moved_to"]).is_file()
+    assert (again["triggered_by"], again["triggered_at"]) == ("folder", first["triggered_at"])  # the trigger it answers
 
 
 # ---------------------------------------------------------------- deadlines

@@ -24,7 +24,8 @@ HTTP_VIEW = "http"  # the view an upload with the part id fills (POST /v1/inspec
 ON_TIMEOUT = ("reject", "pass")
 MAX_PART_ID = 128
 DEFAULT_CAPTURE_MS = 10000.0  # without a deadline, how long a part waits for its views
-VIEW_SEPARATOR = "@"  # a hot-folder file 4711@top.png is a view of part 4711 (so is 4711.png)
+VIEW_SEPARATOR = "@"
+RECENT_PARTS = 1000  # decided parts whose trigger a late view's row can still name  # a hot-folder file 4711@top.png is a view of part 4711 (so is 4711.png)
 
 WAITING, INSPECTING, DONE = "waiting", "inspecting", "done"
 
@@ -153,6 +154,7 @@ class PartTracker:
         self._lock = threading.Lock()
         self._open: OrderedDict[str, Part] = OrderedDict()  # in trigger order
         self._decided: OrderedDict[str, str] = OrderedDict()  # part id -> the id of its live row
+        self._recent: OrderedDict[str, Part] = OrderedDict()  # the last RECENT_PARTS decided parts
         self.counts = {"triggered": 0, "decided": 0, "timeouts": 0, "overflow": 0, "late": 0, "refused": 0}
 
     # ---- triggers
@@ -287,8 +289,9 @@ class PartTracker:
         return part.live and part.deadline_mono is not None and now >= part.deadline_mono
 
     # ---- the end of a part
-    def decided(self, part_id: str, row_id: str) -> None:
-        """``row_id`` is the live verdict of ``part_id`` (a verdict or its fail-safe): remember it."""
+    def decided(self, part_id: str, row_id: str, part: Part | None = None) -> None:
+        """``row_id`` is the live verdict of ``part_id`` (a verdict or its fail-safe): remember it (and, for a late
+        row of a view that comes after its part closed, the part's trigger)."""
         with self._lock:
             if part_id not in self._decided:
                 self.counts["decided"] += 1
@@ -296,6 +299,15 @@ class PartTracker:
             self._decided.move_to_end(part_id)
             while len(self._decided) > self.config.remember:
                 self._decided.popitem(last=False)
+            if part is not None:
+                self._recent[part_id] = part
+                while len(self._recent) > RECENT_PARTS:
+                    self._recent.popitem(last=False)
+
+    def decided_part(self, part_id: str) -> Part | None:
+        """A recently decided part (its trigger's fields), if still known."""
+        with self._lock:
+            return self._recent.get(part_id)
 
     def close(self, part: Part, late: bool = False) -> None:
         """The part has its final row: it claims nothing any more."""

@@ -59,7 +59,6 @@ LOCK = ".station.lock"
 SPOOL = "spool"
 _END = object()
 _CLOSE = object()
-PART_FIELDS = ("part_id", "job_id", "meas_id", "triggered_by", "triggered_at", "deadline_at")  # of the trigger
 
 
 @dataclass(frozen=True)
@@ -622,6 +621,9 @@ class Station:
         row = made.as_dict()
         if item.late_for is not None:
             row["accept"] = None  # not a live verdict: its part was decided before
+            decided = self.tracker.decided_part(item.part_id)
+            if decided is not None:
+                row.update(self._trigger_fields(decided))  # the trigger it answers, as on the part's rows
         row["overlay_url"] = self._overlay_url(row, result)
         deferred: list[Callable[[], None]] = []
         with self._emit:
@@ -658,17 +660,20 @@ class Station:
                 self._finish_locked(part, deferred)
         self._run(deferred)
 
+    @staticmethod
+    def _trigger_fields(part: Part) -> dict:
+        return {"part_id": part.part_id, "job_id": part.job_id or None, "meas_id": part.meas_id or None,
+                "triggered_by": part.triggered_by, "triggered_at": utc_iso(part.triggered_at),
+                "deadline_at": None if part.deadline_at is None else utc_iso(part.deadline_at)}
+
     def _base_row(self, part: Part, ids: ModelIds | None, now: float) -> dict:
         inspector = self.batchers[part.product].inspector
         threshold = inspector.threshold.value if inspector.threshold is not None else None
         ids = ids or self._model_ids(inspector)
         return ResultRow(
             station=self.config.station, product=part.product, threshold=threshold, mode=ids.mode, model=ids.model,
-            weights_id=ids.weights_id, memory_id=ids.memory_id, threshold_id=ids.threshold_id, part_id=part.part_id,
-            job_id=part.job_id or None, meas_id=part.meas_id or None, triggered_by=part.triggered_by,
-            triggered_at=utc_iso(part.triggered_at),
-            deadline_at=None if part.deadline_at is None else utc_iso(part.deadline_at),
-            decided_at=utc_iso(now)).as_dict()
+            weights_id=ids.weights_id, memory_id=ids.memory_id, threshold_id=ids.threshold_id,
+            decided_at=utc_iso(now), **self._trigger_fields(part)).as_dict()
 
     def _fail_safe_locked(self, part: Part, reason: str, deferred: list) -> dict:
         """The part's fail-safe row (``decision: "timeout"``), its live verdict."""
@@ -684,7 +689,7 @@ class Station:
         return row
 
     def _decided_locked(self, part: Part, row: dict) -> None:
-        self.tracker.decided(part.part_id, row["id"])
+        self.tracker.decided(part.part_id, row["id"], part)
         self.journal.decided(part.part_id, row["id"])
         with self._lock:
             self._verdicts.append((time.time() - part.triggered_at) * 1e3)
@@ -737,8 +742,7 @@ class Station:
                                 station=self.config.station, source=best.frame.source,
                                 frame=best_entry["frame"], file=best.frame.path, file_sha256=best.frame.sha256,
                                 overlay=best.saved.overlay, map=best.saved.map, moved_to=best_entry["moved_to"])
-            part_fields = {k: row[k] for k in PART_FIELDS}
-            row = {**made.as_dict(), **part_fields, "captured_at": utc_iso(max(o.frame.captured_at for o in outcomes))}
+            row = {**made.as_dict(), **self._trigger_fields(part), "captured_at": utc_iso(max(o.frame.captured_at for o in outcomes))}
         row["views"] = entries
         if failures or notes:
             row["error"] = "; ".join(dict.fromkeys(failures + notes))
