@@ -467,3 +467,32 @@ def test_a_software_triggered_camera_takes_one_frame_per_part_and_a_missed_frame
     assert "view cam: frame 9 incomplete" in ghost["error"]
 
 
+
+
+# ---------------------------------------------------------------- the flags and the station file
+def test_serve_flags_give_the_parts_opcua_and_modbus_sections_and_refuse_bad_ones(tiny_bundle, tmp_path, capsys):
+    import tomllib
+
+    from winclip_edge.cli import main
+    from winclip_edge.line.spec import load_spec
+
+    base = ["serve", "--bundle", str(tiny_bundle), "--product", "widget", "--out", str(tmp_path / "out"),
+            "--source", f"top=folder:{tmp_path}"]
+    assert main(base + ["--triggered", "--view", "top", "--max-parts", "8", "--deadline-ms", "750", "--on-timeout",
+                        "pass", "--opcua", "127.0.0.1:4841", "--modbus", "10.0.0.7", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    table = tomllib.loads(printed)
+    assert (table["deadline_ms"], table["on_timeout"]) == (750.0, "pass")
+    assert (table["parts"]["continuous"], table["parts"]["views"], table["parts"]["max_pending"]) == (False, ["top"], 8)
+    assert table["opcua"]["listen"] == "127.0.0.1:4841"
+    assert (table["modbus"]["host"], table["modbus"]["port"]) == ("10.0.0.7", 502)
+    (tmp_path / "s.toml").write_text(printed)
+    spec = load_spec(tmp_path / "s.toml")
+    assert spec.parts_config().capture_ms == 1500 and spec.modbus.config().map.accept_coil == 0
+    for extra, message in ((["--view", "side"], "--view 'side' is not a source of this station"),
+                           (["--deadline-ms", "0"], "--deadline-ms must be > 0"),
+                           (["--opcua", "somewhere"], "--opcua 'somewhere': expected HOST:PORT"),
+                           (["--modbus", "plc:99999"], "--modbus 'plc:99999': expected HOST:PORT")):
+        assert main(base + extra + ["--print-config"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
