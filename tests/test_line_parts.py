@@ -496,3 +496,44 @@ def test_serve_flags_give_the_parts_opcua_and_modbus_sections_and_refuse_bad_one
         assert main(base + extra + ["--print-config"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_hardware_triggered_camera_frame_without_an_announced_part_is_a_part_of_its_own(inspector, tmp_path):
+    """A light barrier wired to the camera triggers it: the frame comes with no part the station announced."""
+    from winclip_edge.line.frames import FrameBuffer
+    from winclip_edge.line.genicam import CameraFrame
+
+    class Camera:  # the GenicamSource interface as the station uses it, in hardware trigger mode
+        kind, trigger_mode = "genicam", "hardware"
+
+        def __init__(self):
+            self.name, self.buffer, self.emitted, self.reconnects = "cam", FrameBuffer(8, drop_oldest=True), 0, 0
+            self.on_missed, self.expected = None, []
+
+        def check(self):
+            pass
+
+        def start(self):
+            for i in range(3):
+                self.buffer.put(CameraFrame("cam", i, time.time(), time.monotonic(), image=textured_part(seed=i),
+                                            camera_frame_id=100 + i))
+                self.emitted += 1
+
+        def stop(self):
+            self.buffer.close()
+
+        def expect(self, part_id):
+            self.expected.append(part_id)
+
+    camera = Camera()
+    config = StationConfig(station="s", save="none", status_every_s=0, parts=PartsConfig(continuous=False))
+    with Batcher(inspector, max_batch=1) as batcher:
+        station = Station(config, tmp_path / "out", batcher, [camera])
+        assert camera.on_missed is not None  # the station listens for the camera's missed parts
+        with Running(station):
+            wait_for(lambda: len(rows_of(tmp_path / "out")) == 3, 60, "the camera's parts")
+            station.trigger(Trigger(part_id="announced"))  # a trigger from the line: the camera is told to expect it
+            assert camera.expected == ["announced"]
+    rows = rows_of(tmp_path / "out")
+    assert [(r["part_id"], r["triggered_by"]) for r in rows[:3]] == [(f"cam-{100 + i}", "camera") for i in range(3)]
+    assert all(r["score"] is not None and r["late_for"] is None for r in rows[:3])
