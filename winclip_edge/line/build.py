@@ -133,12 +133,12 @@ class LineStation:
             log.info("%s", self.start_line())
             if self.service is not None or self.opcua is not None:
                 self.catalog.warm_up(self.spec.batching.max_batch)  # memory at its working level before /readyz
-            if self.service is not None:
-                self.service.set_ready()
             self.station.recover()  # the parts an earlier run left, before any new trigger
             if self.triggers is not None:
                 self.triggers.start()
-            self.controller.running()
+            self.controller.running()  # triggers are taken from now on: /readyz says so only after this
+            if self.service is not None:
+                self.service.set_ready()
             threading.Thread(target=self._health, name="winclip-health", daemon=True).start()
             self.station.run(stop)
         finally:
