@@ -91,7 +91,7 @@ def test_tensorrt_provider_batches_beyond_the_profile_are_split(tiny_bundle, ses
 
 def test_tensorrt_provider_errors_are_one_line(tiny_bundle, sessions, tmp_path, monkeypatch):
     bundle = Bundle(tiny_bundle)
-    with pytest.raises(EngineError, match="TensorRT int8 needs its own calibration.*build-engine .* --precision int8"):
+    with pytest.raises(EngineError, match="TensorRT int8 needs its own calibration.*engine build .* --precision int8"):
         create_engine(bundle, EngineConfig(backend="onnxruntime", precision="int8",
                                            options=OnnxRuntimeOptions(provider="tensorrt")))
     with pytest.raises(EngineError, match="not a CUDA device"):

@@ -1,5 +1,5 @@
 """Triton: the exported repository's config against the contract, and a real Triton server (PyTriton's bundled
-tritonserver, started with `winclip-edge triton-serve` as a user starts it) on loopback ports, against local ONNX
+tritonserver, started with `winclip-edge triton serve` as a user starts it) on loopback ports, against local ONNX
 Runtime on the same inputs."""
 from __future__ import annotations
 
@@ -40,7 +40,7 @@ needs_server = pytest.mark.skipif(bool(NO_PYTRITON), reason=NO_PYTRITON or "-")
 
 
 class ServerProcess:
-    """`winclip-edge triton-serve` in its own process group on free loopback ports."""
+    """`winclip-edge triton serve` in its own process group on free loopback ports."""
 
     def __init__(self, bundle: Path, *extra: str):
         self.http, self.grpc, self.metrics = free_ports(3)

@@ -259,7 +259,7 @@ class Bundle:
             known = ", ".join(self.products()) or "none"
             raise BundleError(
                 f"product {product!r} is not in bundle {self.root} (products: {known}); "
-                f"add it with `winclip-edge add-product --bundle {self.root} {product}`"
+                f"add it with `winclip-edge product add --bundle {self.root} {product}`"
             )
 
     def check_weights(self, meta: dict, path: Path, remedy: str = "re-create it for this bundle") -> None:

@@ -55,14 +55,14 @@ def save_text(bundle: Bundle, product: str, text: TextPrototypes) -> None:
 def load_text(bundle: Bundle, product: str) -> TextPrototypes:
     bundle.check_product(product)
     path = bundle.product_dir(product) / TEXT
-    remedy = f"re-create it with `winclip-edge add-product --bundle {bundle.root} --force {product}`"
+    remedy = f"re-create it with `winclip-edge product add --bundle {bundle.root} --force {product}`"
     arrays, meta, _ = load_arrays(path, remedy)
     bundle.check_weights(meta, path, remedy)
     d = bundle.manifest.embed_dim
     for key in ("t_normal", "t_anomalous"):
         if arrays[key].shape != (d,):
             raise BundleError(f"{path}: {key} has shape {arrays[key].shape}, the bundle's embedding is ({d},); "
-                              "re-create it with `winclip-edge add-product`")
+                              "re-create it with `winclip-edge product add`")
     return TextPrototypes(
         t_normal=arrays["t_normal"], t_anomalous=arrays["t_anomalous"],
         normal_prompts=tuple(arrays["normal_prompts"].tolist()),

@@ -15,6 +15,7 @@ import threading
 from dataclasses import fields, replace
 from typing import Any
 
+from .commands import Commands
 from .. import inputs
 from ..line.build import build_station
 from ..line.registry import resolve_source, source_plugins
@@ -43,11 +44,10 @@ SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reco
                        "ignore_existing")
 NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
 # Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
-FLAG_OF_KEY = {"products": "--product", "scoring.scales": "--use-scales", "scoring.use_image_scale": "--no-image-scale",
-               "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source"}
+FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source"}
 
 
-def register(sub: Any) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("serve", help="run a line station: cameras, videos, streams, hot folders -> results.jsonl, "
                                      "MQTT, webhooks (and an HTTP API with --http)")
     p.add_argument("--config", metavar="FILE", default=None,

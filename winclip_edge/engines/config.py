@@ -7,7 +7,7 @@ own options dataclass (``OnnxRuntimeOptions(provider="cuda")``, ``OpenVinoOption
 naming it, never silently ignored (registry.check_config).
 
 ``backend="auto"`` (the default, for Python as for the CLI) is resolved once, by ``engines.auto.select``: the backend
-whose ``options`` are given, else the winner ``winclip-edge tune`` recorded for this machine, else ONNX Runtime fp32.
+whose ``options`` are given, else the winner ``winclip-edge engine tune`` recorded for this machine, else ONNX Runtime fp32.
 So ``Inspector(bundle, product, engine=EngineConfig(precision="int8"))`` gets what ``--precision int8`` gives.
 """
 from __future__ import annotations

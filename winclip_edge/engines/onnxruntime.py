@@ -148,7 +148,7 @@ def tensorrt_provider_options(bundle: Bundle, config: EngineConfig) -> dict:
     precision = config.precision or "fp32"
     if precision not in ("fp32", "fp16"):
         raise EngineError(f"ONNX Runtime's TensorRT provider runs fp32 or fp16 here, not {precision}: TensorRT int8 needs "
-                          f"its own calibration; use `winclip-edge build-engine --bundle {bundle.root} --precision int8 "
+                          f"its own calibration; use `winclip-edge engine build --bundle {bundle.root} --precision int8 "
                           "--calibration-images DIR` and --backend tensorrt")
     folder = engine_dir(bundle, config.engine_dir) / ORT_TRT_CACHE
     try:

@@ -2,7 +2,7 @@
 
 Precisions: ``fp32`` | ``bf16`` | ``fp16`` set OpenVINO's ``INFERENCE_PRECISION_HINT`` on the fp32 graph (the
 device computes in that type, LayerNorm and softmax accumulate in fp32 inside OpenVINO's kernels); ``int8``
-runs the NNCF post-training-quantised copy made by ``winclip-edge quantize --backend openvino`` (or
+runs the NNCF post-training-quantised copy made by ``winclip-edge engine quantize --backend openvino`` (or
 ``tune``), stored in ``bundle/variants/`` and verified like the ONNX variants (openvino_model.py).
 
 A precision the device would silently replace (bf16 on a CPU without AVX512-BF16/AMX, fp16 on a CPU, which

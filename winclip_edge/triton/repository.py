@@ -1,4 +1,4 @@
-"""A Triton Inference Server model repository made from a bundle (``winclip-edge export-triton``).
+"""A Triton Inference Server model repository made from a bundle (``winclip-edge triton export``).
 
 ::
 
@@ -176,7 +176,7 @@ def _find_plan(bundle: Bundle, cfg: RepositoryConfig) -> tuple[Path, dict]:
     if len(fitting) != 1:
         found = ", ".join(p.name for p in plans) or "none"
         raise RepositoryError(
-            f"platform tensorrt needs exactly one plan built by `winclip-edge build-engine` from this bundle's "
+            f"platform tensorrt needs exactly one plan built by `winclip-edge engine build` from this bundle's "
             f"visual.onnx with its sidecar JSON ({len(fitting)} fit; plans seen: {found}); pass --plan")
     return fitting[0]
 

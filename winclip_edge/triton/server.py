@@ -1,4 +1,4 @@
-"""A CPU Triton server for a bundle (``winclip-edge triton-serve``): PyTriton's bundled ``tritonserver`` on a
+"""A CPU Triton server for a bundle (``winclip-edge triton serve``): PyTriton's bundled ``tritonserver`` on a
 repository written by repository.py with platform ``python`` — same model name, inputs, outputs, batching and
 ``parameters`` as the repository a GPU server runs, the graph executed by ONNX Runtime in Triton's Python backend.
 
