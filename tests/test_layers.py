@@ -93,7 +93,7 @@ def test_no_import_circle():
 # (lazy imports count). A name is a module or a package of winclip_edge (winclip_edge.export = the export stage);
 # the longest prefix decides; the package root (the public API) stands above them all.
 LAYERS = (
-    ("utilities", ("errors", "fileio", "performance.machine")),
+    ("utilities", ("errors", "fileio", "performance.machine", "verdicts")),
     ("maths and the graph contract", ("contract", "windows", "scoring", "prompts", "evaluation.paper",
                                       "evaluation.metrics")),
     ("files and images", ("bundle", "products", "preprocess", "heatmap", "inputs", "tokenizer", "tiles",
