@@ -122,3 +122,18 @@ def test_a_peer_without_the_shadowed_package_sees_the_callers(caller, tmp_path):
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
     assert py(peer / "bin" / "python", "import callerprobe; print(callerprobe.VERSION)") == "1.0"
+
+
+def test_the_extras_ci_installs_never_cap_numpy_or_opencv():
+    """Only the peer extra (triton-server) may hold numpy < 2 / OpenCV < 4.12 / PyTriton; .ci/run installs the others
+    into the caller's environment."""
+    import re
+    import tomllib
+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    installed = re.search(r'pip install .*-e "\.\[([a-z,-]+)\]"', (ROOT / ".ci" / "run").read_text()).group(1).split(",")
+    assert "triton-server" in extras and "triton-server" not in installed and set(installed) <= set(extras)
+    capping = re.compile(r"^(numpy|opencv-python-headless|opencv-python)\s*[^;]*<|^nvidia-pytriton", re.I)
+    offenders = [(name, r) for name in installed for r in extras[name] if capping.search(r)]
+    assert not offenders, offenders
+    assert [r for r in extras["triton-server"] if capping.search(r)], "the check can find a cap"
