@@ -6,10 +6,13 @@ interpreter's: ``venv --system-site-packages`` would see the base only) that see
 (a ``.pth`` adds the caller's site folders after DIR's own), plus what the requirements install into DIR alone.
 The caller's environment is never changed: the caller's versions are pip constraints for the peer, except the
 names given with ``--unpin``, which the peer may shadow with versions of its own (PyTriton's ``numpy<2``); pip
-leaves the caller's copies alone (they are outside the peer's environment).
+leaves the caller's copies alone (they are outside the peer's environment). ``--own NAME`` copies the caller's
+version of NAME into the peer itself: PyTriton takes a copy outside the interpreter's own site folders for an
+editable install and then misses its libraries.
 
     python .ci/peer_env.py .venv-anomalib "anomalib==2.7.*" --check anomalib,open_clip,winclip_edge.export
-    python .ci/peer_env.py .venv-triton --extra triton-server --unpin numpy,opencv-python-headless --check pytriton
+    python .ci/peer_env.py .venv-triton --extra triton-server --unpin numpy,opencv-python-headless \
+        --own nvidia-pytriton --check pytriton
 
 Rebuilt only when the interpreter, the requests or the caller's packages changed (DIR/peer.json records them).
 ``--extra NAME`` adds the requirements of this project's optional dependency NAME (pyproject.toml). Other options
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.metadata
 import json
 import os
 import re
@@ -94,22 +98,33 @@ def check(python: Path, modules: list[str]) -> list[str]:
     return failed
 
 
-def build(folder: Path, requirements: list[str], unpin: set[str], pip_args: list[str], pins: list[str]) -> None:
+def build(folder: Path, requirements: list[str], unpin: set[str], own: list[str], pip_args: list[str],
+          pins: list[str]) -> None:
     venv.EnvBuilder(clear=True, with_pip=False, symlinks=os.name != "nt").create(folder)
     python = peer_python(folder)
     sites = caller_sites()
     line = f"import site; list(map(site.addsitedir, {sites!r}))\n"  # after the peer's own folder: its copies win
     (peer_site(python) / PTH).write_text(line)
-    if not requirements and not pip_args:
+    if not requirements and not own:
         return
     constraints = folder / "caller-constraints.txt"
     constraints.write_text("".join(f"{pin}\n" for pin in pins if canonical(pin.split("==")[0]) not in unpin))
     cmd = [str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "-c", str(constraints),
            *pip_args, *requirements]
+    if requirements:
+        pip(cmd, f"{' '.join(requirements)} into {folder} beside the caller's packages (pinned by {constraints}; "
+                 "--unpin NAME lets the peer have its own NAME)")
+    here = {canonical(d.metadata["Name"]) for d in importlib.metadata.distributions(path=[str(peer_site(python))])}
+    missing = [name for name in own if canonical(name) not in here]
+    if missing:  # the caller's version, copied into the peer itself
+        pip([str(python), "-m", "pip", "install", "-q", "--disable-pip-version-check", "--no-deps", "--ignore-installed",
+             "-c", str(constraints), *pip_args, *missing], f"{' '.join(missing)} into {folder} (--own)")
+
+
+def pip(cmd: list[str], what: str) -> None:
     print("peer_env:", " ".join(cmd[1:]), flush=True)
     if subprocess.run(cmd, env={**os.environ, "PIP_USER": "0"}).returncode:
-        raise SystemExit(f"peer_env: pip could not install {' '.join(requirements)} into {folder} beside the caller's "
-                         f"packages (pinned by {constraints}; --unpin NAME lets the peer have its own NAME)")
+        raise SystemExit(f"peer_env: pip could not install {what}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,15 +136,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("requirements", nargs="*", help="what the peer installs beside the caller's packages")
     p.add_argument("--extra", action="append", default=[], help="requirements of this project's extra NAME")
     p.add_argument("--unpin", default="", help="comma-separated names the peer may install in other versions")
+    p.add_argument("--own", default="", help="comma-separated names installed into the peer itself even where the "
+                   "caller has them (same version: for packages that look for files next to themselves, like PyTriton)")
     p.add_argument("--check", default="", help="comma-separated modules the peer must import")
     args = p.parse_intermixed_args(argv)
     requirements = [*args.requirements, *(r for name in args.extra for r in extra_requirements(name))]
     unpin = {canonical(n) for n in args.unpin.split(",") if n.strip()}
     modules = [m for m in args.check.split(",") if m.strip()]
+    own = [n.strip() for n in args.own.split(",") if n.strip()]
     folder = args.folder.absolute()
     pins = caller_pins()
     key = {"python": sys.executable, "version": sys.version, "sites": caller_sites(), "requirements": requirements,
-           "unpin": sorted(unpin), "pip_args": pip_args,
+           "unpin": sorted(unpin), "own": own, "pip_args": pip_args,
            "caller": hashlib.sha256("\n".join(pins).encode()).hexdigest()}
     stamp = folder / STAMP
     python = peer_python(folder)
@@ -140,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     if fresh and not check(python, modules):
         print(f"peer_env: {folder} is up to date")
         return 0
-    build(folder, requirements, unpin, pip_args, pins)
+    build(folder, requirements, unpin, own, pip_args, pins)
     failed = check(python, modules)
     if failed:
         print(f"peer_env: {folder} cannot import: " + "; ".join(failed), file=sys.stderr)

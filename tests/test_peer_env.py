@@ -113,15 +113,16 @@ def test_peer_sees_the_caller_venv_and_leaves_it_as_it_was(caller, wheels, tmp_p
     assert again.returncode == 0 and "up to date" in again.stdout
 
 
-def test_a_peer_without_the_shadowed_package_sees_the_callers(caller, tmp_path):
+def test_a_peer_sees_the_project_and_owns_a_copy_of_what_it_is_told_to(caller, wheels, tmp_path):
     """The peer is built on the caller venv itself: its packages, the project's export stage and open_clip (what
-    the anomalib peer needs) are all there."""
+    the anomalib peer needs) are all there; --own copies the caller's version into the peer (PyTriton's case)."""
     peer = tmp_path / "bare"
-    built = subprocess.run([str(caller), str(SCRIPT), str(peer), "--check",
-                            "callerprobe,winclip_edge.export,open_clip"],
+    built = subprocess.run([str(caller), str(SCRIPT), str(peer), "--own", "callerprobe", "--check",
+                            "callerprobe,winclip_edge.export,open_clip", "--", "--no-index", "--find-links", str(wheels)],
                            capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stdout + built.stderr
-    assert py(peer / "bin" / "python", "import callerprobe; print(callerprobe.VERSION)") == "1.0"
+    version, where = py(peer / "bin" / "python", "import callerprobe; print(callerprobe.VERSION, callerprobe.__file__)").split()
+    assert version == "1.0" and Path(where).is_relative_to(peer), "the caller's version, in the peer's own folder"
 
 
 def test_the_extras_ci_installs_never_cap_numpy_or_opencv():
