@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_ports, textured_part
+from conftest import free_ports, textured_part, wait_for
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'winclip-edge[triton]')")
 
@@ -409,6 +409,9 @@ def test_concurrent_clients_are_batched_by_the_server(server, tiny_bundle):
     for e in engines:
         e.close()
     assert not errors
+    # Triton refreshes its metrics every ~2 s: the counter may lag the answers just received
+    wait_for(lambda: server.metric("nv_inference_request_success") - before[0] >= clients * rounds, timeout=15,
+             what="the server's request counter")
     requests = server.metric("nv_inference_request_success") - before[0]
     executions = server.metric("nv_inference_exec_count") - before[1]
     assert requests == clients * rounds
