@@ -17,6 +17,7 @@ from .fileio import fsync_dir
 from .heatmap import overlay, write_npy, write_png
 from .inspector import InspectionResult
 from .rows import ModelIds, ResultRow
+from .verdicts import verdict_of
 
 RESULTS_JSONL = "results.jsonl"
 MAPS = "maps"
@@ -50,15 +51,19 @@ def unique_stem(path: str, used: set[str]) -> str:
 
 
 def decision_text(anomalous: bool | None) -> str:
-    return {None: "no threshold", True: "ANOMALOUS", False: "normal"}[anomalous]
+    return verdict_of(anomalous).word
 
 
 def write_overlay(path: str | os.PathLike, result: InspectionResult) -> None:
-    """Heatmap over the image with score and decision. Colours run from the map's minimum to
+    """Heatmap over the image with score, threshold and decision. Colours run from the map's minimum to
     max(map maximum, threshold), so a normal part does not turn red."""
     hi = max(float(result.anomaly_map.max()), result.threshold or 0.0)
-    write_png(path, overlay(result.image, result.anomaly_map, f"score {result.score:.4f}  {decision_text(result.anomalous)}",
-                            (float(result.anomaly_map.min()), hi), roi=result.roi))
+    verdict = verdict_of(result.anomalous)
+    parts = [f"score {result.score:.4f}",
+             *([f"threshold {result.threshold:.4f}"] if result.threshold is not None else []),
+             (verdict.word, verdict.colour_bgr)]
+    write_png(path, overlay(result.image, result.anomaly_map, parts, (float(result.anomaly_map.min()), hi),
+                            roi=result.roi))
 
 
 @dataclass(frozen=True)

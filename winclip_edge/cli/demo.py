@@ -32,7 +32,8 @@ def run_demo_command(args: argparse.Namespace) -> int:
 
 def register(sub: Commands) -> None:
     p = sub.add_parser("demo", help="the whole flow on the embedded textile images (export, register, calibrate, infer)")
-    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model (default ViT-B-16-plus-240)")
+    p.add_argument("--model", default="ViT-B-16-plus-240",
+                   help="open_clip model, winclip-tiny (shipped, seconds), or config JSON (default ViT-B-16-plus-240)")
     p.add_argument("--pretrained", default="laion400m_e31", help="tag, checkpoint PATH, or none (offline, random weights)")
     p.add_argument("--bundle", default="models/demo-b16p", help="bundle folder (exported when missing)")
     p.add_argument("--out", default="runs/demo", help="output folder")

@@ -100,7 +100,8 @@ def run_add_product(args: argparse.Namespace) -> int:
 def register(commands: Commands) -> None:
     p = commands.add_parser("export", help="open_clip model -> verified ONNX bundle (needs the [export] extra; "
                                       "ViT-B-16-plus-240 takes ~1-2 min on 2 CPU cores)")
-    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model name or model-config JSON path")
+    p.add_argument("--model", default="ViT-B-16-plus-240",
+                   help="open_clip model name, winclip-tiny (shipped: seconds to export), or model-config JSON path")
     p.add_argument("--pretrained", default="laion400m_e31",
                    help="open_clip pretrained tag (downloads), a local checkpoint PATH (offline), or 'none' (random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --pretrained none")
