@@ -35,6 +35,8 @@ def wait_for(condition, timeout=60.0, what="condition"):
         time.sleep(0.02)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for a hub in tests
+for _name in ("WINCLIP_ENGINE_DIR", "WINCLIP_ENGINE_CACHE_KEEP", "WINCLIP_ENGINE_CACHE_MAX_MIB"):
+    os.environ.pop(_name, None)  # tests see the default engine folder and cache bound
 
 _TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 # Geometries: 240 px / patch 16 -> 15x15 (the default model's grid), 224 / 32 -> 7x7, and a non-square 6x8.

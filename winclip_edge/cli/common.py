@@ -52,7 +52,7 @@ COMMON_HELP = {"threads": "intra-op threads of a CPU backend (0 = its default)",
                "device": "where the graph runs",
                "engine_dir": "where a backend keeps what it builds or caches: TensorRT plans (build-engine), ONNX "
                              "Runtime's TensorRT provider and CPU graph caches, OpenVINO's compiled models (default "
-                             "<bundle>/engines)"}
+                             "$WINCLIP_ENGINE_DIR, else <bundle>/engines)"}
 
 
 @dataclass(frozen=True)

@@ -109,6 +109,10 @@ def run_info(args: argparse.Namespace) -> int:
 
     for line in engine_notes(bundle):
         print(f"  {line}")
+    from ..engines.cache_dir import engine_dir
+    from .cache import summary
+
+    print(f"  {summary(engine_dir(bundle))}")
     for line in backend_lines():
         print(f"  {line}")
     return EXIT_OK

@@ -156,14 +156,14 @@ def fp16_output_graph(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def _find_plan(bundle: Bundle, cfg: RepositoryConfig) -> tuple[Path, dict]:
     """The plan and its build-engine sidecar; it must have been built from this bundle's visual.onnx."""
-    from ..engines.cache_dir import default_engine_dir
+    from ..engines.cache_dir import engine_dir
     from ..engines.engine_cache import SIDECAR_SUFFIX
 
     onnx_sha = bundle.manifest.files[VISUAL_ONNX]
     if cfg.plan is not None:
         plans = [Path(cfg.plan)]
     else:
-        folder = default_engine_dir(bundle)
+        folder = engine_dir(bundle)  # the bundle's, or $WINCLIP_ENGINE_DIR (where engine build wrote it)
         plans = sorted(folder.glob("*.plan")) if folder.is_dir() else []
     fitting = []
     for plan in plans:
