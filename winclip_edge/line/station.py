@@ -210,7 +210,7 @@ class Station:
             except BatcherClosed:
                 log.error("source %s: the batcher closed; frame %d not inspected", source.name, frame.index)
                 break
-            self._inflight.put((source, frame, future))
+            self._inflight.put((source, frame, job, future))
         self._inflight.put(_END)
 
     def _collect(self) -> None:
@@ -220,29 +220,29 @@ class Station:
             if item is _END:
                 ended += 1
                 continue
-            source, frame, future = item
+            source, frame, job, future = item
             try:
                 result = future.result()
             except CancelledError:
                 result = InspectionResult(path=frame.path or source.name, error="cancelled: the station stopped")
             latency_ms = (time.monotonic() - frame.captured_mono) * 1e3
             try:
-                self._deliver(source, frame, result, latency_ms)
+                self._deliver(source, frame, result, latency_ms, job.ids or self._model_ids())
             except Exception as err:  # a disk error writing one decision must not stop the station
                 log.error("source %s frame %d: cannot write its decision (%s: %s)", source.name, frame.index,
                           type(err).__name__, err)
         self._collected.set()
 
     def _model_ids(self) -> ModelIds:
-        # The HTTP face may swap it (product reload); a decision scored just before a swap and written just after
-        # carries the new ids: a reload is rare and announced, the window one batch wide.
+        """The ids of the batcher's Inspector now: for a frame no Inspector scored (cancelled at the stop). A scored
+        frame's row carries the ids of the Inspector that scored it (``Job.ids``), also across a reload."""
         inspector = self.batcher.inspector
         if self._ids is None or self._ids[0] is not inspector:
             self._ids = (inspector, ModelIds.of(inspector))
         return self._ids[1]
 
-    def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float) -> None:
-        ids = self._model_ids()
+    def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float,
+                 ids: ModelIds) -> None:
         save = self.config.save == "all" or (self.config.save == "anomalous" and bool(result.anomalous))
         saved = self.writer.save_outputs(result, save)
         files = source if isinstance(source, FileSource) and frame.path is not None else None
