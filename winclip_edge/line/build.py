@@ -72,7 +72,7 @@ class LineStation:
                  http: Any):
         self.spec, self.catalog, self.batchers, self.station, self.http = spec, catalog, batchers, station, http
         self.drift = DriftWatch(catalog, spec.drift.window, spec.drift.limits(), station.config.station)
-        self.station.on_result.append(lambda result, product, row: self.drift.observe(row))
+        self.station.on_row.append(self.drift.observe)
         self.service: Any = None
         self.alert_sinks: list[Any] = []
         self._closed = False

@@ -137,11 +137,15 @@ class Station:
     """Runs sources into one batcher and delivers every decision (see the module docstring)."""
 
     def __init__(self, config: StationConfig, out: str | Path, batcher: Batcher, sources: Sequence[Source],
-                 sinks: Sequence[Sink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = ()):
+                 sinks: Sequence[Sink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = (),
+                 on_row: Iterable[Callable[[dict], None]] = ()):
+        """``on_result(result, product, row)`` hooks see each delivered decision with its image (kept for them);
+        ``on_row(row)`` hooks see only its row (drift watching), so no image is kept for them."""
         self.config, self.batcher = config, batcher
         self.out = Path(out).resolve()  # payload paths must mean something to the consumers
         self.sources = list(sources)
         self.on_result = list(on_result)
+        self.on_row = list(on_row)
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock(self.out)
         self.sinks = [SpooledSink(sink, Spool(self.out / SPOOL / sink.name, config.spool_max)) for sink in sinks]
@@ -265,6 +269,11 @@ class Station:
                 hook(result, ids.product, row)
             except Exception as err:
                 log.error("result hook failed: %s: %s", type(err).__name__, err)
+        for row_hook in self.on_row:
+            try:
+                row_hook(row)
+            except Exception as err:
+                log.error("row hook failed: %s: %s", type(err).__name__, err)
 
     def count(self, row: dict) -> None:
         """Count one decision in the status line and stats: the sources' (from ``_deliver``) and those the HTTP

@@ -158,7 +158,7 @@ function versionsTable(product, listing) {
 async function productPanel(product) {
   const [[okV, listing], [okD, drift]] = await Promise.all([api("GET", "/v1/products/" + product + "/versions"),
                                                            api("GET", "/v1/products/" + product + "/drift")]);
-  const panel = el("div", {class: "product", "data-product": product});
+  const panel = el("div", {class: "product-panel", "data-product": product});
   const teach = el("button", {type: "button", class: "teach", "data-product": product}, "teach good verdicts");
   teach.addEventListener("click", () => teachProduct(product));
   const serving = okV && listing.serving !== null ? "version " + listing.serving : "unversioned files";
