@@ -22,6 +22,7 @@ from winclip_edge.line.sinks import MqttOptions, WebhookOptions
 from winclip_edge.line.sources import FolderOptions, VideoOptions
 from winclip_edge.line.spec import (
     BatchingSpec,
+    DriftSpec,
     EngineSpec,
     HttpSpec,
     OutputsSpec,
@@ -258,8 +259,14 @@ def specs(draw) -> StationSpec:
         batching=BatchingSpec(max_batch=draw(st.integers(1, 64)), max_wait_ms=draw(finite)),
         outputs=OutputsSpec(out=draw(text), rotate_mb=draw(st.floats(1e-3, 1e6)), status_every=draw(finite)),
         sources=tuple(sources), sinks=tuple(sinks),
-        http=draw(st.one_of(st.none(), st.builds(lambda token, mb: HttpSpec(token=token, max_upload_mb=mb),
-                                                 st.one_of(st.none(), text), finite))))
+        http=draw(st.one_of(st.none(), st.builds(lambda token, mb, tokens: HttpSpec(token=token, max_upload_mb=mb,
+                                                                                    token_file=tokens),
+                                                 st.one_of(st.none(), text), finite, st.one_of(st.none(), text)))),
+        drift=draw(st.builds(lambda window, watch, on, share: DriftSpec(window=window, watch=tuple(watch), ks=on,
+                                                                       ks_clear=on * share),
+                             st.integers(1, 10**6), st.lists(st.sampled_from(("false_alarm_rate", "ks", "share_above")),
+                                                             unique=True),
+                             st.floats(0, 1), st.floats(0, 1))))
 
 
 @settings(max_examples=60, deadline=None)

@@ -246,7 +246,13 @@ def write_dir(bundle: Bundle, product: str) -> Path:
 
 def pinned(bundle: Bundle, product: str) -> tuple[Bundle, Version | None]:
     """``bundle`` with ``product`` pinned to its live version, resolved once: everything one load reads comes from
-    the same version even if the pointer moves meanwhile. Returns the view and the version (None: unversioned)."""
+    the same version even if the pointer moves meanwhile. Returns the view and the version (None: unversioned). A
+    bundle already pinned for ``product`` is returned as it is, with the version its folder holds (None: a draft)."""
+    folder = bundle.product_folders.get(product)
+    if folder is not None:
+        number = folder.name
+        held = folder.parent == versions_dir(bundle, product) and number.isdigit() and (folder / VERSION_FILE).is_file()
+        return bundle, load_version(bundle, product, int(number)) if held else None
     live = live_version(bundle, product)
     return (bundle, None) if live is None else (bundle.with_product_folder(product, live.folder), live)
 

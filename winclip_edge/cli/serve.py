@@ -21,7 +21,9 @@ from ..line.build import build_station
 from ..line.registry import resolve_source, source_plugins
 from ..line.sinks import MqttOptions, WebhookOptions
 from ..line.sources import DROP_POLICIES
+from ..drift import STATISTICS
 from ..line.spec import (
+    DriftSpec,
     EngineSpec,
     HttpSpec,
     SinkSpec,
@@ -36,7 +38,7 @@ from ..tiles.overrides import TilingOverrides
 from ..engines.config import AUTO
 from ..engines.registry import owner_of
 from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options, engine_config, engine_flags
-from .serve_http import add_http_options, parse_host_port
+from .serve_http import add_drift_options, add_http_options, parse_host_port
 from .tiling_options import add_tiling_options
 
 # Flags that set one option of every source whose kind has an option of that name (VideoOptions, FolderOptions, ...).
@@ -44,7 +46,9 @@ SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reco
                        "ignore_existing")
 NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
 # Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
-FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source"}
+FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source",
+               **{f"drift.{key}{clear}": f"--drift-{key.replace('_', '-')}"
+                  for key in ("window", "min_samples", *STATISTICS) for clear in ("", "_clear")}}
 
 
 def register(sub: Commands) -> None:
@@ -103,6 +107,7 @@ def register(sub: Commands) -> None:
                    help="at exit, seconds the sinks may take to deliver what is spooled (the rest waits on disk)")
     o.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (0 = none)")
     add_http_options(p)
+    add_drift_options(p)
     # The defaults above are for --help; a flag not given leaves no value, so only the flags given override the
     # station file (the spec's dataclasses hold the same defaults).
     for action in p._actions:
@@ -191,13 +196,30 @@ def _http(base: HttpSpec | None, given: dict[str, Any]) -> HttpSpec | None:
     if "http" in given:
         parse_host_port(given["http"])  # the flag's own message
         http = _replace(http or HttpSpec(), "http", listen=given["http"])
-    changes = {k: given[k] for k in ("token", "insecure", "max_upload_mb", "request_timeout", "keep_results")
-               if k in given}
+    changes = {k: given[k] for k in ("token", "token_file", "insecure", "max_upload_mb", "request_timeout",
+                                     "keep_results") if k in given}
     if http is None:
-        if "token" in changes or "insecure" in changes:
-            raise CliError("--token/--insecure need --http HOST:PORT")
+        if {"token", "token_file", "insecure"} & set(changes):
+            raise CliError("--token/--token-file/--insecure need --http HOST:PORT")
         return None  # the other HTTP flags without an HTTP face change nothing
     return _replace(http, "http", **changes)
+
+
+def _drift(base: DriftSpec, given: dict[str, Any]) -> DriftSpec:
+    """The file's ``[drift]`` with the --drift-* flags given: a limit flag sets its statistic's two levels, or with
+    ``none`` takes it off the watch list."""
+    changes = {key: given["drift_" + key] for key in ("window", "min_samples") if "drift_" + key in given}
+    watch = list(base.watch)
+    for name in STATISTICS:
+        if "drift_" + name not in given:
+            continue
+        limit = given["drift_" + name]
+        if limit is None:
+            watch = [w for w in watch if w != name]
+        else:
+            changes.update({name: limit[0], name + "_clear": limit[1]})
+            watch = watch if name in watch else [*watch, name]
+    return _replace(base, "drift", **changes, **({"watch": tuple(watch)} if watch != list(base.watch) else {}))
 
 
 def _engine(base: EngineSpec, given: dict[str, Any]) -> EngineSpec:
@@ -246,7 +268,8 @@ def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSp
             tiling=_replace(base.tiling, "tiling", **tiling),
             batching=_replace(base.batching, "batching", **batching),
             outputs=_replace(base.outputs, "outputs", **outputs),
-            sources=_sources(base.sources, given), sinks=_sinks(base.sinks, given), http=_http(base.http, given))
+            sources=_sources(base.sources, given), sinks=_sinks(base.sinks, given), http=_http(base.http, given),
+            drift=_drift(base.drift, given))
         return _replace(base, "", **{k: v for k, v in top.items() if v is not None}, **parts)
     except SpecError as err:  # a value that is refused with the others, e.g. two sources of one name
         raise CliError(_flag_message(err)) from None

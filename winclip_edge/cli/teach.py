@@ -1,5 +1,5 @@
 """``teach``, ``product versions``, ``product rollback``: operators' corrections as product versions
-(docs/teaching.md)."""
+(docs/service.md, "Verdicts, versions and drift")."""
 from __future__ import annotations
 
 import argparse

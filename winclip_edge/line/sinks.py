@@ -104,12 +104,16 @@ class MqttSink:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
+    def topic_of(self, message: bytes) -> str:
+        """The topic ``message`` is published to: the configured one (line/alerts.py picks one per message)."""
+        return self.config.topic
+
     def deliver(self, key: int, message: bytes, timeout: float) -> None:
         where = f"{self.config.host}:{self.config.port}"
         if self._inflight is None or self._inflight[0] != key:
             if not self._wait(lambda: self._connected, min(timeout, CONNECT_WAIT_S)):
                 raise SinkUnavailable(f"mqtt: not connected to {where}")
-            info = self._client.publish(self.config.topic, message, qos=1)  # not under _cond: paho calls back
+            info = self._client.publish(self.topic_of(message), message, qos=1)  # not under _cond: paho calls back
             if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
                 raise SinkUnavailable(f"mqtt: publish to {where} failed: {self._mqtt.error_string(info.rc)}")
             self._inflight = (key, info.mid)  # NO_CONN: queued by paho, sent on reconnect

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from ..drift import STATISTICS, DriftLimits, Limit
 from ..engines import EngineConfig
 from ..engines.config import AUTO
 from ..engines.registry import backends, owner_of, precisions
@@ -262,10 +263,13 @@ class OutputsSpec:
 @dataclass(frozen=True)
 class HttpSpec:
     """``[http]``: the HTTP face (docs/service.md); no table, no HTTP face. ``token`` None: the environment
-    variable WINCLIP_TOKEN (prefer it: a file or a flag is easier to read than a process's environment)."""
+    variable WINCLIP_TOKEN (prefer it: a file or a flag is easier to read than a process's environment).
+    ``token_file``: named tokens, one ``name:token`` per line (operators' verdicts record the name); the variable
+    WINCLIP_TOKENS adds more."""
 
     listen: str = DEFAULT_LISTEN  # HOST:PORT ([::1]:PORT for IPv6; port 0 = any free port)
     token: Optional[str] = None
+    token_file: Optional[str] = None
     insecure: bool = False  # allow a non-loopback listen without a token
     max_upload_mb: float = MAX_UPLOAD_MB
     request_timeout: float = RESULT_TIMEOUT_S  # seconds a request waits for its result before 504
@@ -284,6 +288,42 @@ class HttpSpec:
 
 
 @dataclass(frozen=True)
+class DriftSpec:
+    """``[drift]``: drift watched per product over the last ``window`` decisions and verdicts (winclip_edge/drift.py,
+    docs/service.md "Drift"). Each statistic of ``watch`` raises an alert above its level and clears it below its
+    ``_clear`` level (hysteresis); none is judged before ``min_samples`` observations."""
+
+    window: int = 200
+    min_samples: int = 30
+    watch: tuple[str, ...] = STATISTICS
+    false_alarm_rate: float = 0.10  # of reviewed goods, the share that was flagged
+    false_alarm_rate_clear: float = 0.06
+    ks: float = 0.30  # two-sample Kolmogorov-Smirnov statistic, recent scores vs the calibration's
+    ks_clear: float = 0.20
+    share_above: float = 0.20  # of recent scores, the share above the threshold
+    share_above_clear: float = 0.12
+
+    def __post_init__(self) -> None:
+        for key, value in (("window", self.window), ("min_samples", self.min_samples)):
+            if value < 1:
+                raise SpecError(key, f"must be >= 1, got {value}")
+        unknown = [w for w in self.watch if w not in STATISTICS]
+        if unknown or len(set(self.watch)) != len(self.watch):
+            raise SpecError("watch", f"must name each of {', '.join(STATISTICS)} at most once, got {list(self.watch)}")
+        for name in STATISTICS:
+            on, off = getattr(self, name), getattr(self, name + "_clear")
+            if not 0 <= on <= 1:
+                raise SpecError(name, f"must be in [0, 1], got {on}")
+            if not 0 <= off <= on:
+                raise SpecError(name + "_clear", f"must be in [0, {name}] = [0, {on}] (an alert clears below the "
+                                                 f"level that raised it), got {off}")
+
+    def limits(self) -> DriftLimits:
+        return DriftLimits(**{name: Limit(getattr(self, name), getattr(self, name + "_clear")) if name in self.watch
+                              else None for name in STATISTICS}, min_samples=self.min_samples)
+
+
+@dataclass(frozen=True)
 class StationSpec:
     """A whole station. Sources inspect the first product; the HTTP face serves all of them."""
 
@@ -299,6 +339,7 @@ class StationSpec:
     sources: tuple[SourceSpec, ...] = ()
     sinks: tuple[SinkSpec, ...] = ()
     http: Optional[HttpSpec] = None
+    drift: DriftSpec = DriftSpec()
 
     def __post_init__(self) -> None:
         if self.sigma < 0:

@@ -137,11 +137,15 @@ class Station:
     """Runs sources into one batcher and delivers every decision (see the module docstring)."""
 
     def __init__(self, config: StationConfig, out: str | Path, batcher: Batcher, sources: Sequence[Source],
-                 sinks: Sequence[Sink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = ()):
+                 sinks: Sequence[Sink] = (), on_result: Iterable[Callable[[InspectionResult, str, dict], None]] = (),
+                 on_row: Iterable[Callable[[dict], None]] = ()):
+        """``on_result(result, product, row)`` hooks see each delivered decision with its image (kept for them);
+        ``on_row(row)`` hooks see only its row (drift watching), so no image is kept for them."""
         self.config, self.batcher = config, batcher
         self.out = Path(out).resolve()  # payload paths must mean something to the consumers
         self.sources = list(sources)
         self.on_result = list(on_result)
+        self.on_row = list(on_row)
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock_handle = _lock(self.out)
         self.sinks = [SpooledSink(sink, Spool(self.out / SPOOL / sink.name, config.spool_max)) for sink in sinks]
@@ -210,7 +214,7 @@ class Station:
             except BatcherClosed:
                 log.error("source %s: the batcher closed; frame %d not inspected", source.name, frame.index)
                 break
-            self._inflight.put((source, frame, future))
+            self._inflight.put((source, frame, job, future))
         self._inflight.put(_END)
 
     def _collect(self) -> None:
@@ -220,29 +224,29 @@ class Station:
             if item is _END:
                 ended += 1
                 continue
-            source, frame, future = item
+            source, frame, job, future = item
             try:
                 result = future.result()
             except CancelledError:
                 result = InspectionResult(path=frame.path or source.name, error="cancelled: the station stopped")
             latency_ms = (time.monotonic() - frame.captured_mono) * 1e3
             try:
-                self._deliver(source, frame, result, latency_ms)
+                self._deliver(source, frame, result, latency_ms, job.ids or self._model_ids())
             except Exception as err:  # a disk error writing one decision must not stop the station
                 log.error("source %s frame %d: cannot write its decision (%s: %s)", source.name, frame.index,
                           type(err).__name__, err)
         self._collected.set()
 
     def _model_ids(self) -> ModelIds:
-        # The HTTP face may swap it (product reload); a decision scored just before a swap and written just after
-        # carries the new ids: a reload is rare and announced, the window one batch wide.
+        """The ids of the batcher's Inspector now: for a frame no Inspector scored (cancelled at the stop). A scored
+        frame's row carries the ids of the Inspector that scored it (``Job.ids``), also across a reload."""
         inspector = self.batcher.inspector
         if self._ids is None or self._ids[0] is not inspector:
             self._ids = (inspector, ModelIds.of(inspector))
         return self._ids[1]
 
-    def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float) -> None:
-        ids = self._model_ids()
+    def _deliver(self, source: Source, frame: Frame, result: InspectionResult, latency_ms: float,
+                 ids: ModelIds) -> None:
         save = self.config.save == "all" or (self.config.save == "anomalous" and bool(result.anomalous))
         saved = self.writer.save_outputs(result, save)
         files = source if isinstance(source, FileSource) and frame.path is not None else None
@@ -265,6 +269,11 @@ class Station:
                 hook(result, ids.product, row)
             except Exception as err:
                 log.error("result hook failed: %s: %s", type(err).__name__, err)
+        for row_hook in self.on_row:
+            try:
+                row_hook(row)
+            except Exception as err:
+                log.error("row hook failed: %s: %s", type(err).__name__, err)
 
     def count(self, row: dict) -> None:
         """Count one decision in the status line and stats: the sources' (from ``_deliver``) and those the HTTP

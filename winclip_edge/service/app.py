@@ -12,7 +12,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, List, Mapping, Optional
+from typing import Any, Callable, List, Mapping, Optional
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,7 +25,7 @@ from ..catalog import Catalog, UnknownProduct
 from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
-from ..rows import ModelIds, ResultRow
+from ..rows import ResultRow
 from ..prompts import PromptError, PromptSpec, object_name_for
 from ..text_encoder import ProductExistsError, add_product as encode_product
 from .auth import TokenAuth
@@ -51,12 +51,8 @@ class ServiceContext:
     metrics: ServiceMetrics
     station: str
     ready: threading.Event = field(default_factory=threading.Event)
-    ids: dict[str, ModelIds] = field(default_factory=dict)  # per product, renewed by a reload
     on_decision: Optional[Callable[[dict], None]] = None  # the station counts HTTP decisions with its own
-
-    def __post_init__(self) -> None:
-        for product in self.catalog.products:
-            self.ids[product] = ModelIds.of(self.catalog.get(product))
+    review: Any = None  # review_api.Review: verdicts, teach, rollback, drift (None: not served)
 
 
 class NewProduct(BaseModel):
@@ -137,7 +133,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             except asyncio.TimeoutError:
                 raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
             if result.error is not None:
-                failed = ResultRow.of(result, ctx.ids[product], received, (time.perf_counter() - t0) * 1e3,
+                failed = ResultRow.of(result, job.ids, received, (time.perf_counter() - t0) * 1e3,
                                       station=ctx.station, source="http", file=label).as_dict()
                 _decided(failed)
                 metrics.observe_result(product, "http", None, result.error, result.timings_ms, None)
@@ -148,7 +144,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         # decode = bytes -> RGB here + the resize to the model input in submit
         result.timings_ms.update(upload=(t1 - t0) * 1e3, decode=(t2 - t1) * 1e3 + result.timings_ms.get("decode", 0.0))
         t3 = time.perf_counter()
-        row = ResultRow.of(result, ctx.ids[product], received, (t3 - t0) * 1e3, station=ctx.station, source="http",
+        row = ResultRow.of(result, job.ids, received, (t3 - t0) * 1e3, station=ctx.station, source="http",
                            file=label).as_dict()
         urls = _urls(row["id"])
         row.update(overlay=urls["overlay"], map=urls["map"])
@@ -165,7 +161,12 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     @app.get("/v1/results", summary="Newest results first")
     def results(limit: int = Query(50, ge=1, le=MAX_LIST), anomalous: Optional[bool] = None,
                 product: Optional[str] = None) -> dict:
-        return {"results": [_with_urls(r) for r in store.newest(limit, anomalous, product)], "kept": len(store)}
+        return {"results": _reviewed([_with_urls(r) for r in store.newest(limit, anomalous, product)]),
+                "kept": len(store)}
+
+    def _reviewed(records: list[dict]) -> list[dict]:
+        """Each record with its operator's verdict (``review``), when the review loop is served."""
+        return records if ctx.review is None else ctx.review.marked(records)
 
     def _checked(rid: str):
         if not valid_id(rid):
@@ -178,7 +179,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
 
     @app.get("/v1/results/{rid}", summary="One result")
     def result(rid: str):
-        return _checked(rid) or _with_urls(store.get(rid))
+        return _checked(rid) or _reviewed([_with_urls(store.get(rid))])[0]
 
     def _file(rid: str, kind: str):
         problem = _checked(rid)
@@ -219,7 +220,6 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         except (UnknownProduct, WinclipError) as err:
             metrics.reloads.labels(product, "failed").inc()
             return error(409, "reload_failed", f"{err} (the previous files stay in use)")
-        ctx.ids[product] = ModelIds.of(inspector)
         ctx.batchers[product].inspector = inspector  # the next batch is scored with the new files
         metrics.reloads.labels(product, "ok").inc()
         return _product(product)
@@ -252,7 +252,6 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                     ctx.batchers[body.name] = Batcher(inspector, first.max_batch, first.max_wait * 1e3, first.queue_size)
             except WinclipError as err:
                 return error(409, "add_product_failed", f"{body.name!r} was written but cannot be served: {err}")
-            ctx.ids[body.name] = ModelIds.of(inspector)
         return {**_product(body.name), "prompts": {"normal": len(text.normal_prompts),
                                                    "anomalous": len(text.anomalous_prompts)}, "encoder": text.encoder}
 
@@ -264,7 +263,10 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    if ctx.review is not None:  # verdicts, queue, teach, rollback, versions, drift (review_api.py)
+        app.include_router(ctx.review.router(_with_urls))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if ctx.config.token is not None:
-        app.add_middleware(TokenAuth, token=ctx.config.token, on_denied=lambda: metrics.errors.labels("unauthorized").inc())
+    if ctx.config.auth:
+        app.add_middleware(TokenAuth, token=ctx.config.token, tokens=ctx.config.tokens,
+                           on_denied=lambda: metrics.errors.labels("unauthorized").inc())
     return app
