@@ -48,7 +48,6 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 from winclip_edge import Inspector  # noqa: E402
 from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.line.genicam import GenicamOptions, GenicamSource, list_cameras  # noqa: E402
-from winclip_edge.line.sources import VideoOptions  # noqa: E402
 from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
 
 PACKAGES = ("onnxruntime", "numpy", "opencv-python-headless", "opencv-python", "PyGObject")
@@ -80,6 +79,7 @@ def tiny_bundle(folder: Path) -> tuple[str, str]:
 def start_fake(serial: str) -> subprocess.Popen:
     if shutil.which(FAKE) is None:
         raise SystemExit(f"{FAKE} not found: apt-get install aravis-tools")
+    _take_turn()
     others = [c.line() for c in list_cameras() if c.address == "127.0.0.1"]
     if others:
         raise SystemExit(f"a camera already answers on 127.0.0.1 ({others[0]}): stop it first")
@@ -92,6 +92,18 @@ def start_fake(serial: str) -> subprocess.Popen:
     return process
 
 
+_TURN: list = []
+
+
+def _take_turn() -> None:
+    """Wait for the lock tests/test_genicam.py takes: one fake camera on 127.0.0.1 at a time on this machine."""
+    import fcntl
+
+    handle = open(Path(tempfile.gettempdir()) / "winclip-edge-fake-gv-camera.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)  # held until the process ends
+    _TURN.append(handle)
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -99,7 +111,7 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def run_capture(serial: str, features: dict, seconds: float) -> dict:
-    source = GenicamSource(serial, "bench", GenicamOptions(features=features, live=VideoOptions(buffer=4)))
+    source = GenicamSource(serial, "bench", GenicamOptions(features=features, buffer=4))
     source.start()
     try:
         if not source.connected.wait(20):
@@ -118,7 +130,7 @@ def run_capture(serial: str, features: dict, seconds: float) -> dict:
 
 
 def run_scored(serial: str, features: dict, seconds: float, inspector: Inspector) -> dict:
-    source = GenicamSource(serial, "bench", GenicamOptions(features=features, live=VideoOptions(buffer=1)))
+    source = GenicamSource(serial, "bench", GenicamOptions(features=features, buffer=1))
     source.start()
     try:
         if not source.connected.wait(20):
@@ -141,7 +153,7 @@ def run_scored(serial: str, features: dict, seconds: float, inspector: Inspector
 
 def run_triggered(serial: str, features: dict, seconds: float, inspector: Inspector) -> dict:
     options = GenicamOptions(features={**features, "TriggerMode": "On", "TriggerSource": "Software"},
-                             live=VideoOptions(buffer=4))
+                             buffer=4)
     source = GenicamSource(serial, "bench", options)
     source.start()
     try:
