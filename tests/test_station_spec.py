@@ -17,6 +17,7 @@ from hypothesis import assume, given, settings, strategies as st
 from conftest import textured_part
 from winclip_edge.cli import main
 from winclip_edge.cli.serve import spec_of
+from winclip_edge.line.genicam import GenicamOptions
 from winclip_edge.line.plugins import SinkContext
 from winclip_edge.line.sinks import MqttOptions, WebhookOptions
 from winclip_edge.line.sources import FolderOptions, VideoOptions
@@ -234,6 +235,11 @@ def test_flag_errors_name_the_flag(tmp_path, capsys):
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
 names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
 finite = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
+# A camera's features: any name (the camera decides which exist), a string, an integer, a float or a boolean.
+features = st.dictionaries(
+    st.one_of(st.sampled_from(["PixelFormat", "Width", "ExposureTime", "Gain", "TriggerSource"]), names),
+    st.one_of(text, st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False), st.booleans()),
+    max_size=6)
 
 
 @st.composite
@@ -243,7 +249,9 @@ def specs(draw) -> StationSpec:
                   st.integers(0, 9), finite, st.integers(1, 100), st.booleans()),
         st.builds(lambda folder, name, settle: SourceSpec("folder:" + folder, name, FolderOptions(settle_s=settle)),
                   text, st.one_of(st.none(), names), finite),
-        st.builds(lambda url: SourceSpec("rtsp://" + url), text)), max_size=3))
+        st.builds(lambda url: SourceSpec("rtsp://" + url), text),
+        st.builds(lambda camera, f, socket, fps: SourceSpec("genicam:" + camera, None, GenicamOptions(
+            features=f, packet_socket=socket, fps_limit=fps)), text, features, st.booleans(), finite)), max_size=3))
     explicit = [s.name for s in sources if s.name]
     assume(len(set(explicit)) == len(explicit))  # two of one name are refused (test_spec_refuses_...)
     sinks = draw(st.lists(st.one_of(

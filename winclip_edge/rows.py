@@ -83,6 +83,8 @@ class ResultRow:
     overlay: Optional[str] = None  # path (or, for uploads, URL) of the overlay PNG when saved
     map: Optional[str] = None  # path (or URL) of the map .npy when saved
     moved_to: Optional[str] = None  # hot folder: where the file goes after its row is written
+    camera_frame_id: Optional[int] = None  # genicam: sources: the camera's frame (block) id
+    camera_timestamp_ns: Optional[int] = None  # genicam: sources: the camera's timestamp of the frame, ns
     error: Optional[str] = None
 
     @classmethod

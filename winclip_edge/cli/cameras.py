@@ -22,7 +22,7 @@ def cmd_cameras(args: argparse.Namespace) -> int:
     for camera in cameras:
         print(camera.line())
     if not cameras:
-        print("no GenICam camera found (GigE Vision: same subnet, UDP 3956 open; USB3 Vision: udev rules)")
+        print("no cameras found (GigE Vision: same subnet, UDP 3956 open; USB3 Vision: udev rules)")
     return EXIT_OK
 
 

@@ -120,7 +120,7 @@ def engine_config(spec: EngineSpec) -> EngineConfig:
 @dataclass(frozen=True)
 class SourceSpec:
     """One ``[[sources]]`` entry: ``spec`` as ``--source`` takes it (``0``, ``line.avi``, ``rtsp://...``,
-    ``gst:...``, ``folder:DIR``, a plugin's ``prefix:...``), its ``name`` (None: made from the spec by
+    ``gst:...``, ``folder:DIR``, ``genicam:ID``, a plugin's ``prefix:...``), its ``name`` (None: made from the spec by
     :class:`StationSpec`) and ``options``, an instance of its kind's options dataclass (None: its defaults)."""
 
     spec: str
@@ -446,9 +446,9 @@ def dump_spec(spec: StationSpec) -> str:
     return HEADER + dumps_toml(to_table(spec))
 
 
-# A small TOML writer for this one shape (scalars, tables, arrays of tables; deeper tables inline): the file is
-# written for people to edit, so every [[sources]] / [[sinks]] entry is a section of its own (tomli-w puts short
-# ones inline), and printing a station needs no extra package. tests/test_station_spec.py round-trips it through
+# A small TOML writer for this one shape (scalars, tables, arrays of tables and their sub-tables; deeper tables
+# inline): the file is written for people to edit, so every [[sources]] / [[sinks]] entry (and a camera's
+# features) is a section of its own (tomli-w puts short ones inline), and printing a station needs no extra package. tests/test_station_spec.py round-trips it through
 # the standard library's TOML reader on generated strings and numbers.
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
@@ -496,12 +496,18 @@ def _is_table_array(value: Any) -> bool:
 
 def dumps_toml(table: dict) -> str:
     """TOML of ``table``: its plain values, then each sub-table as ``[key]`` and each array of tables as
-    ``[[key]]`` entries (values inside those are written inline)."""
+    ``[[key]]`` entries; a table inside one of those (a camera's features) follows it as ``[key.sub]``, deeper
+    values are written inline."""
     lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()
              if not isinstance(v, dict) and not _is_table_array(v)]
     for key, value in table.items():
         entries = [value] if isinstance(value, dict) else value if _is_table_array(value) else []
         header = f"[{_toml_key(key)}]" if isinstance(value, dict) else f"[[{_toml_key(key)}]]"
         for entry in entries:
-            lines += ["", header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items()]
+            lines += ["", header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items()
+                                     if not isinstance(v, dict)]
+            for sub, inner in entry.items():
+                if isinstance(inner, dict):
+                    lines += ["", f"[{_toml_key(key)}.{_toml_key(sub)}]"]
+                    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in inner.items()]
     return "\n".join(lines) + "\n"

@@ -84,6 +84,7 @@ class StationStats:
     latency_p99_ms: float | None
     queues: dict[str, int] = field(default_factory=dict)  # source buffers, engine queue, awaiting write
     decided: dict[str, int] = field(default_factory=dict)  # per source ("http" for the HTTP face): decisions
+    incomplete: dict[str, int] = field(default_factory=dict)  # per camera source: frames dropped incomplete
 
 
 def results_files(out: Path) -> list[Path]:
@@ -255,7 +256,7 @@ class Station:
         row = ResultRow.of(result, ids, frame.captured_at, latency_ms, station=self.config.station, source=source.name,
                            frame=frame.index if frame.path is None else None, file=frame.path,
                            file_sha256=frame.sha256, overlay=saved.overlay, map=saved.map, moved_to=destination,
-                           error=saved.error).as_dict()
+                           error=saved.error, **frame.row_fields()).as_dict()
         for sink in self.sinks:
             sink.put(row)
         self.writer.append_row(row)
@@ -302,7 +303,8 @@ class Station:
             spool_pending={s.name: s.pending for s in sinks}, spool_overflow={s.name: s.overflow for s in sinks},
             latency_p50_ms=None if latencies is None else float(np.percentile(latencies, 50)),
             latency_p99_ms=None if latencies is None else float(np.percentile(latencies, 99)),
-            queues=queues, decided=decided)
+            queues=queues, decided=decided,
+            incomplete={s.name: s.incomplete for s in self.sources if hasattr(s, "incomplete")})
 
     def status_line(self, previous: StationStats | None = None, seconds: float = 0.0) -> str:
         s = self.stats()
@@ -315,8 +317,12 @@ class Station:
         sinks = "".join(f", {name} spool {n}" + (f" (overflow {s.spool_overflow[name]})" if s.spool_overflow[name] else "")
                         for name, n in s.spool_pending.items())
         http = f", {s.decided['http']} over HTTP" if s.decided.get("http") else ""
+        incomplete = ""
+        if s.incomplete:
+            each = f" ({', '.join(f'{k} {v}' for k, v in s.incomplete.items())})" if len(s.incomplete) > 1 else ""
+            incomplete = f"incomplete {sum(s.incomplete.values())}{each}, "
         return (f"{rate}captured {s.frames_in}, decided {s.frames_out} ({s.errors} errors{http}), "
-                f"dropped {sum(s.dropped.values())}, "
+                f"dropped {sum(s.dropped.values())}, {incomplete}"
                 f"reconnects {sum(s.reconnects.values())}, {latency}, queues "
                 + " ".join(f"{k}={v}" for k, v in s.queues.items()) + sinks)
 

@@ -19,7 +19,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STAGES = ("upload", "decode", "queue", "engine", "scoring", "resize", "store")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# The line runtime's counters: a dict (or dataclass) with per-source "dropped"/"reconnects", per-sink
+# The line runtime's counters: a dict (or dataclass) with per-source "dropped"/"reconnects"/"incomplete", per-sink
 # "spool_pending"/"spool_overflow" mappings.
 StationStats = Callable[[], Any]
 
@@ -53,6 +53,8 @@ class _Pulled:
         for key, name, help_text, label in (
                 ("dropped", "winclip_dropped_frames", "Frames a live source dropped (engine behind)", "source"),
                 ("reconnects", "winclip_source_reconnects", "Reconnections of a live source", "source"),
+                ("incomplete", "winclip_incomplete_frames", "Frames a camera delivered incomplete (dropped unscored)",
+                 "source"),
                 ("spool_overflow", "winclip_spool_overflow", "Messages a sink's full spool could not keep", "sink")):
             family = CounterMetricFamily(name, help_text, labels=[label])
             for who, n in station.get(key, {}).items():
