@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 GROUP_HELP = {
     "engine": "engines built or measured on this machine: quantize, build (TensorRT), tune",
-    "product": "a bundle's products: add, versions, rollback",
+    "product": "a bundle's products: add, versions, rollback, rename",
     "triton": "Triton Inference Server: export a model repository, serve it",
 }
 

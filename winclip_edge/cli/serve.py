@@ -44,7 +44,8 @@ SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reco
                        "ignore_existing")
 NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
 # Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
-FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source"}
+FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source",
+               "name": "--source"}
 
 
 def register(sub: Commands) -> None:
@@ -127,24 +128,21 @@ def _replace(obj: Any, where: str, **changes: Any) -> Any:
         raise CliError(_flag_message(err.at(where))) from None
 
 
-def _named_sources(texts: list[str]) -> list[tuple[str, str]]:
-    """(name, spec) per --source: NAME=SRC, else a name made from the spec (never a URL's credentials)."""
-    plugins = source_plugins()
+def _named_sources(texts: list[str]) -> list[tuple[str | None, str]]:
+    """(name, spec) per --source: NAME=SRC (a repeated NAME gets -2, -3 ...), else (None, SRC): the spec names it
+    (line/spec.py named_sources)."""
     named, used = [], set()
-    for i, text in enumerate(texts):
+    for text in texts:
         head, sep, tail = text.partition("=")
         if sep and head.replace("-", "").replace("_", "").isalnum() and not head.isdigit():
-            name, spec = head, tail
+            name, n = head, 1
+            while name in used:
+                n += 1
+                name = f"{head}-{n}"
+            used.add(name)
+            named.append((name, tail))
         else:
-            plugin, target = resolve_source(text, plugins)
-            name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
-            spec = text
-        base, n = name, 1
-        while name in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name)
-        named.append((name, spec))
+            named.append((None, text))
     return named
 
 
