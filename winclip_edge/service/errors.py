@@ -4,9 +4,10 @@ Every 4xx/5xx the service answers is ``{"error": kind, "detail": text}`` (:class
 errors (:func:`error`), the request validation errors (FastAPI's own 422 body and schema are replaced), the
 router's 404/405 and the body-parse 400, the token check's 401 and the body guard's 413. A route declares the
 statuses it answers itself with ``responses=responses(404, 409)``; the statuses every route may answer come from
-the app (:data:`COMMON`) and :func:`document` keeps, per route, those that apply to it (401 only with a token
-and not on the open paths, 422 only where there is something to validate, 400/413 only where a body is read), so
-a router added later is documented the same way by construction. docs/service.md lists the kinds.
+the app (:data:`COMMON`) and :func:`document` keeps, per operation, those that apply to it (401 only with a token
+and not on the open paths, 422 only where there is something to validate, 400 where a JSON body is parsed, 413
+where a body may be sent), so a router added later is documented the same way by construction. docs/service.md
+lists the kinds.
 """
 from __future__ import annotations
 
@@ -15,7 +16,6 @@ from typing import Any, Callable, Iterable
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
@@ -97,33 +97,25 @@ def _methods_of(app: FastAPI, scope: dict) -> list[str]:
     return sorted(methods)
 
 
-def _has_inputs(route: APIRoute) -> bool:
-    d = route.dependant
-    return bool(d.path_params or d.query_params or d.header_params or d.cookie_params or d.body_params)
+def _applies(status: int, path: str, method: str, operation: dict, auth: bool, open_paths: frozenset) -> bool:
+    """Whether a :data:`COMMON` status can be the answer of this operation."""
+    if status == 401:
+        return auth and path not in open_paths
+    if status == 422:
+        return bool(operation.get("parameters") or operation.get("requestBody"))
+    if status == 400:  # FastAPI's body parser
+        return "application/json" in (operation.get("requestBody") or {}).get("content", {})
+    if status == 413:  # the body guard
+        return method.upper() in BODY_METHODS
+    return True
 
 
 def document(app: FastAPI, auth: bool, open_paths: Iterable[str]) -> None:
-    """Per route, keep the :data:`COMMON` statuses that apply (see the module docstring); with ``auth``, mark every
-    operation but the open paths as needing the bearer token (so clients and fuzzers know to send it)."""
+    """Settle the schema of every operation, however its route was added (decorated here or included from another
+    module's router): keep the :data:`COMMON` statuses that apply to it (see the module docstring), give every error
+    status the one error body as JSON, and with ``auth`` mark every operation but the open paths as needing the
+    bearer token (so clients and fuzzers know to send it). Works on the generated document, once."""
     open_paths = frozenset(open_paths)
-    secured: set[tuple[str, str]] = set()
-    for route in app.routes:
-        if not isinstance(route, APIRoute):
-            continue
-        drop = set()
-        if not auth or route.path in open_paths:
-            drop.add(401)
-        if not _has_inputs(route):
-            drop.add(422)
-        if route.body_field is None:
-            drop.add(400)
-        if not (route.methods & BODY_METHODS):
-            drop.add(413)
-        for status in drop & set(COMMON):
-            route.responses.pop(status, None)
-            route.response_fields.pop(status, None)
-        if auth and route.path not in open_paths:
-            secured.update((route.path, m.lower()) for m in route.methods)
     build = app.openapi
 
     def openapi() -> dict[str, Any]:
@@ -135,11 +127,15 @@ def document(app: FastAPI, auth: bool, open_paths: Iterable[str]) -> None:
                     "description": "the station's token (--token / WINCLIP_TOKEN); browsers: the winclip_token cookie"}
             for path, operations in schema.get("paths", {}).items():
                 for method, operation in operations.items():
-                    if (path, method) in secured:
-                        operation["security"] = [{"bearer": []}]
-                    for status, answer in operation.get("responses", {}).items():
+                    answers = operation.get("responses", {})
+                    for status in COMMON:
+                        if str(status) in answers and not _applies(status, path, method, operation, auth, open_paths):
+                            del answers[str(status)]
+                    for status, answer in answers.items():
                         if status[:1] in "45":  # FastAPI files them under a route's own media type (text/plain)
                             answer["content"] = {"application/json": {"schema": {"$ref": ERROR_REF}}}
+                    if auth and path not in open_paths:
+                        operation["security"] = [{"bearer": []}]
             app.openapi_schema = schema
         return app.openapi_schema
 
