@@ -115,6 +115,8 @@ def test_a_misnamed_folder_is_named_with_its_rename_command_and_rename_makes_it_
         bundle.product_dir("metal nut")
     one_line_error(capsys, ["infer", "--bundle", str(bundle_copy), "--product", "metal nut", "--out",
                             str(tmp_path / "o"), str(images[0])], command)
+    one_line_error(capsys, ["serve", "--bundle", str(bundle_copy), "--product", "metal nut", "--out",
+                            str(tmp_path / "s"), "--source", str(images[0])], command)
     assert main(["product", "rename", "--bundle", str(bundle_copy), "metal nut", "metal_nut"]) == 0
     assert "renamed to 'metal_nut'" in capsys.readouterr().out
     after = {r.path: r.score for r in Inspector(bundle_copy, "metal_nut").inspect(images)}

@@ -261,8 +261,21 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+def _misnamed_hint(given: dict[str, Any]) -> None:
+    """A --product that is a bundle folder made before the name rule: say which command makes it usable."""
+    from ..bundle import Bundle, misnamed_message
+    from ..names import is_valid_name
+
+    for product in given.get("product", ()):
+        if not is_valid_name(product) and "bundle" in given:
+            bundle = Bundle(given["bundle"], verify=False)
+            if product in bundle.misnamed_products():
+                raise CliError(misnamed_message(bundle, product))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
+    _misnamed_hint(given)
     config = getattr(args, "config", None)
     spec = spec_of(given, load_spec(config) if config else StationSpec())
     try:
