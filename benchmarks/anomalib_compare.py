@@ -241,8 +241,13 @@ class RecordingEngine:
 
 
 def ours_record(inspector, engine: RecordingEngine, results: Sequence) -> dict[str, np.ndarray]:
-    """The last inspect call's outputs in the same names as :meth:`AnomalibRecorder.record`."""
+    """The last inspect call's outputs in the same names as :meth:`AnomalibRecorder.record`; ``engine`` may be the
+    :class:`RecordingEngine` itself or the Inspector's lock around it (``inspector.engine``)."""
+    from winclip_edge.engines.serial import SerialEngine
     from winclip_edge.scoring import class_scores
+
+    if isinstance(engine, SerialEngine):
+        engine = engine.engine
 
     errors = [r.error for r in results if r.error is not None]
     if errors:

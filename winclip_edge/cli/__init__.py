@@ -12,13 +12,14 @@ import shlex
 import sys
 from typing import Sequence
 
-from . import bench, builders, cache, cameras, demo, eval, export, roi, runtime, serve, teach, triton, tune
+from . import bench, builders, cache, cameras, demo, eval, export, products, roi, runtime, serve, teach, triton, tune
 from .commands import Commands
 from .common import EXIT_ERROR, EXIT_OK, EXIT_SOME_FAILED, CliError
 from ..errors import WinclipError
 
 # A new command module = one module with register(commands), listed here (help lists them in this order).
-COMMAND_MODULES = (export, runtime, teach, roi, builders, cache, bench, eval, demo, triton, tune, serve, cameras)
+COMMAND_MODULES = (export, runtime, teach, products, roi, builders, cache, bench, eval, demo, triton, tune, serve,
+                   cameras)
 
 
 def build_parser() -> argparse.ArgumentParser:

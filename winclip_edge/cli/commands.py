@@ -14,7 +14,7 @@ from typing import Any, Callable
 GROUP_HELP = {
     "cache": "a bundle's engine caches (compiled / optimised graphs per machine key): list, clear",
     "engine": "engines built or measured on this machine: quantize, build (TensorRT), tune",
-    "product": "a bundle's products: add, versions, rollback",
+    "product": "a bundle's products: add, versions, rollback, rename",
     "triton": "Triton Inference Server: export a model repository, serve it",
 }
 

@@ -61,11 +61,12 @@ def run_add_text_encoder(args: argparse.Namespace) -> int:
 
 def run_add_product(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
+    from ..names import check_new_name
     from ..prompts import PromptSpec, build_prompts, object_name_for
     from ..text_encoder import has_text_encoder
 
     bundle = Bundle(args.bundle)
-    bundle.product_dir(args.product)  # a bad name fails before anything is encoded
+    check_new_name(args.product, bundle.products())  # a bad name fails before anything is encoded
     if args.product in bundle.products() and not args.force:
         raise CliError(f"product {args.product!r} is already in {args.bundle}; pass --force to re-encode it")
     spec = PromptSpec(

@@ -47,6 +47,7 @@ SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reco
 NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
 # Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
 FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source",
+               "name": "--source",
                **{f"drift.{key}{clear}": f"--drift-{key.replace('_', '-')}"
                   for key in ("window", "min_samples", *STATISTICS) for clear in ("", "_clear")}}
 
@@ -132,24 +133,21 @@ def _replace(obj: Any, where: str, **changes: Any) -> Any:
         raise CliError(_flag_message(err.at(where))) from None
 
 
-def _named_sources(texts: list[str]) -> list[tuple[str, str]]:
-    """(name, spec) per --source: NAME=SRC, else a name made from the spec (never a URL's credentials)."""
-    plugins = source_plugins()
+def _named_sources(texts: list[str]) -> list[tuple[str | None, str]]:
+    """(name, spec) per --source: NAME=SRC (a repeated NAME gets -2, -3 ...), else (None, SRC): the spec names it
+    (line/spec.py named_sources)."""
     named, used = [], set()
-    for i, text in enumerate(texts):
+    for text in texts:
         head, sep, tail = text.partition("=")
         if sep and head.replace("-", "").replace("_", "").isalnum() and not head.isdigit():
-            name, spec = head, tail
+            name, n = head, 1
+            while name in used:
+                n += 1
+                name = f"{head}-{n}"
+            used.add(name)
+            named.append((name, tail))
         else:
-            plugin, target = resolve_source(text, plugins)
-            name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
-            spec = text
-        base, n = name, 1
-        while name in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name)
-        named.append((name, spec))
+            named.append((None, text))
     return named
 
 
@@ -286,8 +284,21 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+def _misnamed_hint(given: dict[str, Any]) -> None:
+    """A --product that is a bundle folder made before the name rule: say which command makes it usable."""
+    from ..bundle import Bundle, misnamed_message
+    from ..names import is_valid_name
+
+    for product in given.get("product", ()):
+        if not is_valid_name(product) and "bundle" in given:
+            bundle = Bundle(given["bundle"], verify=False)
+            if product in bundle.misnamed_products():
+                raise CliError(misnamed_message(bundle, product))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
+    _misnamed_hint(given)
     config = getattr(args, "config", None)
     spec = spec_of(given, load_spec(config) if config else StationSpec())
     try:

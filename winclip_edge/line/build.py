@@ -87,7 +87,8 @@ class LineStation:
         catalog, station = self.catalog, self.station
         products = ", ".join(f"{p} ({catalog.get(p).mode})" for p in catalog.products)
         sources = ", ".join(f"{s.name} ({s.kind})" for s in station.sources)
-        return (f"station {station.config.station}: products {products} on {catalog.engine.name} "
+        named = "" if self.spec.station is not None else " (named after the host: --station or station = \"...\" to choose)"
+        return (f"station {station.config.station}{named}: products {products} on {catalog.engine.name} "
                 f"({catalog.engine.device}); sources {sources + ' -> ' + catalog.products[0] if sources else 'none'}; "
                 f"sinks {', '.join(s.name for s in station.sinks) or 'none'}"
                 + ("; HTTP serves every product" if self.http is not None else ""))

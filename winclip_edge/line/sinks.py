@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..errors import WinclipError
+from ..names import check_topic, topic
 from .plugins import Sink, SinkContext, SinkPlugin
 from .spool import Spool
 
@@ -45,6 +46,9 @@ class MqttConfig:
     ca_file: str | None = None  # PEM bundle for TLS (default: the system's)
     client_id: str = ""  # "" = paho makes one
     keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        check_topic(self.topic, "topic")
 
 
 class MqttSink:
@@ -269,10 +273,12 @@ class MqttOptions:
             raise WinclipError("an mqtt sink needs a host")
         if self.port is not None and not 0 < self.port < 65536:
             raise WinclipError(f"mqtt port must be in 1-65535, got {self.port}")
+        if self.topic is not None:
+            check_topic(self.topic, "--mqtt-topic")  # a topic one can publish to: no wildcard, no $, no NUL
 
     def config(self, context: SinkContext) -> MqttConfig:
         return MqttConfig(host=self.host, port=self.port or (8883 if self.tls else 1883),
-                          topic=self.topic or f"winclip/{context.station}/{context.products[0]}/result", tls=self.tls,
+                          topic=self.topic or topic("winclip", context.station, context.products[0], "result"), tls=self.tls,
                           ca_file=self.ca_file, client_id=self.client_id or f"winclip-edge-{context.station}",
                           keepalive_s=self.keepalive_s)
 

@@ -21,6 +21,7 @@ from ..engines import EngineConfig
 from ..engines.config import AUTO
 from ..engines.registry import backends, owner_of, precisions
 from ..inputs import parse_host_port
+from ..names import InvalidName, check_name, is_valid_name, suggest_name
 from ..scoring import ScoringOptions
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from ..tiles.overrides import TilingOverrides
@@ -129,6 +130,7 @@ class SourceSpec:
     kind: str = field(default="", init=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check_part_name(self.name, "source")
         try:
             plugin, _ = resolve_source(self.spec, source_plugins())
         except PluginError as err:
@@ -169,6 +171,15 @@ class SourceSpec:
         return {"name": self.name, "spec": self.spec, **to_table(self.options)}
 
 
+def _check_part_name(name: Optional[str], what: str) -> None:
+    """A given source or sink name follows the one name rule (it is a row field, a metric label, a folder)."""
+    if name is not None:
+        try:
+            check_name(name, what)
+        except InvalidName as err:
+            raise SpecError("name", str(err)) from None
+
+
 @dataclass(frozen=True)
 class _SourceHead:
     spec: str
@@ -185,6 +196,7 @@ class SinkSpec:
     options: Any = None
 
     def __post_init__(self) -> None:
+        _check_part_name(self.name, "sink")  # its spool is the folder OUT/spool/<name>
         try:
             plugin = sink_plugin(self.kind, sink_plugins())
         except PluginError as err:
@@ -344,14 +356,24 @@ class StationSpec:
     def __post_init__(self) -> None:
         if self.sigma < 0:
             raise SpecError("sigma", f"must be >= 0, got {self.sigma}")
+        try:
+            if self.station is not None:
+                check_name(self.station, "station")
+        except InvalidName as err:
+            raise SpecError("station", str(err)) from None
+        for i, product in enumerate(self.products):
+            try:
+                check_name(product, "product")
+            except InvalidName as err:
+                raise SpecError(f"products[{i}]", str(err)) from None
         object.__setattr__(self, "sources", tuple(named_sources(self.sources)))
         object.__setattr__(self, "sinks", tuple(named_sinks(self.sinks)))
 
     @property
     def station_name(self) -> str:
-        import socket
-
-        return self.station or socket.gethostname()
+        """``station``, else the host name's first label made a valid name (``Line-PC.plant.local`` ->
+        ``Line-PC``; names.suggest_name)."""
+        return self.station or default_station_name()
 
     def check(self) -> None:
         """Refuse a spec that names no station to run (every part is valid on its own already)."""
@@ -366,6 +388,14 @@ class StationSpec:
                                 "([[sources]] / [http] in a station file)")
 
 
+def default_station_name(hostname: str | None = None) -> str:
+    """The station name when none is given: the host name's first label, made valid (names.suggest_name)."""
+    import socket
+
+    label = (socket.gethostname() if hostname is None else hostname).split(".")[0]
+    return label if is_valid_name(label) else suggest_name(label)
+
+
 def _unique(name: str, used: set[str]) -> str:
     base, n = name, 1
     while name in used:
@@ -377,7 +407,8 @@ def _unique(name: str, used: set[str]) -> str:
 
 def named_sources(sources: tuple[SourceSpec, ...]) -> list[SourceSpec]:
     """Sources with a name each: the given one, else one made from the spec (``camera0``, the video's stem, the
-    folder's name, ``<kind><position>``; never a URL's credentials), made unique with ``-2``, ``-3`` ..."""
+    folder's name, ``<kind><position>``; never a URL's credentials; made valid with names.suggest_name), made
+    unique with ``-2``, ``-3`` ..."""
     used, named = {s.name for s in sources if s.name}, []
     for i, source in enumerate(sources):
         if source.name:
@@ -385,6 +416,7 @@ def named_sources(sources: tuple[SourceSpec, ...]) -> list[SourceSpec]:
             continue
         plugin, target = resolve_source(source.spec, source_plugins())
         name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
+        name = name if is_valid_name(name) else suggest_name(name)  # "/dev/video0", "my part.avi"
         named.append(replace(source, name=_unique(name, used)))
     names = [s.name for s in named]
     twice = sorted({n for n in names if names.count(n) > 1})

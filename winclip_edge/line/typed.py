@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import json
+import re
 import types
 import typing
 from typing import Any, Mapping, Union
@@ -150,14 +152,22 @@ def from_table(cls: type, table: Any, key: str = "") -> Any:
     return build(cls, dict(table), key)
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_text(key: Any) -> str:
+    """A key as a key path shows it: bare when it can be, else quoted as TOML writes it ("" for the empty key)."""
+    return key if isinstance(key, str) and _BARE_KEY.fullmatch(key) else json.dumps(str(key))
+
+
 def build(cls: type, table: dict, key: str = "") -> Any:
     """``from_table`` without the class's own hook: for ``from_table`` methods that take a few keys out first."""
     hints = _hints(cls)
     init = {f.name: f for f in dataclasses.fields(cls) if f.init}
     dot = f"{key}." if key else ""
-    unknown = sorted(set(table) - set(init))
+    unknown = sorted(set(table) - set(init), key=str)
     if unknown:
-        raise SpecError(f"{dot}{unknown[0]}", f"unknown key (known here: {', '.join(init) or 'none'})")
+        raise SpecError(f"{dot}{_key_text(unknown[0])}", f"unknown key (known here: {', '.join(init) or 'none'})")
     missing = [n for n, f in init.items() if n not in table and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
