@@ -59,7 +59,7 @@ DEFAULT_PRODUCT = "textile"  # also anomalib's class name, i.e. the object word 
 DEFAULT_WORK = Path("/tmp/anomalib_compare")
 DEFAULT_RESULTS = REPO / "benchmarks" / "results"
 MAP_TOLERANCE = 1e-4  # "same answer": max abs difference of any map or score (exact fp32 engines)
-# A reduced-precision engine (--engine, e.g. what `winclip-edge tune` picked) answers "the same" within tune's gate.
+# A reduced-precision engine (--engine, e.g. what `winclip-edge engine tune` picked) answers "the same" within tune's gate.
 TUNED_TOLERANCE = 1e-2  # maps (scores are held to 2e-3 by tune on the same images)
 LATENCY_TARGET = {True: 1.3, False: 3.0}  # anomalib / ours per image: exact fp32 engine, tuned engine
 COLD_START_TARGET = 8.0  # anomalib / ours, process start to first result
@@ -241,8 +241,13 @@ class RecordingEngine:
 
 
 def ours_record(inspector, engine: RecordingEngine, results: Sequence) -> dict[str, np.ndarray]:
-    """The last inspect call's outputs in the same names as :meth:`AnomalibRecorder.record`."""
+    """The last inspect call's outputs in the same names as :meth:`AnomalibRecorder.record`; ``engine`` may be the
+    :class:`RecordingEngine` itself or the Inspector's lock around it (``inspector.engine``)."""
+    from winclip_edge.engines.serial import SerialEngine
     from winclip_edge.scoring import class_scores
+
+    if isinstance(engine, SerialEngine):
+        engine = engine.engine
 
     errors = [r.error for r in results if r.error is not None]
     if errors:
@@ -756,7 +761,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--out", default=str(DEFAULT_RESULTS), help="folder of the result tables (default benchmarks/results)")
     p.add_argument("--name", default="anomalib_compare", help="file stem of the result tables (default %(default)s)")
     p.add_argument("--engine", default="onnxruntime:fp32",
-                   help="our side's engine as BACKEND:PRECISION, e.g. openvino:int8 (what `winclip-edge tune` picked); "
+                   help="our side's engine as BACKEND:PRECISION, e.g. openvino:int8 (what `winclip-edge engine tune` picked); "
                         "an int8 model is made before the timed run; not fp32 = same answer within 1e-2 (default %(default)s)")
     p.add_argument("--reuse-anomalib", action="store_true",
                    help="take the anomalib side from an earlier run in --work with the same settings (e.g. to compare a "

@@ -9,12 +9,18 @@ streaming over loopback — and measures, per run of ``--seconds``:
 - ``capture+score``: the same frames scored one at a time by the Inspector (what the station's batcher calls,
   batch 1, ONNX Runtime fp32), the source keeping only the newest frame (``drop oldest``, buffer 1):
   frames/s scored and latency from the frame's arrival on the host to its score (p50 / p99);
-- ``software trigger``: one software trigger, wait for its frame, score it, next: trigger -> verdict latency.
+- ``software trigger``: one software trigger, wait for its frame, score it, next: trigger -> verdict latency;
+- ``station``: the whole line station, ``winclip-edge serve --config`` with one ``genicam:`` source
+  free-running from the camera (default station settings: buffer 8, drop oldest, batches up to 8), once with
+  the camera at ``--fps`` (the station takes what it can, the rest is dropped) and once at ``--station-fps``
+  (a rate it keeps up with): decisions/s written to results.jsonl and capture -> verdict latency (the rows'
+  ``latency_ms``: from the frame's arrival on the host to its row), after the first decision (engine warm).
 
 Without ``--bundle`` the tiny random-weight model of the tests (``tiny240``: 240 px, 15x15 tokens) is exported
 into a temporary folder first (needs the export stage: torch + open_clip). Run from the repository root::
 
     python benchmarks/genicam.py [--bundle DIR --product P] [--seconds 5] [--size 640x480] [--fps 200]
+                                 [--station-fps 10] [--station-seconds 20]
     # -> benchmarks/results/genicam_<model>_<stamp>.md + .json
 """
 from __future__ import annotations
@@ -22,8 +28,11 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
+import os
+import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,7 +48,6 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 from winclip_edge import Inspector  # noqa: E402
 from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.line.genicam import GenicamOptions, GenicamSource, list_cameras  # noqa: E402
-from winclip_edge.line.sources import VideoOptions  # noqa: E402
 from winclip_edge.performance.bench import machine_info, markdown_table, software_versions, write_report  # noqa: E402
 
 PACKAGES = ("onnxruntime", "numpy", "opencv-python-headless", "opencv-python", "PyGObject")
@@ -71,6 +79,7 @@ def tiny_bundle(folder: Path) -> tuple[str, str]:
 def start_fake(serial: str) -> subprocess.Popen:
     if shutil.which(FAKE) is None:
         raise SystemExit(f"{FAKE} not found: apt-get install aravis-tools")
+    _take_turn()
     others = [c.line() for c in list_cameras() if c.address == "127.0.0.1"]
     if others:
         raise SystemExit(f"a camera already answers on 127.0.0.1 ({others[0]}): stop it first")
@@ -83,6 +92,18 @@ def start_fake(serial: str) -> subprocess.Popen:
     return process
 
 
+_TURN: list = []
+
+
+def _take_turn() -> None:
+    """Wait for the lock tests/test_genicam.py takes: one fake camera on 127.0.0.1 at a time on this machine."""
+    import fcntl
+
+    handle = open(Path(tempfile.gettempdir()) / "winclip-edge-fake-gv-camera.lock", "w")
+    fcntl.flock(handle, fcntl.LOCK_EX)  # held until the process ends
+    _TURN.append(handle)
+
+
 def percentiles(values: list[float]) -> tuple[float, float]:
     if not values:
         return float("nan"), float("nan")
@@ -90,7 +111,7 @@ def percentiles(values: list[float]) -> tuple[float, float]:
 
 
 def run_capture(serial: str, features: dict, seconds: float) -> dict:
-    source = GenicamSource(serial, "bench", GenicamOptions(features=features, live=VideoOptions(buffer=4)))
+    source = GenicamSource(serial, "bench", GenicamOptions(features=features, buffer=4))
     source.start()
     try:
         if not source.connected.wait(20):
@@ -109,7 +130,7 @@ def run_capture(serial: str, features: dict, seconds: float) -> dict:
 
 
 def run_scored(serial: str, features: dict, seconds: float, inspector: Inspector) -> dict:
-    source = GenicamSource(serial, "bench", GenicamOptions(features=features, live=VideoOptions(buffer=1)))
+    source = GenicamSource(serial, "bench", GenicamOptions(features=features, buffer=1))
     source.start()
     try:
         if not source.connected.wait(20):
@@ -132,7 +153,7 @@ def run_scored(serial: str, features: dict, seconds: float, inspector: Inspector
 
 def run_triggered(serial: str, features: dict, seconds: float, inspector: Inspector) -> dict:
     options = GenicamOptions(features={**features, "TriggerMode": "On", "TriggerSource": "Software"},
-                             live=VideoOptions(buffer=4))
+                             buffer=4)
     source = GenicamSource(serial, "bench", options)
     source.start()
     try:
@@ -155,6 +176,45 @@ def run_triggered(serial: str, features: dict, seconds: float, inspector: Inspec
         source.join(10)
 
 
+def run_station(serial: str, features: dict, seconds: float, bundle: str, product: str, folder: Path) -> dict:
+    """``winclip-edge serve --config`` with one genicam: source; decisions/s and latency over ``seconds``."""
+    folder.mkdir(parents=True)
+    table = "".join(f"{k} = {json.dumps(v)}\n" for k, v in features.items())
+    (folder / "station.toml").write_text(
+        f'station = "bench"\nbundle = "{bundle}"\nproducts = ["{product}"]\n\n[outputs]\nout = "out"\n'
+        f'save = "none"\nstatus_every = 0\n\n[[sources]]\nname = "cam"\nspec = "genicam:{serial}"\n\n'
+        f"[sources.features]\n{table}")
+    results = folder / "out" / "results.jsonl"
+
+    def decided() -> list[dict]:
+        return [json.loads(line) for line in results.read_text().splitlines()] if results.is_file() else []
+
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    with open(folder / "serve.log", "wb") as log:
+        serve = subprocess.Popen([sys.executable, "-m", "winclip_edge.cli", "serve", "--config", "station.toml"],
+                                 cwd=folder, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not decided():
+            if serve.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"serve made no decision:\n{(folder / 'serve.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+        first, t0 = len(decided()), time.monotonic()
+        time.sleep(seconds)
+        rows, elapsed = decided(), time.monotonic() - t0
+    finally:
+        serve.send_signal(signal.SIGTERM)
+        serve.wait(60)
+    measured = rows[first:]
+    stopped = re.search(r"stopped: captured (\d+), .*dropped (\d+), incomplete (\d+), reconnects (\d+)",
+                        (folder / "serve.log").read_text())
+    p50, p99 = percentiles([r["latency_ms"] for r in measured])
+    return {"frames": len(measured), "fps": round(len(measured) / elapsed, 2), "p50_ms": p50, "p99_ms": p99,
+            "errors": sum(r["error"] is not None for r in measured),
+            "captured": int(stopped.group(1)) if stopped else None, "dropped": int(stopped.group(2)) if stopped else None,
+            "incomplete": int(stopped.group(3)) if stopped else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", help="bundle folder (default: the tests' tiny model, exported now)")
@@ -163,6 +223,9 @@ def main() -> None:
     ap.add_argument("--size", default="640x480", help="camera Width x Height (default 640x480)")
     ap.add_argument("--fps", type=float, default=200.0, help="the camera's AcquisitionFrameRate (default 200)")
     ap.add_argument("--formats", default="Mono8,BayerRG8,RGB8", help="pixel formats of the capture runs")
+    ap.add_argument("--station-fps", type=float, default=10.0,
+                    help="the camera's rate for the paced station run (default 10; the other runs at --fps)")
+    ap.add_argument("--station-seconds", type=float, default=20.0, help="length of each station run (default 20)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
     width, height = (int(v) for v in args.size.lower().split("x"))
@@ -187,10 +250,16 @@ def main() -> None:
                          **run_scored(serial, {**base, "PixelFormat": fmt}, args.seconds, inspector)})
             rows.append({"run": "software trigger", "pixel_format": fmt,
                          **run_triggered(serial, {**base, "PixelFormat": fmt}, args.seconds, inspector)})
+            inspector.close()  # the station loads its own engine: one at a time on the CPU
+            for rate in (args.fps, args.station_fps):
+                features = {**base, "PixelFormat": fmt, "AcquisitionFrameRate": rate}
+                rows.append({"run": f"station (serve), camera at {rate:g} fps", "pixel_format": fmt,
+                             **run_station(serial, features, args.station_seconds, bundle,
+                                           product or Bundle(bundle).products()[0], Path(tmp) / f"station-{rate:g}")})
         finally:
             fake.terminate()
             fake.wait(10)
-            inspector.close()
+            inspector.close()  # closing twice is harmless
     report["rows"] = rows
     report["machine_after"] = {"load_average": machine_info()["load_average"]}
     m = report["machine_before"]
@@ -200,6 +269,8 @@ def main() -> None:
           r.get("incomplete", "-"),
           (f"trigger -> frame p50 {r['trigger_to_frame_p50_ms']} ms, p99 {r['trigger_to_frame_p99_ms']} ms"
            if "trigger_to_frame_p50_ms" in r else
+           f"{r['captured']} camera frames, {r['dropped']} dropped, {r['errors']} errors (whole run)"
+           if "captured" in r else
            f"{r['camera_frames']} camera frames, {r['dropped']} dropped (buffer 1: newest kept)"
            if "camera_frames" in r else f"{r['dropped']} dropped")] for r in rows])
     md = [f"# GenICam capture from the simulated camera — {model}", "",
@@ -211,7 +282,9 @@ def main() -> None:
           f"- camera: `{FAKE} -i 127.0.0.1` (GigE Vision over loopback, packet socket on), {width}x{height}, "
           f"AcquisitionFrameRate {args.fps}; {args.seconds} s per run; engine: ONNX Runtime fp32 CPU, batch 1",
           "- latency: capture+score from the frame's arrival on the host (Aravis's system timestamp) to its score; "
-          "software trigger from the trigger command to the score", "",
+          "software trigger from the trigger command to the score; station from the frame's arrival to its row "
+          f"(`latency_ms`), {args.station_seconds} s per station run after its first decision, default station "
+          "settings (buffer 8, drop oldest, max batch 8)", "",
           table]
     path, _ = write_report(args.out, f"genicam_{model}_{stamp.strftime('%Y%m%dT%H%M%S')}", report, "\n".join(md))
     print("\n".join(md))

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """What the text encoder in the bundle costs: bundle size with and without it, and the time and memory of
-``winclip-edge add-product`` on the runtime (text.onnx, CPU) against the export stage (torch).
+``winclip-edge product add`` on the runtime (text.onnx, CPU) against the export stage (torch).
 
 Works on a COPY of ``--bundle`` (a bundle without the text encoder, e.g. the shared ViT-B-16-plus-240 one):
 measures its size, runs ``winclip-edge add-text-encoder`` and ``quantize --graph text`` (fp16, int8) on the copy,

@@ -2,7 +2,7 @@
 """Triton on loopback vs local ONNX Runtime, in the same run: requests/s and latency p50/p99 for 1, 4 and 16
 concurrent clients (one image per request), and bytes on the wire per image with fp32 vs fp16 outputs.
 
-The server is `winclip-edge triton-serve`'s (PyTriton's tritonserver, ONNX Runtime in Triton's Python backend, on
+The server is `winclip-edge triton serve`'s (PyTriton's tritonserver, ONNX Runtime in Triton's Python backend, on
 this machine's CPU): the numbers show what the protocol, the server's dynamic batching and the client cost next to
 in-process inference on the same cores, not what a GPU server does. Local ONNX Runtime: one session shared by the
 same number of client threads. Bounded: ``--requests`` per client count (default 48), ``--frames`` distinct images (16).
@@ -200,7 +200,7 @@ def main() -> None:
           f"- machine: {m['cpu']}, {m['cores']} logical cores, {m['ram_gib']} GiB; load average before "
           f"{m['load_average']}, after {report['machine_after']['load_average']} (shared machine: other jobs ran)",
           f"- versions: {report['versions']}",
-          "- server: `winclip-edge triton-serve` (PyTriton's tritonserver, Python backend, ONNX Runtime CPU, 1 instance, "
+          "- server: `winclip-edge triton serve` (PyTriton's tritonserver, Python backend, ONNX Runtime CPU, 1 instance, "
           "dynamic batching max 32, queue delay 2000 us) on the same cores as the clients; one image per request",
           f"- Triton fp32 outputs vs local ONNX Runtime, max abs difference: {report['max_abs_diff_fp32_vs_local']:.2e}", "",
           markdown_table(["engine", "clients", "requests", "errors", "server executions", "req/s", "p50 ms", "p99 ms"],

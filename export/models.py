@@ -25,6 +25,11 @@ from winclip_edge.fileio import sha256_file
 DEFAULT_MODEL = "ViT-B-16-plus-240"
 DEFAULT_PRETRAINED = "laion400m_e31"
 NO_WEIGHTS = "none"
+# Model configs shipped with the package, named ``winclip-<file stem>`` (the name a config JSON gets anyway):
+# ``winclip-tiny`` has the default model's 240 px input and 15x15 grid but 2 narrow layers, for trying the faces
+# (serve, the HTTP API, the review page) in seconds with random weights (README "Try it in a minute").
+SHIPPED_CONFIGS = Path(__file__).with_name("configs")
+SHIPPED_PREFIX = "winclip-"
 
 
 class ModelNotFoundError(WinclipError, ValueError):
@@ -79,10 +84,17 @@ def _register_config(name: str, config: dict) -> None:
         open_clip.add_model_config(path)
 
 
+def shipped_models() -> list[str]:
+    return sorted(SHIPPED_PREFIX + p.stem for p in SHIPPED_CONFIGS.glob("*.json"))
+
+
 def resolve_model(model: str) -> tuple[str, dict | None]:
-    """An open_clip model name, or a path to an open_clip model-config JSON -> (name, config or None)."""
+    """An open_clip model name, a shipped config's name (``winclip-tiny``), or a path to an open_clip model-config
+    JSON -> (name, config or None)."""
     import open_clip
 
+    if model in shipped_models():
+        model = str(SHIPPED_CONFIGS / f"{model[len(SHIPPED_PREFIX):]}.json")
     if model.endswith(".json") or os.path.sep in model:
         path = Path(model)
         if not path.is_file():
@@ -94,7 +106,8 @@ def resolve_model(model: str) -> tuple[str, dict | None]:
         _register_config(name, config)
         return name, config
     if model not in open_clip.list_models():
-        raise ModelNotFoundError(f"unknown open_clip model {model!r}; pass a name from open_clip.list_models() or a config JSON path")
+        raise ModelNotFoundError(f"unknown open_clip model {model!r}; pass a name from open_clip.list_models(), "
+                                 f"{' or '.join(shipped_models())} (shipped, tiny), or a config JSON path")
     return model, None
 
 

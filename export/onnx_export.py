@@ -27,6 +27,7 @@ from winclip_edge.contract import INPUT_NAME, output_names
 from winclip_edge.errors import WinclipError
 from winclip_edge.fileio import DIR_MODE, atomic_write_json, sha256_file
 from winclip_edge.preprocess import resize_to_model
+from winclip_edge.names import check_new_name
 from winclip_edge.products import save_text
 from winclip_edge.prompts import PromptSpec, object_name_for
 from winclip_edge.scoring import DEFAULT_TEMPERATURE
@@ -66,6 +67,11 @@ class ExportOptions:
     force: bool = False  # replace an existing bundle
     object_names: dict = field(default_factory=dict)  # product -> object name override
     with_text_encoder: bool = False  # also text.onnx + tokenizer.json: add-product without torch (text_encoder.py)
+
+    def __post_init__(self) -> None:
+        """Product names follow the one rule (winclip_edge/names.py), refused before anything is loaded."""
+        for i, product in enumerate(self.products):
+            check_new_name(product, self.products[:i])
 
 
 def _log(message: str) -> None:
@@ -212,5 +218,6 @@ def add_product(bundle: Bundle, product: str, loaded: LoadedModel, object_name: 
     """Encode the product's prompts with the bundle's text tower and write ``products/<p>/text.npz``."""
     if loaded.weights["id"] != bundle.manifest.weights_id:
         raise ValueError("the loaded model's weights differ from the bundle's; cannot add a product")
+    check_new_name(product, bundle.products())
     spec = spec or PromptSpec(object_name=object_name or object_name_for(product))
     save_text(bundle, product, text_prototypes(loaded.model, loaded.tokenizer, spec, show_progress))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -34,7 +36,37 @@ def wait_for(condition, timeout=60.0, what="condition"):
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.02)
 
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Serve:
+    """One ``winclip-edge serve`` process; its stderr goes to a file the test can read."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
+        self.log = tmp / f"serve-{time.monotonic_ns()}.log"
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "winclip_edge.cli", "serve", *args], cwd=tmp, env=env,
+                                         stdout=log, stderr=subprocess.STDOUT)
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait(self, timeout: float = 120.0) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"serve did not exit within {timeout} s:\n{self.text()[-3000:]}") from None
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.proc.pid, sig)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for a hub in tests
+for _name in ("WINCLIP_ENGINE_DIR", "WINCLIP_ENGINE_CACHE_KEEP", "WINCLIP_ENGINE_CACHE_MAX_MIB"):
+    os.environ.pop(_name, None)  # tests see the default engine folder and cache bound
 
 _TEXT = {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}
 # Geometries: 240 px / patch 16 -> 15x15 (the default model's grid), 224 / 32 -> 7x7, and a non-square 6x8.

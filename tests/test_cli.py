@@ -105,7 +105,35 @@ def test_runtime_refusals(cli_bundle, tmp_path, capsys):
     assert main(["infer", "--bundle", str(tmp_path), "--product", "screw", "--out", str(tmp_path / "o"), "x.png"]) == 2
     assert "not a bundle" in capsys.readouterr().err
     assert main(["infer", "--bundle", str(cli_bundle), "--product", "gear", "--out", str(tmp_path / "o"), "x.png"]) == 2
-    assert "add-product" in capsys.readouterr().err
+    assert "product add" in capsys.readouterr().err
     assert main(["register", "--bundle", str(cli_bundle), "--product", "screw", str(tmp_path / "none.png")]) == 2
     assert main(["calibrate", "--bundle", str(cli_bundle), "--product", "metal_nut", "--quiet"]) == 2
     assert "normal images" in capsys.readouterr().err
+
+
+def test_commands_grouped_by_noun_keep_their_old_names_as_aliases(capsys):
+    """`engine quantize|build|tune`, `triton export|serve`, `product add|versions|rollback`; the old names parse to
+    the same command, print the new name, and are not listed in --help."""
+    from winclip_edge.cli import build_parser
+
+    parser = build_parser()
+    for old, new in (("quantize", "engine quantize"), ("build-engine", "engine build"), ("tune", "engine tune"),
+                     ("export-triton", "triton export"), ("triton-serve", "triton serve"),
+                     ("add-product", "product add")):
+        args = parser.parse_args([*new.split(), "--help"][:-1] + _required(new))
+        alias = parser.parse_args([old] + _required(new))
+        assert alias.run is args.run and alias.renamed_to == new
+    listed = {line.split()[0] for line in parser.format_help().split("positional arguments:")[1].splitlines()
+              if line.startswith("    ") and not line.startswith("     ")}
+    assert {"engine", "product", "triton", "infer"} <= listed
+    assert not listed & {"quantize", "build-engine", "tune", "export-triton", "triton-serve", "add-product"}
+    assert main(["add-product", "--bundle", "/nonexistent", "x"]) == 2
+    err = capsys.readouterr().err
+    assert "`winclip-edge add-product` is now `winclip-edge product add`" in err
+    assert "winclip-edge product add: error:" in err
+
+
+def _required(command: str) -> list[str]:
+    return {"engine quantize": ["--bundle", "b", "--precision", "int8"], "engine build": ["--bundle", "b"],
+            "engine tune": ["--bundle", "b"], "triton export": ["--bundle", "b", "--out", "o"],
+            "triton serve": ["--bundle", "b"], "product add": ["--bundle", "b", "x"]}[command]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import re
 import shutil
 import signal
 import subprocess
@@ -18,8 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import wait_for
-from winclip_edge.line.sources import VideoOptions
+from conftest import Serve, free_port, wait_for
 
 FAKE = shutil.which("arv-fake-gv-camera-0.8")
 # One fake camera can listen on 127.0.0.1 (GVCP port 3956) at a time: test runs of this machine take turns.
@@ -140,6 +140,7 @@ def test_discovery_lists_the_camera_and_finds_it_by_each_name(fake_camera, capsy
     assert main(["cameras"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line.startswith(fake.id + " ")] == [info.line()]
+    assert sorted(lines) == sorted(c.line() for c in list_cameras())  # one line per camera, starting with its id
     assert main(["cameras", "--features", fake.serial]) == 0
     shown = capsys.readouterr().out
     assert "PixelFormat (enumeration, rw) = Mono8  [BayerBG8, BayerGB8, BayerGR8, BayerRG8, Mono8, RGB8, Mono16]" in shown
@@ -295,8 +296,8 @@ def test_the_camera_killed_and_restarted_is_reconnected_and_counted(fake_camera)
     from winclip_edge.line.genicam import GenicamOptions, GenicamSource
 
     fake = fake_camera()
-    options = GenicamOptions(features={"Width": 64, "Height": 48}, stall_s=1.0,
-                             live=VideoOptions(buffer=4, reconnect_min_s=0.5, reconnect_max_s=2.0))
+    options = GenicamOptions(features={"Width": 64, "Height": 48}, stall_s=1.0, buffer=4, reconnect_min_s=0.5,
+                             reconnect_max_s=2.0)
     source = GenicamSource(fake.serial, "cam", options)
     source.start()
     try:
@@ -321,7 +322,7 @@ def test_incomplete_frames_are_counted_and_dropped_never_scored(fake_camera):
     fake = fake_camera(lost_per_thousand=30)  # 3 % of GVSP packets never sent, and no resend asked for
     missed = []
     options = GenicamOptions(features={"Width": 256, "Height": 256, "AcquisitionFrameRate": 50.0},
-                             packet_resend=False, live=VideoOptions(buffer=256, drop="none"))
+                             packet_resend=False, buffer=256, drop="none")
     source = GenicamSource(fake.id, "cam", options, on_missed=missed.append)
     source.start()
     try:
@@ -345,7 +346,7 @@ def test_triggered_parts_under_packet_loss_each_get_one_frame_or_are_reported_mi
     fake = fake_camera(lost_per_thousand=30)
     missed = []
     options = GenicamOptions(features={"Width": 256, "Height": 256, "TriggerMode": "On", "TriggerSource": "Software"},
-                             packet_resend=False, live=VideoOptions(buffer=64, drop="none"))
+                             packet_resend=False, buffer=64, drop="none")
     source = GenicamSource(fake.id, "cam", options, on_missed=missed.append)
     source.start()
     try:
@@ -372,7 +373,7 @@ def test_a_camera_not_there_is_retried_and_a_bad_feature_refused_at_check(fake_c
     fake = fake_camera()
     with pytest.raises(CameraError, match="no feature 'Gian'"):
         GenicamSource(fake.id, "cam", GenicamOptions(features={"Gian": 1})).check()
-    absent = GenicamSource("NOPE-0", "nope", GenicamOptions(live=VideoOptions(reconnect_min_s=0.2, reconnect_max_s=0.4)))
+    absent = GenicamSource("NOPE-0", "nope", GenicamOptions(reconnect_min_s=0.2, reconnect_max_s=0.4))
     absent.check()  # not there yet: not an error, it is retried
     absent.start()
     try:
@@ -407,3 +408,161 @@ def test_frames_score_as_infer_scores_the_same_frames_written_to_png(fake_camera
     rows = {Path(r["file"]).name: r["score"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
     assert [rows[f"frame{i}.png"] for i in range(4)] == scores  # bit for bit
     assert len(set(scores)) > 1  # the frames differ (the pattern moves), so the comparison can fail
+
+
+def test_cameras_says_no_cameras_found_when_none_answers(fake_camera, capsys):
+    from winclip_edge.cli import main
+    from winclip_edge.line.genicam import list_cameras
+
+    # the fixture holds the lock (no test's fake camera runs now) and starts none
+    if list_cameras():
+        pytest.skip(f"a camera answers on this machine: {list_cameras()[0].line()}")
+    assert main(["cameras"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("no cameras found") and len(out.splitlines()) == 1
+
+
+# ---------------------------------------------------------------- `serve --config` with a genicam: source
+def mono8_ramp(frame_id: int, height: int, width: int) -> np.ndarray:
+    """The fake camera's Mono8 frame ``frame_id`` as RGB: (x + y + frame id) mod 255 at gain factor 1
+    (ExposureTime 10000 us, GainRaw 0). A row's camera_frame_id thus gives back the very image it scored."""
+    y, x = np.mgrid[0:height, 0:width]
+    gray = ((x + y + frame_id) % 255).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+RAMP_FEATURES = {"PixelFormat": "Mono8", "Width": 240, "Height": 200, "OffsetX": 16, "OffsetY": 8,
+                 "ExposureTime": 10000.0, "GainRaw": 0, "AcquisitionFrameRate": 10.0, "TriggerMode": "Off",
+                 "TriggerSource": "Line0", "TriggerActivation": "RisingEdge"}
+
+
+def station_file(folder: Path, bundle, serial: str, features: dict | str, options: str = "", http: int | None = None,
+                 name: str = "station.toml") -> Path:
+    """A station file with one genicam: source named ``cam`` and its features as a [sources.features] table."""
+    table = features if isinstance(features, str) else "".join(f"{k} = {json.dumps(v)}\n" for k, v in features.items())
+    text = (f'station = "cams"\nbundle = "{bundle}"\nproducts = ["widget"]\n\n[batching]\nmax_batch = 1\n\n'
+            f'[outputs]\nout = "out"\nsave = "none"\nstatus_every = 0.5\n\n'
+            f'[[sources]]\nname = "cam"\nspec = "genicam:{serial}"\nbuffer = 2\n{options}\n'
+            f"[sources.features]\n{table}")
+    if http is not None:
+        text += f'\n[http]\nlisten = "127.0.0.1:{http}"\n'
+    path = folder / name
+    path.write_text(text)
+    return path
+
+
+def results(folder: Path) -> list[dict]:
+    path = folder / "out" / "results.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+
+
+def test_the_fake_cameras_mono8_frames_are_its_ramp(fake_camera):
+    """What the station test below relies on to rebuild the frames it scored."""
+    from winclip_edge.line.genicam import GenicamCamera, GenicamOptions
+
+    fake = fake_camera()
+    camera = GenicamCamera(fake.id, GenicamOptions(features=RAMP_FEATURES))
+    try:
+        camera.start()
+        grabs = grab_complete(camera, 4)
+    finally:
+        camera.close()
+    for g in grabs:
+        assert np.array_equal(g.image, mono8_ramp(g.frame_id, 200, 240)), g.frame_id
+    assert len({g.image.tobytes() for g in grabs}) == 4
+
+
+def test_serve_scores_the_cameras_frames_as_infer_scores_them_and_logs_its_features(fake_camera, tiny_bundle,
+                                                                                    tmp_path):
+    from winclip_edge.cli import main
+
+    fake = fake_camera()
+    serve = Serve(tmp_path, "--config", str(station_file(tmp_path, tiny_bundle, fake.serial, RAMP_FEATURES)))
+    try:
+        wait_for(lambda: len(results(tmp_path)) >= 6 or serve.proc.poll() is not None, 180, "six decisions")
+    finally:
+        serve.signal(signal.SIGTERM)
+    assert serve.wait() == 0, serve.text()[-3000:]
+    log = serve.text()
+    for name, value in RAMP_FEATURES.items():  # set, read back, logged
+        assert f"camera {fake.id}: {name} = {value!r}\n" in log, name
+    assert f"camera {fake.id}: ExposureTime = 10000.0" in log and "sources cam (genicam) -> widget" in log
+    rows = results(tmp_path)
+    assert len(rows) >= 6 and {r["source"] for r in rows} == {"cam"} and all(r["error"] is None for r in rows)
+    ids = [r["camera_frame_id"] for r in rows]
+    assert len(set(ids)) == len(ids) and all(isinstance(i, int) and i > 0 for i in ids)
+    stamps = [r["camera_timestamp_ns"] for r in rows]
+    assert stamps == sorted(stamps) and len(set(stamps)) == len(stamps)
+    assert all(r["image_size"] == [200, 240] for r in rows)
+
+    frames = tmp_path / "frames"  # the frames the station decided, rebuilt from their camera frame ids
+    frames.mkdir()
+    for i in ids:
+        assert cv2.imwrite(str(frames / f"f{i}.png"), cv2.cvtColor(mono8_ramp(i, 200, 240), cv2.COLOR_RGB2BGR))
+    assert main(["infer", "--bundle", str(tiny_bundle), "--product", "widget", "--batch", "1", "--quiet",
+                 "--out", str(tmp_path / "infer"), str(frames)]) == 0
+    inferred = {Path(r["file"]).name: r["score"] for r in
+                map(json.loads, (tmp_path / "infer" / "results.jsonl").read_text().splitlines())}
+    assert [inferred[f"f{i}.png"] for i in ids] == [r["score"] for r in rows]  # bit for bit
+    assert len({r["score"] for r in rows}) > 1  # different frames, different scores: the comparison can fail
+
+
+@pytest.mark.parametrize("features,message", [
+    ({"Width": 64, "Gian": 1}, r"source cam: camera Aravis-Fake-\w+ has no feature 'Gian'.*; it offers: .*Width"),
+    ({"Width": 5000}, r"Width=5000 is out of range for camera Aravis-Fake-\w+: Width takes 1\.\.2048"),
+    ({"PixelFormat": "Mono12p"}, r"PixelFormat='Mono12p' is not offered .*one of BayerBG8, .*Mono16"),
+])
+def test_serve_refuses_a_feature_the_camera_does_not_take_in_one_line_before_the_engine(fake_camera, tmp_path,
+                                                                                       features, message):
+    fake = fake_camera()
+    # no such bundle: refusing the feature first shows the camera is checked before the engine loads
+    serve = Serve(tmp_path, "--config", str(station_file(tmp_path, tmp_path / "no-bundle", fake.serial, features)))
+    assert serve.wait(60) == 2
+    lines = serve.text().strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("winclip-edge serve: error: "), lines
+    assert re.search(message, lines[0]), lines[0]
+
+
+def _metrics(port: int) -> dict[str, float] | None:
+    import httpx
+
+    try:
+        text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+    except httpx.TransportError:
+        return None
+    found = {}
+    for name in ("incomplete_frames", "source_reconnects", "dropped_frames"):
+        match = re.search(rf'^winclip_{name}_total{{source="cam"}} ([0-9.e+]+)$', text, re.M)
+        found[name] = float(match.group(1)) if match else None
+    return found
+
+
+def test_serve_counts_incomplete_frames_and_reconnects_a_camera_killed_and_restarted(fake_camera, tiny_bundle,
+                                                                                     tmp_path):
+    pytest.importorskip("fastapi")
+    fake = fake_camera(lost_per_thousand=30)  # 3 % of the stream's packets lost, not resent: incomplete frames
+    port = free_port()
+    path = station_file(tmp_path, tiny_bundle, fake.serial, {"Width": 256, "Height": 256, "AcquisitionFrameRate": 20.0},
+                        options="packet_resend = false\nstall_s = 1.0\nreconnect_max_s = 2.0\n", http=port)
+    serve = Serve(tmp_path, "--config", str(path))
+    try:
+        wait_for(lambda: (m := _metrics(port)) is not None and (m["incomplete_frames"] or 0) >= 1
+                 and len(results(tmp_path)) >= 2, 180, "decisions and an incomplete frame")
+        assert _metrics(port)["source_reconnects"] == 0
+        fake.kill()
+        wait_for(lambda: "(reconnect #1)" in serve.text(), 60, "the lost camera noticed")
+        before = len(results(tmp_path))
+        fake.start()  # the same serial number, a new process: the features are set again
+        wait_for(lambda: len(results(tmp_path)) >= before + 3, 120, "decisions after the restart")
+        counted = _metrics(port)
+    finally:
+        serve.signal(signal.SIGTERM)
+    assert serve.wait() == 0, serve.text()[-3000:]
+    assert counted["source_reconnects"] >= 1 and counted["incomplete_frames"] >= 1
+    log = serve.text()
+    assert log.count(f"camera {fake.id}: Width = 256") >= 2  # configured at start and again after the restart
+    status = re.findall(r"status: .*dropped \d+, incomplete (\d+), reconnects (\d+),", log)
+    assert status and int(status[-1][0]) >= 1 and int(status[-1][1]) >= 1, log[-3000:]
+    stopped = re.search(r"stopped: .*dropped \d+, incomplete (\d+), reconnects (\d+),", log)
+    assert stopped and int(stopped.group(1)) >= counted["incomplete_frames"] and int(stopped.group(2)) >= 1
+    assert all(r["error"] is None and r["image_size"] == [256, 256] for r in results(tmp_path))

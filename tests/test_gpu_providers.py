@@ -19,6 +19,7 @@ import pytest
 from winclip_edge.bundle import Bundle
 from winclip_edge.engines import EngineConfig, EngineError, create_engine
 from winclip_edge.engines.onnxruntime import OnnxRuntimeOptions
+from winclip_edge.engines.registry import machine_key
 
 ort = pytest.importorskip("onnxruntime")
 GPU_PROVIDERS = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -53,7 +54,7 @@ def test_tensorrt_provider_gets_precision_profile_and_caches(bundle_copy, sessio
     options = _trt_options(sessions)
     assert options["trt_fp16_enable"] is fp16
     assert sessions[-1].path == str(bundle.onnx_path)  # fp16 is TensorRT's flag on the fp32 graph, not the ONNX variant
-    cache = bundle_copy / "engines" / "onnxruntime-tensorrt"
+    cache = bundle_copy / "engines" / f"onnxruntime-tensorrt-{machine_key()}"  # keyed: ORT asks for a clean one per version
     assert options["trt_engine_cache_enable"] and options["trt_engine_cache_path"] == str(cache) and cache.is_dir()
     assert options["trt_timing_cache_enable"] and options["trt_timing_cache_path"] == str(cache)
     assert (options["trt_profile_min_shapes"], options["trt_profile_opt_shapes"], options["trt_profile_max_shapes"]) == (
@@ -67,10 +68,10 @@ def test_tensorrt_provider_caches_under_engine_dir_on_the_asked_gpu(bundle_copy,
     create_engine(Bundle(bundle_copy), EngineConfig(backend="onnxruntime", engine_dir=tmp_path / "cache", device="cuda:1",
                                                            options=OnnxRuntimeOptions(provider="tensorrt")))
     options = _trt_options(sessions)
-    assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / "onnxruntime-tensorrt")
+    assert options["trt_engine_cache_path"] == str(tmp_path / "cache" / f"onnxruntime-tensorrt-{machine_key()}")
     assert options["device_id"] == 1 and sessions[-1].providers[1] == ("CUDAExecutionProvider", {"device_id": 1})
     assert options["trt_profile_max_shapes"] == "images:8x240x240x3"  # the default batch
-    assert not (bundle_copy / "engines" / "onnxruntime-tensorrt").exists()  # the (read-only) bundle is not written to
+    assert not (bundle_copy / "engines" / f"onnxruntime-tensorrt-{machine_key()}").exists()  # the bundle is not written to
 
 
 def test_tensorrt_provider_batches_beyond_the_profile_are_split(tiny_bundle, sessions):
@@ -91,7 +92,7 @@ def test_tensorrt_provider_batches_beyond_the_profile_are_split(tiny_bundle, ses
 
 def test_tensorrt_provider_errors_are_one_line(tiny_bundle, sessions, tmp_path, monkeypatch):
     bundle = Bundle(tiny_bundle)
-    with pytest.raises(EngineError, match="TensorRT int8 needs its own calibration.*build-engine .* --precision int8"):
+    with pytest.raises(EngineError, match="TensorRT int8 needs its own calibration.*engine build .* --precision int8"):
         create_engine(bundle, EngineConfig(backend="onnxruntime", precision="int8",
                                            options=OnnxRuntimeOptions(provider="tensorrt")))
     with pytest.raises(EngineError, match="not a CUDA device"):
@@ -99,7 +100,7 @@ def test_tensorrt_provider_errors_are_one_line(tiny_bundle, sessions, tmp_path, 
                                                 options=OnnxRuntimeOptions(provider="tensorrt")))
     blocker = tmp_path / "file"
     blocker.write_text("")
-    with pytest.raises(EngineError, match=r"cannot keep its engine cache in .*file/onnxruntime-tensorrt .*--engine-dir"):
+    with pytest.raises(EngineError, match=r"cannot keep its engine cache in .*file/onnxruntime-tensorrt-[0-9a-f]{12} .*--engine-dir"):
         create_engine(bundle, EngineConfig(backend="onnxruntime", engine_dir=blocker,
                                            options=OnnxRuntimeOptions(provider="tensorrt")))
 

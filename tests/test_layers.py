@@ -95,7 +95,7 @@ def test_no_import_circle():
 # (lazy imports count). A name is a module or a package of winclip_edge (winclip_edge.export = the export stage);
 # the longest prefix decides; the package root (the public API) stands above them all.
 LAYERS = (
-    ("utilities", ("errors", "fileio", "names", "performance.machine")),
+    ("utilities", ("errors", "fileio", "names", "performance.machine", "verdicts")),
     ("maths and the graph contract", ("contract", "windows", "scoring", "prompts", "evaluation.paper",
                                       "evaluation.metrics", "drift")),
     ("files and images", ("bundle", "products", "versions", "review", "preprocess", "samples", "heatmap", "inputs",

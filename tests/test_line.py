@@ -24,8 +24,9 @@ from winclip_edge.line.station import Station, StationBusy, StationConfig, moved
 
 PAYLOAD_FIELDS = {"schema", "id", "station", "product", "source", "frame", "file", "file_sha256", "captured_at",
                   "score", "anomalous", "threshold", "mode", "model", "weights_id", "memory_id", "threshold_id",
-                  "latency_ms", "overlay", "map", "error",
+                  "version", "latency_ms", "overlay", "map", "error",
                   "zero_shot_score", "image_size", "timings_ms", "moved_to",  # result/2: results.jsonl's extras, everywhere
+                  "camera_frame_id", "camera_timestamp_ns",  # genicam: sources (null elsewhere)
                   "part_id", "decision", "accept", "job_id", "meas_id", "triggered_by", "triggered_at", "deadline_at",
                   "decided_at", "late_for", "views", "overlay_url"}  # result/2: the triggered parts' fields
 

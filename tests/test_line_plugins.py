@@ -198,6 +198,6 @@ COUNTER_WITHOUT_PREFIX = SourcePlugin("noprefix", None, CounterOptions, CounterS
 
 
 def test_the_built_in_kinds_are_plugins_too():
-    assert list(source_plugins()) == ["folder", "gstreamer", "camera", "stream", "video"]
+    assert list(source_plugins()) == ["folder", "gstreamer", "camera", "stream", "video", "genicam"]
     assert list(sink_plugins()) == ["mqtt", "webhook", "modbus"]  # modbus: the PLC sink (line/modbus.py)
     assert all(p.origin == "built-in" for p in [*source_plugins().values(), *sink_plugins().values()])

@@ -92,7 +92,7 @@ def test_fp32_is_the_bundle_graph_and_bad_requests_are_refused(bundle_copy):
         make_variant(bundle, "fp16", calibration=_images(1))
     with pytest.raises(VariantError, match="unknown precision"):
         load_variant(bundle, "fp8")
-    with pytest.raises(VariantError, match="winclip-edge quantize --bundle .* --precision int8"):
+    with pytest.raises(VariantError, match="winclip-edge engine quantize --bundle .* --precision int8"):
         load_variant(bundle, "int8")
 
 
@@ -139,7 +139,7 @@ def test_cli_quantize_then_infer_with_the_variant(bundle_copy, tmp_path, capsys)
     cv2.imwrite(str(image), textured_part(seed=3))
     infer = ["infer", "--bundle", str(bundle_copy), "--product", "widget", "--quiet", "--no-overlays", str(image)]
     assert main([*infer, "--precision", "fp16", "--out", str(tmp_path / "none")]) == EXIT_ERROR
-    assert "winclip-edge quantize" in capsys.readouterr().err
+    assert "winclip-edge engine quantize" in capsys.readouterr().err
     assert main(["quantize", "--bundle", str(bundle_copy), "--precision", "fp16",
                  "--calibration-images", str(image)]) == EXIT_ERROR  # calibration is for int8
     assert main(["quantize", "--bundle", str(bundle_copy), "--precision", "int8",

@@ -120,7 +120,7 @@ def test_manifest_that_is_not_an_object(bundle_copy):
 def test_missing_product(bundle_copy):
     message = refusal(bundle_copy, "gadget")
     assert "product 'gadget' is not in bundle" in message and "products: widget" in message
-    assert f"winclip-edge add-product --bundle {bundle_copy} gadget" in message
+    assert f"winclip-edge product add --bundle {bundle_copy} gadget" in message
 
 
 def test_text_from_a_bundle_of_another_dimension(bundle_copy, make_bundle):
@@ -128,7 +128,7 @@ def test_text_from_a_bundle_of_another_dimension(bundle_copy, make_bundle):
     shutil.copy(product_file(other, TEXT), product_file(bundle_copy, TEXT))
     message = refusal(bundle_copy)
     assert str(product_file(bundle_copy, TEXT)) in message and "made with other model weights" in message
-    assert "winclip-edge add-product" in message and "--force" in message
+    assert "winclip-edge product add" in message and "--force" in message
 
 
 def test_text_of_another_dimension_with_this_bundles_weights(bundle_copy):
@@ -138,7 +138,7 @@ def test_text_of_another_dimension_with_this_bundles_weights(bundle_copy):
     save_text(bundle, PRODUCT, TextPrototypes(unit, -unit, ("a",), ("b",), {"object_name": "widget"}))
     message = refusal(bundle_copy)
     assert f"has shape ({d},), the bundle's embedding is ({d - 8},)" in message
-    assert "winclip-edge add-product" in message
+    assert "winclip-edge product add" in message
 
 
 def test_half_copied_text(bundle_copy):

@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # What only a face that captures knows (null in infer's rows) and what only the hot folder knows.
 CAPTURE_FIELDS = {"station", "source", "captured_at", "latency_ms"}
 FILE_FIELDS = {"file_sha256", "moved_to"}
+CAMERA_FIELDS = {"camera_frame_id", "camera_timestamp_ns"}  # genicam: sources only (tests/test_genicam.py)
 # Fields about the decision itself: the same value from every face.
 DECISION_FIELDS = {"schema", "product", "score", "anomalous", "threshold", "zero_shot_score", "mode", "model",
                    "weights_id", "memory_id", "threshold_id", "image_size", "error"}
@@ -104,13 +105,14 @@ def test_infer_serve_and_http_rows_have_the_same_fields_and_scores(calibrated, t
         infer_row, serve_row = inferred[name], served[name]
         http_row = {k: v for k, v in answered[name].items() if k != "urls"}
         assert list(infer_row) == list(serve_row) == list(http_row) == list(ROW_FIELDS)  # same fields, same order
-        assert {k: v for k, v in stored[http_row["id"]].items() if k != "urls"} == http_row
+        assert {k: v for k, v in stored[http_row["id"]].items() if k not in ("urls", "review")} == http_row
         # the same bytes decoded by the same code and scored at batch 1 everywhere: bit for bit
         for key in DECISION_FIELDS:
             assert infer_row[key] == serve_row[key] == http_row[key], key
         assert infer_row["schema"] == SCHEMA and infer_row["memory_id"] and infer_row["threshold_id"]
         assert infer_row["anomalous"] is not None and infer_row["threshold"] is not None
         assert all(infer_row[k] is None for k in CAPTURE_FIELDS | FILE_FIELDS | {"frame"})  # do not apply: null
+        assert all(row[k] is None for row in (infer_row, serve_row, http_row) for k in CAMERA_FIELDS)
         assert serve_row["station"] == http_row["station"] == "rows" and http_row["source"] == "http"
         assert serve_row["file_sha256"] and Path(serve_row["moved_to"]).is_file() and http_row["moved_to"] is None
         assert all(r["captured_at"] and r["latency_ms"] > 0 for r in (serve_row, http_row))

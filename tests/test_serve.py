@@ -11,7 +11,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -22,35 +21,11 @@ import numpy as np
 import pytest
 
 from winclip_edge.inspector import Inspector
-from conftest import free_port, wait_for
+from conftest import Serve, free_port, wait_for
 
 REPO = Path(__file__).resolve().parents[1]
 MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 needs_broker = pytest.mark.skipif(not Path(MOSQUITTO).is_file(), reason="Debian mosquitto not installed (.ci/run installs it)")
-
-
-class Serve:
-    """One ``winclip-edge serve`` process; its stderr goes to a file the test can read."""
-
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
-        self.log = tmp / f"serve-{time.monotonic_ns()}.log"
-        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "winclip_edge.cli", "serve", *args], cwd=tmp, env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait(self, timeout: float = 120.0) -> int:
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"serve did not exit within {timeout} s:\n{self.text()[-3000:]}") from None
-
-    def signal(self, sig: int) -> None:
-        os.kill(self.proc.pid, sig)
 
 
 class Broker:

@@ -52,8 +52,14 @@ def test_refusals_get_their_status_and_the_station_goes_on(station, tmp_path):
     assert station.client.post("/v1/products", json={"name": "widget"}).status_code == 409  # exists, no force
     r = station.client.post("/v1/products", json={"name": "gear", "normal_states": ["no placeholder"]})
     assert r.status_code == 422 and r.json()["error"] == "bad_prompt"
-    r = station.client.post("/v1/products", json={"name": "../evil"})
-    assert r.status_code == 409 and "invalid product name" in r.json()["detail"]
+    from winclip_edge.names import NAME_RULE
+
+    for bad in ("../evil", "a+b", "a#b", "metal nut", "x;rm", "ünï"):  # the one rule, the one message
+        r = station.client.post("/v1/products", json={"name": bad})
+        assert r.status_code == 422 and r.json()["error"] == "bad_name" and NAME_RULE in r.json()["detail"], r.text
+    r = station.client.post("/v1/products", json={"name": "Widget"})
+    assert r.status_code == 409 and r.json()["error"] == "name_clash" and "only in case" in r.json()["detail"]
+    assert not (station.bundle / "products" / "Widget").exists()
     assert station.client.post("/v1/products", json={}).status_code == 422  # no name
 
     r = station.client.post("/v1/products", json={"name": "widget", "object_name": "metal widget", "force": True})

@@ -17,11 +17,14 @@ from hypothesis import assume, given, settings, strategies as st
 from conftest import textured_part
 from winclip_edge.cli import main
 from winclip_edge.cli.serve import spec_of
+from winclip_edge.line.genicam import GenicamOptions
+from winclip_edge.names import NAME_PATTERN, is_valid_name
 from winclip_edge.line.plugins import SinkContext
 from winclip_edge.line.sinks import MqttOptions, WebhookOptions
 from winclip_edge.line.sources import FolderOptions, VideoOptions
 from winclip_edge.line.spec import (
     BatchingSpec,
+    DriftSpec,
     EngineSpec,
     HttpSpec,
     OutputsSpec,
@@ -231,8 +234,15 @@ def test_flag_errors_name_the_flag(tmp_path, capsys):
 
 # ---------------------------------------------------------------- round trip for any values
 text = st.text(st.characters(blacklist_categories=("Cs",)), max_size=12)
-names = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
+hosts = st.text(st.characters(blacklist_categories=("Cs",)), min_size=1, max_size=8)
+names = st.from_regex(NAME_PATTERN, fullmatch=True)  # station, product, source names: the one rule (names.py)
+topics = text.filter(lambda t: t and not set(t) & set("+#\x00") and not t.startswith("$"))  # publish topics
 finite = st.floats(min_value=0, max_value=1e9, allow_nan=False, allow_infinity=False)
+# A camera's features: any name (the camera decides which exist), a string, an integer, a float or a boolean.
+features = st.dictionaries(
+    st.one_of(st.sampled_from(["PixelFormat", "Width", "ExposureTime", "Gain", "TriggerSource"]), names),
+    st.one_of(text, st.integers(-2**63, 2**63 - 1), st.floats(allow_nan=False, allow_infinity=False), st.booleans()),
+    max_size=6)
 
 
 @st.composite
@@ -242,15 +252,17 @@ def specs(draw) -> StationSpec:
                   st.integers(0, 9), finite, st.integers(1, 100), st.booleans()),
         st.builds(lambda folder, name, settle: SourceSpec("folder:" + folder, name, FolderOptions(settle_s=settle)),
                   text, st.one_of(st.none(), names), finite),
-        st.builds(lambda url: SourceSpec("rtsp://" + url), text)), max_size=3))
+        st.builds(lambda url: SourceSpec("rtsp://" + url), text),
+        st.builds(lambda camera, f, socket, fps: SourceSpec("genicam:" + camera, None, GenicamOptions(
+            features=f, packet_socket=socket, fps_limit=fps)), text, features, st.booleans(), finite)), max_size=3))
     explicit = [s.name for s in sources if s.name]
     assume(len(set(explicit)) == len(explicit))  # two of one name are refused (test_spec_refuses_...)
     sinks = draw(st.lists(st.one_of(
         st.builds(lambda host, topic, tls: SinkSpec("mqtt", None, MqttOptions(host=host, topic=topic, tls=tls)),
-                  names, st.one_of(st.none(), text), st.booleans()),
+                  hosts, st.one_of(st.none(), topics), st.booleans()),
         st.builds(lambda url: SinkSpec("webhook", None, WebhookOptions("https://" + url)), text)), max_size=2))
     return StationSpec(
-        station=draw(st.one_of(st.none(), text)), bundle=draw(text), products=tuple(draw(st.lists(names, max_size=3))),
+        station=draw(st.one_of(st.none(), names)), bundle=draw(text), products=tuple(draw(st.lists(names, max_size=3))),
         sigma=draw(finite), engine=EngineSpec(threads=draw(st.integers(0, 64)), engine_dir=draw(st.one_of(st.none(), text))),
         scoring=ScoringOptions(temperature=draw(st.one_of(st.none(), st.floats(1e-6, 10))),
                                scales=draw(st.one_of(st.none(), st.lists(st.integers(1, 5), min_size=1).map(tuple)))),
@@ -258,14 +270,49 @@ def specs(draw) -> StationSpec:
         batching=BatchingSpec(max_batch=draw(st.integers(1, 64)), max_wait_ms=draw(finite)),
         outputs=OutputsSpec(out=draw(text), rotate_mb=draw(st.floats(1e-3, 1e6)), status_every=draw(finite)),
         sources=tuple(sources), sinks=tuple(sinks),
-        http=draw(st.one_of(st.none(), st.builds(lambda token, mb: HttpSpec(token=token, max_upload_mb=mb),
-                                                 st.one_of(st.none(), text), finite))))
+        http=draw(st.one_of(st.none(), st.builds(lambda token, mb, tokens: HttpSpec(token=token, max_upload_mb=mb,
+                                                                                    token_file=tokens),
+                                                 st.one_of(st.none(), text), finite, st.one_of(st.none(), text)))),
+        drift=draw(st.builds(lambda window, watch, on, share: DriftSpec(window=window, watch=tuple(watch), ks=on,
+                                                                       ks_clear=on * share),
+                             st.integers(1, 10**6), st.lists(st.sampled_from(("false_alarm_rate", "ks", "share_above")),
+                                                             unique=True),
+                             st.floats(0, 1), st.floats(0, 1))))
 
 
 @settings(max_examples=60, deadline=None)
 @given(specs())
 def test_the_written_file_reads_back_to_the_same_spec(spec):
     assert spec_from_table(tomllib.loads(dump_spec(spec))) == spec
+
+
+# ---------------------------------------------------------------- any table: a spec or a SpecError naming the key
+KEYS = ("station", "bundle", "products", "sigma", "engine", "scoring", "tiling", "batching", "outputs", "sources",
+        "sinks", "http", "backend", "precision", "threads", "device", "options", "spec", "name", "kind", "host",
+        "topic", "port", "tls", "url", "max_batch", "queue_size", "out", "save", "listen", "token", "fps_limit",
+        "temperature", "scales", "tile", "roi", "x")
+keys = st.one_of(st.sampled_from(KEYS), st.text(max_size=5))
+scalars = st.one_of(st.text(max_size=10), st.sampled_from(["0", "folder:/x", "rtsp://h/s", "mqtt", "webhook",
+                                                           "widget", "line1", "a+b", "127.0.0.1:0", "winclip/#"]),
+                    st.integers(-2**63, 2**63 - 1), st.floats(), st.booleans())
+values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=3),
+                                                       st.dictionaries(keys, inner, max_size=4)), max_leaves=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(keys, values, max_size=6))
+def test_any_station_table_is_a_spec_or_a_spec_error_naming_its_key(table):
+    """A station file's parser never fails with anything but a SpecError that names the key (and the file)."""
+    try:
+        spec = spec_from_table(table, "fuzz.toml")
+    except SpecError as err:
+        assert err.file == "fuzz.toml" and err.key, (err.key, err.problem)
+        assert str(err).startswith(f"fuzz.toml: {err.key}: ")
+        return
+    assert isinstance(spec, StationSpec)
+    assert spec.station is None or is_valid_name(spec.station)
+    assert all(is_valid_name(p) for p in spec.products)
+    assert all(is_valid_name(s.name) for s in (*spec.sources, *spec.sinks))
 
 
 @settings(max_examples=200, deadline=None)

@@ -707,12 +707,12 @@ def test_an_engine_for_another_device_or_graph_is_refused(tmp_path, change, phra
         find_engine(tmp_path / "engines", FAKE_DEVICE, "fp16", SHA, bundle_root=tmp_path)
     message = str(err.value)
     assert phrase in message
-    assert f"winclip-edge build-engine --bundle {tmp_path} --precision fp16" in message
+    assert f"winclip-edge engine build --bundle {tmp_path} --precision fp16" in message
     assert "--engine-dir" not in message  # the default folder needs no option
 
 
 def test_refusals_without_engines_name_the_folder_and_the_command(tmp_path):
-    with pytest.raises(EngineCacheError, match=r"holds no engine.*build-engine --bundle .* --precision int8 --engine-dir"):
+    with pytest.raises(EngineCacheError, match=r"holds no engine.*engine build --bundle .* --precision int8 --engine-dir"):
         find_engine(tmp_path / "elsewhere", FAKE_DEVICE, "int8", SHA, bundle_root=tmp_path)
     (tmp_path / "engines").mkdir()
     (tmp_path / "engines" / "copied.plan").write_bytes(b"x")
@@ -1217,7 +1217,7 @@ def test_cli_build_engine_without_tensorrt_says_how_to_get_it(tiny_bundle, monke
     monkeypatch.setitem(sys.modules, "tensorrt", None)  # import tensorrt -> ImportError, here and where it exists
     assert cli.main(["build-engine", "--bundle", str(tiny_bundle)]) == cli.EXIT_ERROR
     err = capsys.readouterr().err
-    assert "build-engine: error: TensorRT is not installed" in err and "docs/jetson.md" in err
+    assert "engine build: error: TensorRT is not installed" in err and "docs/jetson.md" in err
 
 
 def test_cli_calibration_images_need_int8(tiny_bundle, tmp_path, capsys):

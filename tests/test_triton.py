@@ -1,5 +1,5 @@
 """Triton: the exported repository's config against the contract, and a real Triton server (PyTriton's bundled
-tritonserver, started with `winclip-edge triton-serve` as a user starts it) on loopback ports, against local ONNX
+tritonserver, started with `winclip-edge triton serve` as a user starts it) on loopback ports, against local ONNX
 Runtime on the same inputs."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import free_ports, textured_part
+from conftest import free_ports, textured_part, wait_for
 
 pytest.importorskip("tritonclient.grpc", reason="tritonclient is not installed (pip install 'winclip-edge[triton]')")
 
@@ -30,21 +30,37 @@ from winclip_edge.engines.triton_identity import WEIGHTS_ID, model_parameters  #
 from winclip_edge.triton.repository import (RepositoryConfig, check_config, read_config,  # noqa: E402
                                             write_repository)
 
-try:
-    import pytriton  # noqa: F401
+SERVER_PEER = Path(__file__).resolve().parents[1] / ".venv-triton"  # built by .ci/run (.ci/peer_env.py)
 
-    NO_PYTRITON = ""
-except ImportError as err:  # the wheel exists for Linux x86_64/aarch64 with glibc >= 2.35 only
-    NO_PYTRITON = f"nvidia-pytriton cannot be imported here ({err}); the real-server tests need its tritonserver"
+
+def server_python() -> str:
+    """The interpreter `triton-serve` runs in: $WINCLIP_TRITON_PYTHON, else the repository's .venv-triton peer, else
+    this one. PyTriton requires numpy < 2, so it lives beside the project's environment, not in it (docs/triton.md)."""
+    peer = SERVER_PEER / "bin" / "python"
+    return os.environ.get("WINCLIP_TRITON_PYTHON") or (str(peer) if peer.exists() else sys.executable)
+
+
+def _pytriton_missing(python: str) -> str:
+    probe = subprocess.run([python, "-c", "import pytriton, winclip_edge.triton.server"], capture_output=True, text=True)
+    if not probe.returncode:
+        return ""
+    # the wheel exists for Linux x86_64/aarch64 with glibc >= 2.35 only
+    last = (probe.stderr.strip().splitlines() or ["?"])[-1]
+    return (f"nvidia-pytriton cannot be imported by {python} ({last}); the real-server tests need its tritonserver: "
+            f"python .ci/peer_env.py .venv-triton --extra triton-server --unpin numpy,opencv-python-headless")
+
+
+SERVER_PYTHON = server_python()
+NO_PYTRITON = _pytriton_missing(SERVER_PYTHON)
 needs_server = pytest.mark.skipif(bool(NO_PYTRITON), reason=NO_PYTRITON or "-")
 
 
 class ServerProcess:
-    """`winclip-edge triton-serve` in its own process group on free loopback ports."""
+    """`winclip-edge triton serve` in its own process group on free loopback ports, run by SERVER_PYTHON."""
 
     def __init__(self, bundle: Path, *extra: str):
         self.http, self.grpc, self.metrics = free_ports(3)
-        cmd = [sys.executable, "-m", "winclip_edge.cli", "triton-serve", "--bundle", str(bundle), "--http-port",
+        cmd = [SERVER_PYTHON, "-m", "winclip_edge.cli", "triton-serve", "--bundle", str(bundle), "--http-port",
                str(self.http), "--grpc-port", str(self.grpc), "--metrics-port", str(self.metrics), "--threads", "1",
                *extra]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -394,10 +410,9 @@ def test_concurrent_clients_are_batched_by_the_server(server, tiny_bundle):
     for e in engines:
         e.close()
     assert not errors
-    # Triton's metrics are refreshed on an interval: wait for the counters to catch up with the requests sent.
-    deadline = time.monotonic() + 30
-    while server.metric("nv_inference_request_success") - before[0] < clients * rounds and time.monotonic() < deadline:
-        time.sleep(0.2)
+    # Triton refreshes its metrics every ~2 s: the counter may lag the answers just received
+    wait_for(lambda: server.metric("nv_inference_request_success") - before[0] >= clients * rounds, timeout=15,
+             what="the server's request counter")
     requests = server.metric("nv_inference_request_success") - before[0]
     executions = server.metric("nv_inference_exec_count") - before[1]
     assert requests == clients * rounds
@@ -420,7 +435,7 @@ def test_server_model_from_other_weights_is_refused(server, make_bundle, tmp_pat
 def test_triton_serve_reports_a_model_that_fails_to_load(tiny_bundle):
     http, grpc, metrics = free_ports(3)
     env = {**os.environ, "WINCLIP_TRITON_THREADS": "not-a-number"}  # model.py's initialize raises
-    done = subprocess.run([sys.executable, "-m", "winclip_edge.cli", "triton-serve", "--bundle", str(tiny_bundle),
+    done = subprocess.run([SERVER_PYTHON, "-m", "winclip_edge.cli", "triton-serve", "--bundle", str(tiny_bundle),
                            "--http-port", str(http), "--grpc-port", str(grpc), "--metrics-port", str(metrics)],
                           capture_output=True, text=True, env=env, timeout=180)
     assert done.returncode == 2

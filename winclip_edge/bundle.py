@@ -22,7 +22,9 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +33,9 @@ import numpy as np
 from .contract import PATCH_LAYERS, GraphSpec
 from .errors import WinclipError
 from .fileio import atomic_write_bytes, sha256_file
+from .names import NAME_RULE, InvalidName, check_name, is_valid_name, suggest_name
+
+log = logging.getLogger("winclip_edge.bundle")
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -47,6 +52,10 @@ _META_KEY = "__meta__"
 
 class BundleError(WinclipError, ValueError):
     """A bundle or one of its files is missing, damaged or made for something else."""
+
+
+class MisnamedProduct(BundleError, InvalidName):
+    """A product folder of the bundle whose name breaks the name rule (made before the rule, or by hand)."""
 
 
 def _arrays_digest(arrays: dict[str, np.ndarray], meta_json: str) -> str:
@@ -218,6 +227,9 @@ class Bundle:
         self.product_folders: dict[str, Path] = {}
         if verify:
             self.verify_files()
+        misnamed = self.misnamed_products()
+        if misnamed:  # served by no command until renamed: say so, never silently (one line for all of them)
+            log.warning("%s", misnamed_message(self, misnamed))
 
     def verify_files(self) -> None:
         for rel, expected in self.manifest.files.items():
@@ -240,8 +252,12 @@ class Bundle:
         return self.root / VISUAL_ONNX
 
     def product_dir(self, product: str) -> Path:
-        if not product or "/" in product or "\\" in product or product.startswith("."):
-            raise BundleError(f"invalid product name {product!r}: use letters, digits, '_' or '-'")
+        """``products/<product>``; the name is checked first (names.py: the one rule, the one message). A folder on
+        disk whose name breaks the rule is refused with the rename command that makes it usable."""
+        if not is_valid_name(product):
+            if product in self.misnamed_products():
+                raise MisnamedProduct(misnamed_message(self, product))
+            check_name(product)
         return self.root / PRODUCTS / product
 
     def with_product_folder(self, product: str, folder: Path) -> "Bundle":
@@ -250,16 +266,24 @@ class Bundle:
         view.product_folders = {**self.product_folders, product: Path(folder)}
         return view
 
-    def products(self) -> list[str]:
+    def _product_folders(self) -> list[str]:
         folder = self.root / PRODUCTS
         return sorted(p.name for p in folder.iterdir() if (p / TEXT).is_file()) if folder.is_dir() else []
+
+    def products(self) -> list[str]:
+        """The products: folders with a text.npz whose name follows the rule (see :meth:`misnamed_products`)."""
+        return [p for p in self._product_folders() if is_valid_name(p)]
+
+    def misnamed_products(self) -> list[str]:
+        """Product folders whose name breaks the rule: no command serves them until `winclip-edge product rename`."""
+        return [p for p in self._product_folders() if not is_valid_name(p) and not p.startswith(".")]
 
     def check_product(self, product: str) -> None:
         if not (self.product_dir(product) / TEXT).is_file():
             known = ", ".join(self.products()) or "none"
             raise BundleError(
                 f"product {product!r} is not in bundle {self.root} (products: {known}); "
-                f"add it with `winclip-edge add-product --bundle {self.root} {product}`"
+                f"add it with `winclip-edge product add --bundle {self.root} {product}`"
             )
 
     def check_weights(self, meta: dict, path: Path, remedy: str = "re-create it for this bundle") -> None:
@@ -268,3 +292,25 @@ class Bundle:
                 f"{path} was made with other model weights (id {str(meta.get('weights_id'))[:12]}, "
                 f"bundle {self.manifest.weights_id[:12]}); {remedy}"
             )
+
+
+def rename_command(bundle: "Bundle", old: str, new: str | None = None) -> str:
+    """The command that renames product folder ``old`` (to ``new``, default a valid name made from it)."""
+    if new is None:
+        taken = {p.casefold() for p in bundle.products()}
+        new = base = suggest_name(old)
+        n = 1
+        while new.casefold() in taken:
+            n += 1
+            new = f"{base[:60]}-{n}"
+    return f"winclip-edge product rename --bundle {shlex.quote(str(bundle.root))} {shlex.quote(old)} {new}"
+
+
+def misnamed_message(bundle: "Bundle", names: "str | list[str]") -> str:
+    """What to do about product folders whose names break the rule: the rename command of the first one."""
+    names = [names] if isinstance(names, str) else list(names)
+    shown = ", ".join(repr(n) for n in names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+    folders = "product folder" if len(names) == 1 else f"{len(names)} product folders"
+    verb = "breaks the name rule and is not served" if len(names) == 1 else "break the name rule and are not served"
+    return (f"{folders} {shown} in {bundle.root / PRODUCTS} {verb} (product names: "
+            f"{NAME_RULE}); rename {'it' if len(names) == 1 else 'each'} with `{rename_command(bundle, names[0])}`")

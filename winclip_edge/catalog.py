@@ -3,9 +3,10 @@
 A station inspects more than one product with the same model: the engine (the expensive part: the
 graph in memory, a device context) is made once and every product's Inspector shares it; engine
 calls are serialised by one lock, whichever Inspector makes them. ``register`` and ``calibrate``
-write a product's files atomically beside a running station; :meth:`Catalog.reload` reads them into
-a complete new Inspector first and swaps it in with one assignment, so a caller gets the old product
-or the new one, never half of each, and a damaged or inconsistent file leaves the old one in place.
+write a product's files atomically beside a running station, ``teach`` and ``rollback`` move a versioned
+product's pointer (versions.py); :meth:`Catalog.reload` reads the files into a complete new Inspector first
+(pinned to one version) and swaps it in with one assignment, so a caller gets the old product or the new one,
+never half of each, and a damaged or inconsistent file leaves the old one in place.
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from .bundle import THRESHOLD, Bundle, read_checked_json
+from .bundle import Bundle
 from .engines import Engine, EngineConfig, Selection, select
 from .engines.serial import serialised
 from .errors import WinclipError
@@ -48,6 +49,7 @@ class ProductInfo:
     calibrated_at: str | None  # when calibrate wrote the threshold (UTC ISO 8601)
     loaded_at: str  # when this process read the product's files
     generation: int  # 1 at start, +1 per reload
+    version: int | None = None  # the product version served (versions.py); None: its unversioned files
 
 
 def _utc_now() -> str:
@@ -101,17 +103,13 @@ class Catalog:
         tiling, roi = self.settings(product)
         inspector = Inspector(self.bundle, product, engine=self.engine, options=self.options, sigma=self.sigma,
                               tiling=tiling, roi=roi)
-        calibrated_at = None
-        if inspector.threshold is not None:
-            record = read_checked_json(self.bundle.product_dir(product) / THRESHOLD)
-            if record.get("value") == inspector.threshold.value:  # the same file (not replaced since)
-                calibrated_at = record.get("created")
-        memory = inspector.memory
+        memory, threshold = inspector.memory, inspector.threshold
         return inspector, ProductInfo(
             product=product, mode=inspector.mode, memory_size=0 if memory is None else memory.size,
             memory_sha256="" if memory is None else memory.checksum,
-            threshold=None if inspector.threshold is None else inspector.threshold.value,
-            calibrated_at=calibrated_at, loaded_at=_utc_now(), generation=generation)
+            threshold=None if threshold is None else threshold.value,
+            calibrated_at=None if threshold is None else threshold.created or None, loaded_at=_utc_now(),
+            generation=generation, version=inspector.version)
 
     def reload(self, product: str) -> Inspector:
         """Read ``product``'s files again and swap the new Inspector in; raises (keeping the old one) on any

@@ -33,6 +33,7 @@ from .tiles.memory import TileMemory, load_tile_memory
 from .tiles.units import GLOBAL, POOLED, FramePlan, UnitScores, frame_map, frame_score, plan_frame, reference_plan, \
     score_units, token_masks, unit_inputs
 from .tiles.tiling import TilingConfig
+from .versions import pinned
 
 DEFAULT_BATCH = 8
 
@@ -93,7 +94,10 @@ class Inspector:
         ``with_threshold=False`` skips the product's threshold (register and calibrate replace it anyway);
         ``options.use_memory=False`` runs zero-shot without reading the memory.
         ``tiling`` / ``roi``: "product" = the product's stored setting (docs/tiling.md), None = off, or a given one."""
-        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        # Pinned to the product's live version once (versions.py): every file of this load comes from one version
+        # even if a teach or rollback moves the pointer meanwhile; ``version`` says which (None: unversioned files).
+        self.bundle, live = pinned(bundle if isinstance(bundle, Bundle) else Bundle(bundle), product)
+        self.version: int | None = None if live is None else live.number
         self.product = product
         self.options = options.resolved(self.bundle.manifest.scales, self.bundle.manifest.temperature)
         self.sigma = sigma  # Gaussian smoothing of the output map, in pixels of the original image (0 = off)

@@ -1,7 +1,8 @@
-"""Per-product files of a bundle: text prototypes, few-shot memory, decision threshold."""
+"""Per-product files of a bundle: text prototypes, few-shot memory, decision threshold; renaming a product."""
 from __future__ import annotations
 
 import datetime as _dt
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -9,6 +10,7 @@ import numpy as np
 
 from .bundle import (
     MEMORY,
+    PRODUCTS,
     TEXT,
     THRESHOLD,
     TILING,
@@ -20,9 +22,10 @@ from .bundle import (
     save_arrays,
 )
 from .contract import PATCH_TOKENS, window_output_name
-from .fileio import atomic_write_json
+from .fileio import atomic_write_json, fsync_dir
+from .names import check_new_name, is_valid_name
 from .tiles.tiling import TilingConfig
-from .versions import files_dir, write_dir
+from .versions import LOCK_FILE, files_dir, records_naming, rename_records, write_dir
 
 
 def _now() -> str:
@@ -55,14 +58,14 @@ def save_text(bundle: Bundle, product: str, text: TextPrototypes) -> None:
 def load_text(bundle: Bundle, product: str) -> TextPrototypes:
     bundle.check_product(product)
     path = bundle.product_dir(product) / TEXT
-    remedy = f"re-create it with `winclip-edge add-product --bundle {bundle.root} --force {product}`"
+    remedy = f"re-create it with `winclip-edge product add --bundle {bundle.root} --force {product}`"
     arrays, meta, _ = load_arrays(path, remedy)
     bundle.check_weights(meta, path, remedy)
     d = bundle.manifest.embed_dim
     for key in ("t_normal", "t_anomalous"):
         if arrays[key].shape != (d,):
             raise BundleError(f"{path}: {key} has shape {arrays[key].shape}, the bundle's embedding is ({d},); "
-                              "re-create it with `winclip-edge add-product`")
+                              "re-create it with `winclip-edge product add`")
     return TextPrototypes(
         t_normal=arrays["t_normal"], t_anomalous=arrays["t_anomalous"],
         normal_prompts=tuple(arrays["normal_prompts"].tolist()),
@@ -232,3 +235,61 @@ def load_tiling(bundle: Bundle, product: str) -> TilingConfig | None:
     obj = read_checked_json(path, f"record it again with `winclip-edge register --bundle {bundle.root} --product "
                                   f"{product} --tile ...`")
     return TilingConfig.from_dict(obj)
+
+
+# ---------------------------------------------------------------- renaming
+class RenameError(BundleError):
+    """A product that cannot be renamed as asked (nothing was changed)."""
+
+
+@dataclass(frozen=True)
+class Renamed:
+    old: str
+    new: str
+    records: int  # version records rewritten with the new name (0 for an unversioned product)
+    resumed: bool  # an earlier rename killed half-way was finished
+
+
+def rename_product(bundle: Bundle, old: str, new: str) -> Renamed:
+    """Rename product folder ``old`` (any name, e.g. one made before the name rule) to ``new`` (the rule; not an
+    existing product, not one but for case): one atomic rename of the folder, under the product's versions lock
+    (so no teach or rollback runs meanwhile), then the version records, which name their product, are written
+    again with the new name (versions.rename_records). The memory, threshold, tiling and ROI files do not name
+    their product and stay as they are. Running it again after a kill finishes the records."""
+    if not (isinstance(old, str) and old and "/" not in old and "\x00" not in old and old not in (".", "..")):
+        raise RenameError(f"{old!r} is not a product folder name")
+    root = bundle.root / PRODUCTS
+    src, dst = root / old, root / new
+    if not (src / TEXT).is_file():
+        if is_valid_name(new) and dst.is_dir() and records_naming(bundle, new, old):  # killed between the rename and the records
+            return Renamed(old, new, _rewrite_records(bundle, dst, new, old), True)
+        known = ", ".join(bundle.products() + bundle.misnamed_products()) or "none"
+        raise RenameError(f"product {old!r} is not in bundle {bundle.root} (products: {known})")
+    check_new_name(new, [p for p in bundle.products() if p != old])
+    if os.path.lexists(dst):
+        raise RenameError(f"{dst} exists already: choose another name (or remove that folder first)")
+    import fcntl
+
+    fd = os.open(src / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RenameError(f"product {old!r} is being taught or rolled back right now; rename it afterwards") from None
+        os.rename(src, dst)  # the lock file moves with the folder; the lock stays held
+        fsync_dir(root)
+        records = rename_records(bundle, new, old)
+    finally:
+        os.close(fd)
+    return Renamed(old, new, records, False)
+
+
+def _rewrite_records(bundle: Bundle, folder, new: str, old: str) -> int:
+    import fcntl
+
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return rename_records(bundle, new, old)
+    finally:
+        os.close(fd)

@@ -1,5 +1,6 @@
 """What an inspection leaves on disk: ``results.jsonl`` (one JSON object per input, flushed as it comes),
-``maps/<stem>.npy`` and ``overlays/<stem>.png``, with stems made unique within one run.
+``maps/<stem>.npy`` and ``overlays/<stem>.png``, with stems safe for any input name and unique within one run
+(names.safe_stem).
 
 Shared by ``infer``, ``demo``, the soak benchmark and the line station; the rows are :mod:`winclip_edge.rows`'
 (the same the HTTP face answers), so every face writes the same row for the same image.
@@ -16,7 +17,9 @@ from typing import Any, Callable, Iterable, TextIO
 from .fileio import fsync_dir
 from .heatmap import overlay, write_npy, write_png
 from .inspector import InspectionResult
+from .names import safe_stem
 from .rows import ModelIds, ResultRow
+from .verdicts import verdict_of
 
 RESULTS_JSONL = "results.jsonl"
 MAPS = "maps"
@@ -38,27 +41,20 @@ class Summary:
         return self.total - self.failed
 
 
-def unique_stem(path: str, used: set[str]) -> str:
-    """The file stem, made unique among the outputs of this run (a/part.png, b/part.png -> part, part-2)."""
-    stem = Path(path).stem or "image"
-    name, n = stem, 1
-    while name in used:
-        n += 1
-        name = f"{stem}-{n}"
-    used.add(name)
-    return name
-
-
 def decision_text(anomalous: bool | None) -> str:
-    return {None: "no threshold", True: "ANOMALOUS", False: "normal"}[anomalous]
+    return verdict_of(anomalous).word
 
 
 def write_overlay(path: str | os.PathLike, result: InspectionResult) -> None:
-    """Heatmap over the image with score and decision. Colours run from the map's minimum to
+    """Heatmap over the image with score, threshold and decision. Colours run from the map's minimum to
     max(map maximum, threshold), so a normal part does not turn red."""
     hi = max(float(result.anomaly_map.max()), result.threshold or 0.0)
-    write_png(path, overlay(result.image, result.anomaly_map, f"score {result.score:.4f}  {decision_text(result.anomalous)}",
-                            (float(result.anomaly_map.min()), hi), roi=result.roi))
+    verdict = verdict_of(result.anomalous)
+    parts = [f"score {result.score:.4f}",
+             *([f"threshold {result.threshold:.4f}"] if result.threshold is not None else []),
+             (verdict.word, verdict.colour_bgr)]
+    write_png(path, overlay(result.image, result.anomaly_map, parts, (float(result.anomaly_map.min()), hi),
+                            roi=result.roi))
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class ResultWriter:
             try:
                 t0 = time.perf_counter()
                 if save and (self.maps or self.overlays):
-                    stem = unique_stem(r.path, self._used) if self.unique_names else Path(r.path).stem
+                    stem = safe_stem(r.path, self._used if self.unique_names else None)
                     if self.maps:
                         saved = replace(saved, map=str(self.out / MAPS / f"{stem}.npy"))
                         write_npy(saved.map, r.anomaly_map)

@@ -13,7 +13,6 @@ import uuid
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Optional
 
-from .bundle import THRESHOLD, read_checked_json
 from .inspector import InspectionResult
 
 SCHEMA = "winclip-edge/result/2"
@@ -21,7 +20,8 @@ SCHEMA = "winclip-edge/result/2"
 
 @dataclass(frozen=True)
 class ModelIds:
-    """What decided: the model, its weights and the product's memory and threshold (None when absent)."""
+    """What decided: the model, its weights, the product's memory and threshold and the product version they belong
+    to (None when absent; version None: the product's unversioned files)."""
 
     product: str
     mode: str
@@ -29,18 +29,19 @@ class ModelIds:
     weights_id: str
     memory_id: str | None
     threshold_id: str | None
+    version: int | None = None
 
     @classmethod
     def of(cls, inspector: Any) -> "ModelIds":
-        """The ids of an Inspector's bundle and product files (the threshold id is its file's sha256 field)."""
+        """The ids of what an Inspector loaded (the threshold id is its file's sha256 field, kept when it was read:
+        a taught product's threshold is in its version folder, and the loaded one is what decides)."""
         manifest = inspector.bundle.manifest
         memory = inspector.memory
-        threshold_id = None
-        if inspector.threshold is not None:
-            threshold_id = read_checked_json(inspector.bundle.product_dir(inspector.product) / THRESHOLD).get("sha256")
+        threshold = inspector.threshold
         return cls(product=inspector.product, mode=inspector.mode, model=manifest.model,
                    weights_id=manifest.weights_id, memory_id=memory.checksum if memory is not None else None,
-                   threshold_id=threshold_id)
+                   threshold_id=threshold.checksum if threshold is not None else None,
+                   version=inspector.version)
 
 
 def utc_iso(timestamp: float) -> str:
@@ -85,12 +86,15 @@ class ResultRow:
     weights_id: Optional[str] = None
     memory_id: Optional[str] = None
     threshold_id: Optional[str] = None
+    version: Optional[int] = None  # the product version that decided (null: the product's unversioned files)
     latency_ms: Optional[float] = None  # capture (or request) to decision; null for infer
     image_size: Optional[list] = None  # [H, W] of the anomaly map (= the image)
     timings_ms: Optional[dict] = None  # per stage
     overlay: Optional[str] = None  # path (or, for uploads, URL) of the overlay PNG when saved
     map: Optional[str] = None  # path (or URL) of the map .npy when saved
     moved_to: Optional[str] = None  # hot folder: where the file goes after its row is written
+    camera_frame_id: Optional[int] = None  # genicam: sources: the camera's frame (block) id
+    camera_timestamp_ns: Optional[int] = None  # genicam: sources: the camera's timestamp of the frame, ns
     error: Optional[str] = None
     # The line's terms (docs/line.md, "Triggered parts"): what was decided for which part, when, and whether it is live.
     part_id: Optional[str] = None  # the triggered part; null when free-running
@@ -117,7 +121,7 @@ class ResultRow:
         decision = decision_of(result.anomalous, result.error)
         made = dict(
             product=ids.product, mode=ids.mode, model=ids.model, weights_id=ids.weights_id, memory_id=ids.memory_id,
-            threshold_id=ids.threshold_id, score=result.score, anomalous=result.anomalous, threshold=result.threshold,
+            threshold_id=ids.threshold_id, version=ids.version, score=result.score, anomalous=result.anomalous, threshold=result.threshold,
             zero_shot_score=result.zero_shot_score, error=result.error,
             captured_at=None if captured_at is None else utc_iso(captured_at),
             latency_ms=None if latency_ms is None else round(latency_ms, 3),

@@ -15,6 +15,7 @@ import numpy as np
 
 from .bundle import Bundle, BundleError
 from .fileio import sha256_file
+from .names import check_new_name
 from .products import TextPrototypes, save_text
 from .prompts import PromptSpec, build_prompts
 from .tokenizer import ClipTokenizer
@@ -133,7 +134,7 @@ def add_product(bundle: Bundle, product: str, spec: PromptSpec, precision: str =
                 show_progress: bool = False) -> TextPrototypes:
     """Encode ``spec``'s prompts with the bundle's text encoder and write ``products/<product>/text.npz``
     (atomically, self-verifying); the torch-free twin of the export stage's add_product."""
-    bundle.product_dir(product)  # a bad name fails before anything is loaded
+    check_new_name(product, bundle.products())  # a bad name fails before anything is loaded
     if product in bundle.products() and not force:
         raise ProductExistsError(f"product {product!r} is already in {bundle.root}; pass --force to re-encode it")
     build_prompts(spec)  # bad states / templates too

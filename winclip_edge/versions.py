@@ -117,6 +117,12 @@ def _rollback_hint(bundle: Bundle, product: str) -> str:
     return f"`winclip-edge product rollback --bundle {bundle.root} --product {product} --version N`"
 
 
+def _finish_rename_hint(bundle: Bundle, old: str, new: str) -> str:
+    from .bundle import rename_command
+
+    return f"`{rename_command(bundle, old, new)}`"
+
+
 # ---------------------------------------------------------------- verification
 _hashes: dict[tuple, str] = {}  # (path, device, inode, size, mtime, ctime) -> sha256: a version is read 4 times per load
 
@@ -146,6 +152,10 @@ def load_version(bundle: Bundle, product: str, number: int) -> Version:
         obj = read_checked_json(folder / VERSION_FILE)
     except BundleError as err:
         raise damaged(str(err).split(";")[0]) from None
+    if obj.get("format") == FORMAT and obj.get("version") == number and isinstance(obj.get("product"), str) \
+            and obj["product"] != product:
+        raise BundleError(f"{what}: {folder / VERSION_FILE} still names the product {obj['product']!r}; finish its "
+                          f"rename with {_finish_rename_hint(bundle, obj['product'], product)}")
     if obj.get("format") != FORMAT or obj.get("product") != product or obj.get("version") != number:
         raise damaged(f"{folder / VERSION_FILE} describes {obj.get('product')!r} version {obj.get('version')}, "
                       f"format {obj.get('format')}")
@@ -179,6 +189,9 @@ def read_pointer(bundle: Bundle, product: str) -> dict | None:
     if not path.is_file():
         return None
     obj = read_checked_json(path, f"write it again with {_rollback_hint(bundle, product)}")
+    if isinstance(obj.get("product"), str) and obj["product"] != product:
+        raise BundleError(f"{path} still names the product {obj['product']!r}; finish its rename with "
+                          f"{_finish_rename_hint(bundle, obj['product'], product)}")
     if obj.get("format") != FORMAT or obj.get("product") != product or not isinstance(obj.get("version"), int):
         raise BundleError(f"{path} names no version of {product!r}; write it again with {_rollback_hint(bundle, product)}")
     return obj
@@ -246,7 +259,13 @@ def write_dir(bundle: Bundle, product: str) -> Path:
 
 def pinned(bundle: Bundle, product: str) -> tuple[Bundle, Version | None]:
     """``bundle`` with ``product`` pinned to its live version, resolved once: everything one load reads comes from
-    the same version even if the pointer moves meanwhile. Returns the view and the version (None: unversioned)."""
+    the same version even if the pointer moves meanwhile. Returns the view and the version (None: unversioned). A
+    bundle already pinned for ``product`` is returned as it is, with the version its folder holds (None: a draft)."""
+    folder = bundle.product_folders.get(product)
+    if folder is not None:
+        number = folder.name
+        held = folder.parent == versions_dir(bundle, product) and number.isdigit() and (folder / VERSION_FILE).is_file()
+        return bundle, load_version(bundle, product, int(number)) if held else None
     live = live_version(bundle, product)
     return (bundle, None) if live is None else (bundle.with_product_folder(product, live.folder), live)
 
@@ -348,3 +367,43 @@ def switch(bundle: Bundle, product: str, number: int, who: str, action: str) -> 
             "history": history}
     atomic_write_json(pointer_path(bundle, product), json_with_checksum(body))
     return read_pointer(bundle, product)
+
+
+# ---------------------------------------------------------------- renaming (products.rename_product)
+def rename_records(bundle: Bundle, product: str, old: str) -> int:
+    """After ``products/<old>`` was renamed to ``products/<product>``: the version records that name ``old``
+    (every ``version.json``, then ``current.json`` with the new checksum of the live one) are written again with
+    the new name. The versioned files themselves are not touched. Idempotent (a killed rename is finished by
+    running it again). Call with the product's :func:`lock` held. Returns the number of records rewritten."""
+    rewritten = 0
+    for number in numbers(bundle, product):
+        path = versions_dir(bundle, product) / str(number) / VERSION_FILE
+        try:
+            obj = read_checked_json(path)
+        except BundleError:
+            continue  # a damaged version stays damaged (and is named as such by `product versions`)
+        if obj.get("product") == old:
+            atomic_write_json(path, json_with_checksum({**obj, "product": product}))
+            rewritten += 1
+    path = pointer_path(bundle, product)
+    if path.is_file():
+        obj = read_checked_json(path, f"write it again with {_rollback_hint(bundle, product)}")
+        if obj.get("product") == old:
+            live = load_version(bundle, product, obj["version"]) if isinstance(obj.get("version"), int) else None
+            body = {**obj, "product": product, **({"version_sha256": live.sha256} if live is not None else {})}
+            atomic_write_json(path, json_with_checksum(body))
+            rewritten += 1
+    return rewritten
+
+
+def records_naming(bundle: Bundle, product: str, old: str) -> bool:
+    """Whether a version record of ``product`` still names ``old`` (a rename killed half-way)."""
+    paths = [versions_dir(bundle, product) / str(n) / VERSION_FILE for n in numbers(bundle, product)]
+    paths.append(pointer_path(bundle, product))
+    for path in paths:
+        try:
+            if path.is_file() and read_checked_json(path).get("product") == old:
+                return True
+        except BundleError:
+            continue
+    return False

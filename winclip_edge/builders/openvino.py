@@ -6,7 +6,7 @@ normalisations stay float. Calibration images are what the line will see: the pr
 when their files are still on disk, else the normal images of the textile data set (conformal-clip-data),
 read by the one loader of model inputs (samples.py).
 The result is written as OpenVINO IR next to the ONNX variants (engines/openvino.py reads and verifies it);
-how faithful it is gets measured by ``winclip-edge tune`` / ``bench``, never assumed. Needs ``nncf``
+how faithful it is gets measured by ``winclip-edge engine tune`` / ``bench``, never assumed. Needs ``nncf``
 (the ``[openvino]`` extra), which imports torch when torch is installed: this is a build step, not the runtime.
 """
 from __future__ import annotations

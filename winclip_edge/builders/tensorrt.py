@@ -1,4 +1,4 @@
-"""``winclip-edge build-engine``: the bundle's ``visual.onnx`` -> a TensorRT plan for this GPU, cached by key.
+"""``winclip-edge engine build``: the bundle's ``visual.onnx`` -> a TensorRT plan for this GPU, cached by key.
 
 Building and running are separate programs (NVIDIA's samples do the same): a build takes minutes, is done
 once per device, TensorRT version, precision and graph, and its plan is cached (engine_cache.py).

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from .commands import Commands
 from ..performance.bench import (
     DEFAULT_BATCHES,
     DEFAULT_FIDELITY_IMAGES,
@@ -62,7 +63,7 @@ def _size(text: str) -> tuple[int, int]:
     return h, w
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Commands) -> None:
     """``bench`` and ``bench-table``."""
     # conflict_handler="resolve": bench takes a list of batch sizes where the runtime options take one.
     p = sub.add_parser("bench", conflict_handler="resolve",

@@ -10,6 +10,7 @@ from ..engines.config import PRECISIONS
 from ..engines.onnx_variants import GRAPHS
 from ..engines.registry import backends
 from ..inputs import collect_inputs
+from .commands import Commands
 from .common import EXIT_OK, CliError
 
 
@@ -40,7 +41,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     info = make_variant(bundle, args.precision, calibration, graph=args.graph)
     if args.graph == "text":
         print(f"{info.precision} text variant {info.path} ({info.size_mib:.0f} MiB) in {info.seconds:.1f} s; {info.method}. "
-              f"Use it with `winclip-edge add-product --bundle {args.bundle} --text-precision {info.precision} NAME`")
+              f"Use it with `winclip-edge product add --bundle {args.bundle} --text-precision {info.precision} NAME`")
         return EXIT_OK
     print(f"{info.precision} variant {info.path} ({info.size_mib:.0f} MiB, sha256 {info.sha256[:12]}...) in "
           f"{info.seconds:.1f} s; {info.method}. Use it with --precision {info.precision}; measure its fidelity with "
@@ -57,13 +58,11 @@ def _quantize_openvino(args: argparse.Namespace, bundle) -> int:
     frames, described = calibration_images(bundle, paths=collect_inputs(args.calibration_images))
     info = make_int8(bundle, frames, described)
     print(f"OpenVINO int8 model {info.path} (weights sha256 {info.sha256[:12]}...) in {info.seconds:.1f} s; "
-          f"{info.method}. Use it with --backend openvino --precision int8; `winclip-edge tune` measures its fidelity")
+          f"{info.method}. Use it with --backend openvino --precision int8; `winclip-edge engine tune` measures its fidelity")
     return EXIT_OK
 
 
-def _register_quantize(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("quantize", help="make an fp16 or int8 variant of the bundle's visual graph (needs onnx; "
-                                        "ViT-B-16-plus-240: ~1 min, static int8 ~1 min per calibration image on 2 cores)")
+def _quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True)
     p.add_argument("--precision", required=True, choices=PRECISIONS[1:],
                    help="fp16 (GPU execution providers) or int8 (CPU; dynamic unless calibration images are given)")
@@ -106,10 +105,7 @@ def run_build_engine(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _register_build_engine(sub: argparse._SubParsersAction) -> None:
-    """``build-engine``; the runtime commands' ``--backend tensorrt --precision P`` then load the cached plan."""
-    p = sub.add_parser("build-engine", help="build the TensorRT engine of a bundle for this GPU (needs TensorRT; takes "
-                                            "minutes, once per device, TensorRT version and precision)")
+def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",
                    help="fp32 (reference, no TF32), fp16 (default; LayerNorm and L2 norm stay FP32) or int8 (calibrated)")
@@ -125,6 +121,10 @@ def _register_build_engine(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=run_build_engine)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    _register_quantize(sub)
-    _register_build_engine(sub)
+def register(commands: Commands) -> None:
+    commands.add("engine quantize", _quantize_args, old="quantize",
+                 help="make an fp16 or int8 variant of the bundle's visual graph (needs onnx; ViT-B-16-plus-240: ~1 "
+                      "min, static int8 ~1 min per calibration image on 2 cores)")
+    commands.add("engine build", _build_args, old="build-engine",
+                 help="build the TensorRT engine of a bundle for this GPU (needs TensorRT; takes minutes, once per "
+                      "device, TensorRT version and precision)")

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
+
+from .commands import Commands
 from .common import EXIT_OK
 
 
@@ -21,11 +22,11 @@ def cmd_cameras(args: argparse.Namespace) -> int:
     for camera in cameras:
         print(camera.line())
     if not cameras:
-        print("no GenICam camera found (GigE Vision: same subnet, UDP 3956 open; USB3 Vision: udev rules)")
+        print("no cameras found (GigE Vision: same subnet, UDP 3956 open; USB3 Vision: udev rules)")
     return EXIT_OK
 
 
-def register(sub: Any) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("cameras", help="list the GenICam cameras (GigE Vision, USB3 Vision) found, one line each with "
                                        "the id a genicam:ID source takes (Aravis; docs/cameras.md)")
     p.add_argument("--features", metavar="ID", nargs="?", const="",

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..engines import EngineConfig
 from ..engines.registry import backends, broken_backends, precisions
 from ..errors import WinclipError
-from ..scoring import MEANS, ScoringOptions
+from ..scoring import ScoringOptions
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
 
@@ -52,7 +52,7 @@ COMMON_HELP = {"threads": "intra-op threads of a CPU backend (0 = its default)",
                "device": "where the graph runs",
                "engine_dir": "where a backend keeps what it builds or caches: TensorRT plans (build-engine), ONNX "
                              "Runtime's TensorRT provider and CPU graph caches, OpenVINO's compiled models (default "
-                             "<bundle>/engines)"}
+                             "$WINCLIP_ENGINE_DIR, else <bundle>/engines)"}
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,7 @@ def flag_name(backend_name: str | None) -> Callable[[str], str]:
 def _backend_help() -> str:
     plugins = [f"{n} ({r.origin})" for n, r in backends().items() if not r.builtin]
     broken = broken_backends()
-    return ("engine (default auto: the winner `winclip-edge tune` recorded for this machine, else onnxruntime fp32; "
+    return ("engine (default auto: the winner `winclip-edge engine tune` recorded for this machine, else onnxruntime fp32; "
             "with --precision P: the fastest engine of precision P tune accepted here, e.g. --precision fp32 = the "
             "fastest exact one; a backend's own flag without --backend means that backend)"
             + (f"; plugins: {', '.join(plugins)}" if plugins else "")
@@ -119,9 +119,9 @@ def add_engine_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--backend", default="auto", choices=("auto", *records), help=_backend_help())
     g.add_argument("--precision", choices=precisions(), default=None,
                    help="default: the backend's (fp16 for tensorrt, as build-engine; fp32 otherwise). onnxruntime: runs "
-                        "the bundle's fp16/int8 variant (make it with `winclip-edge quantize`); torch: fp16 casts the "
+                        "the bundle's fp16/int8 variant (make it with `winclip-edge engine quantize`); torch: fp16 casts the "
                         "model (LayerNorm stays fp32); tensorrt: loads the cached engine of that precision (make it "
-                        "with `winclip-edge build-engine`); openvino: fp32 | bf16 | fp16 (precision hint) | int8 (NNCF "
+                        "with `winclip-edge engine build`); openvino: fp32 | bf16 | fp16 (precision hint) | int8 (NNCF "
                         "model)")
     for flag in engine_flags():
         if flag.field is not None:
@@ -200,15 +200,13 @@ def open_bundle(args: argparse.Namespace) -> Any:
 # ---------------------------------------------------------------- runtime flags
 def add_scoring_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=None, help="softmax temperature (default: the bundle's, 0.07)")
-    p.add_argument("--use-scales", type=csv_ints, default=None, help="ablation: window scales to use, e.g. 2 (default all)")
-    p.add_argument("--no-image-scale", action="store_true", help="ablation: leave s(f_img) out of the zero-shot map")
-    p.add_argument("--mean", choices=MEANS, default="harmonic", help="ablation: averaging")
     p.add_argument("--zero-shot", action="store_true", help="ignore the few-shot memory (plain WinCLIP)")
 
 
 def scoring_options(args: argparse.Namespace) -> ScoringOptions:
-    return ScoringOptions(temperature=args.temperature, scales=args.use_scales, use_image_scale=not args.no_image_scale,
-                          mean=args.mean, use_memory=not args.zero_shot)
+    """The paper's ablations (window scales, image scale, mean) are `eval --ablation`'s alone; a command that scores
+    images takes the temperature and zero-shot switch."""
+    return ScoringOptions(temperature=args.temperature, use_memory=not args.zero_shot)
 
 
 def add_runtime_options(p: argparse.ArgumentParser, tiling: bool = True) -> None:

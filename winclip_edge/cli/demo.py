@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .commands import Commands
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError
 
 
@@ -29,9 +30,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if failed else EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("demo", help="the whole flow on the embedded textile images (export, register, calibrate, infer)")
-    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model (default ViT-B-16-plus-240)")
+    p.add_argument("--model", default="ViT-B-16-plus-240",
+                   help="open_clip model, winclip-tiny (shipped, seconds), or config JSON (default ViT-B-16-plus-240)")
     p.add_argument("--pretrained", default="laion400m_e31", help="tag, checkpoint PATH, or none (offline, random weights)")
     p.add_argument("--bundle", default="models/demo-b16p", help="bundle folder (exported when missing)")
     p.add_argument("--out", default="runs/demo", help="output folder")

@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .commands import Commands
 from ..evaluation.runner import DATASETS, DEFAULT_BATCH, DEFAULT_SEEDS, DEFAULT_SHOTS
 from ..prompts import PROMPT_STYLES
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError, add_engine_options, csv, csv_ints, engine_config
@@ -53,7 +54,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return EXIT_SOME_FAILED if result.failed_images else EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("eval", help="the paper's evaluation (image/pixel AUROC, AUPR, PRO, F1-max) on MVTec-AD, VisA, "
                                     "a folder or the textile set; cost: one engine pass per test image and reference")
     p.add_argument("--bundle", required=True, help="bundle folder made by `winclip-edge export`")

@@ -9,6 +9,7 @@ from typing import Any
 from ..contract import PATCH_LAYERS
 from ..prompts import PROMPT_STYLES
 from ..engines.config import PRECISIONS
+from .commands import Commands
 from .common import EXIT_OK, CliError, csv, csv_ints
 
 TEXT_ENCODERS = ("auto", "bundle", "export")  # add-product: what encodes the prompts
@@ -54,17 +55,18 @@ def run_add_text_encoder(args: argparse.Namespace) -> int:
     size = sum((bundle.root / name).stat().st_size for name in section["files"]) / 2**20
     print(f"text encoder added to {args.bundle}: {', '.join(section['files'])} ({size:.0f} MiB); ONNX vs torch max abs "
           f"diff {section['verification']['max_abs_diff']:.2e}; {time.perf_counter() - t0:.1f} s. "
-          f"`winclip-edge add-product --bundle {args.bundle} NAME` now runs without torch")
+          f"`winclip-edge product add --bundle {args.bundle} NAME` now runs without torch")
     return EXIT_OK
 
 
 def run_add_product(args: argparse.Namespace) -> int:
     from ..bundle import Bundle
+    from ..names import check_new_name
     from ..prompts import PromptSpec, build_prompts, object_name_for
     from ..text_encoder import has_text_encoder
 
     bundle = Bundle(args.bundle)
-    bundle.product_dir(args.product)  # a bad name fails before anything is encoded
+    check_new_name(args.product, bundle.products())  # a bad name fails before anything is encoded
     if args.product in bundle.products() and not args.force:
         raise CliError(f"product {args.product!r} is already in {args.bundle}; pass --force to re-encode it")
     spec = PromptSpec(
@@ -96,10 +98,11 @@ def run_add_product(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="open_clip model -> verified ONNX bundle (needs the [export] extra; "
+def register(commands: Commands) -> None:
+    p = commands.add_parser("export", help="open_clip model -> verified ONNX bundle (needs the [export] extra; "
                                       "ViT-B-16-plus-240 takes ~1-2 min on 2 CPU cores)")
-    p.add_argument("--model", default="ViT-B-16-plus-240", help="open_clip model name or model-config JSON path")
+    p.add_argument("--model", default="ViT-B-16-plus-240",
+                   help="open_clip model name, winclip-tiny (shipped: seconds to export), or model-config JSON path")
     p.add_argument("--pretrained", default="laion400m_e31",
                    help="open_clip pretrained tag (downloads), a local checkpoint PATH (offline), or 'none' (random)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights with --pretrained none")
@@ -119,27 +122,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(run=run_export)
 
-    p = sub.add_parser("add-text-encoder", help="put the text tower (text.onnx) and tokenizer into an existing bundle, "
+    p = commands.add_parser("add-text-encoder", help="put the text tower (text.onnx) and tokenizer into an existing bundle, "
                                                 "from the same weights (needs [export])")
     p.add_argument("--bundle", required=True)
     p.add_argument("--force", action="store_true", help="export the text encoder again")
     p.set_defaults(run=run_add_text_encoder)
 
-    p = sub.add_parser("add-product", help="encode the text prototypes of a product into a bundle (with the bundle's "
-                                           "text encoder: no torch; else needs [export])")
-    p.add_argument("--bundle", required=True)
-    p.add_argument("product", help="product name, e.g. metal_nut")
-    p.add_argument("--object-name", help="text for the object (default: product name with _ -> space)")
-    p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="cpe",
-                   help="cpe (paper, default), clip_ac or templates_only (the paper's baselines)")
-    p.add_argument("--normal-state", action="append", default=[], help="extra normal state, '{o}' = object (repeatable)")
-    p.add_argument("--anomalous-state", action="append", default=[], help="extra anomalous state (repeatable)")
-    p.add_argument("--template", action="append", default=[], help="extra template, '{c}' = state phrase (repeatable)")
-    p.add_argument("--force", action="store_true", help="re-encode an existing product")
-    p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="auto",
-                   help="auto (default): the bundle's text.onnx when it has one, else the export stage (torch); "
-                        "bundle or export to choose")
-    p.add_argument("--text-precision", choices=PRECISIONS, default="fp32",
-                   help="bundle text encoder only: fp32 (default) or a variant made by `quantize --graph text`")
-    p.add_argument("--quiet", action="store_true")
-    p.set_defaults(run=run_add_product)
+    def _add_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--bundle", required=True)
+        p.add_argument("product", help="product name, e.g. metal_nut")
+        p.add_argument("--object-name", help="text for the object (default: product name with _ -> space)")
+        p.add_argument("--prompt-style", choices=PROMPT_STYLES, default="cpe",
+                       help="cpe (paper, default), clip_ac or templates_only (the paper's baselines)")
+        p.add_argument("--normal-state", action="append", default=[], help="extra normal state, '{o}' = object (repeatable)")
+        p.add_argument("--anomalous-state", action="append", default=[], help="extra anomalous state (repeatable)")
+        p.add_argument("--template", action="append", default=[], help="extra template, '{c}' = state phrase (repeatable)")
+        p.add_argument("--force", action="store_true", help="re-encode an existing product")
+        p.add_argument("--text-encoder", choices=TEXT_ENCODERS, default="auto",
+                       help="auto (default): the bundle's text.onnx when it has one, else the export stage (torch); "
+                            "bundle or export to choose")
+        p.add_argument("--text-precision", choices=PRECISIONS, default="fp32",
+                       help="bundle text encoder only: fp32 (default) or a variant made by `quantize --graph text`")
+        p.add_argument("--quiet", action="store_true")
+        p.set_defaults(run=run_add_product)
+
+    commands.add("product add", _add_args, old="add-product",
+                 help="encode the text prototypes of a product into a bundle (with the bundle's text encoder: no "
+                      "torch; else needs [export])")

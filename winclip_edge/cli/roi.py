@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from .commands import Commands
 from .common import EXIT_OK, CliError
 
 
@@ -31,7 +32,7 @@ def run_roi(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("roi", help="set, show or clear a product's region of interest (white = inspect, black = ignore)")
     p.add_argument("--bundle", required=True)
     p.add_argument("--product", required=True)

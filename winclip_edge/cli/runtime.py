@@ -5,6 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from .commands import Commands
 from ..inputs import collect_inputs
 from . import common
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError, add_runtime_options, progress, report_failures
@@ -108,6 +109,10 @@ def run_info(args: argparse.Namespace) -> int:
 
     for line in engine_notes(bundle):
         print(f"  {line}")
+    from ..engines.cache_dir import engine_dir
+    from .cache import summary
+
+    print(f"  {summary(engine_dir(bundle))}")
     for line in backend_lines():
         print(f"  {line}")
     return EXIT_OK
@@ -135,7 +140,7 @@ def backend_lines() -> list[str]:
     return lines
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("register", help="few-shot: embed normal reference images into products/<p>/memory.npz "
                                          "(one engine pass per image)")
     add_runtime_options(p)

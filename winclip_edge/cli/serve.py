@@ -15,6 +15,7 @@ import threading
 from dataclasses import fields, replace
 from typing import Any
 
+from .commands import Commands
 from .. import inputs
 from ..line.build import build_station
 from ..line.modbus import ModbusOptions
@@ -22,7 +23,9 @@ from ..line.parts import ON_TIMEOUT
 from ..line.registry import resolve_source, source_plugins
 from ..line.sinks import MqttOptions, WebhookOptions
 from ..line.sources import DROP_POLICIES
+from ..drift import STATISTICS
 from ..line.spec import (
+    DriftSpec,
     EngineSpec,
     HttpSpec,
     OpcuaSpec,
@@ -39,7 +42,7 @@ from ..tiles.overrides import TilingOverrides
 from ..engines.config import AUTO
 from ..engines.registry import owner_of
 from .common import EXIT_OK, CliError, add_engine_options, add_scoring_options, engine_config, engine_flags
-from .serve_http import add_http_options, parse_host_port
+from .serve_http import add_drift_options, add_http_options, parse_host_port
 from .tiling_options import add_tiling_options
 
 # Flags that set one option of every source whose kind has an option of that name (VideoOptions, FolderOptions, ...).
@@ -47,13 +50,14 @@ SOURCE_OPTION_FLAGS = ("drop", "buffer", "fps_limit", "every_nth", "loop", "reco
                        "ignore_existing")
 NOT_FLAGS = ("run", "command", "command_line", "config", "print_config")
 # Spec keys whose flag is not "--" + the key's last part with - for _ (for error messages about flags).
-FLAG_OF_KEY = {"products": "--product", "scoring.scales": "--use-scales", "scoring.use_image_scale": "--no-image-scale",
-               "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source",
-               "opcua.listen": "--opcua", "parts.views": "--view", "parts.max_pending": "--max-parts",
-               "parts.continuous": "--triggered", "modbus.host": "--modbus", "modbus.port": "--modbus"}
+FLAG_OF_KEY = {"products": "--product", "scoring.use_memory": "--zero-shot", "http.listen": "--http", "spec": "--source",
+               "name": "--source", "opcua.listen": "--opcua", "parts.views": "--view", "parts.max_pending": "--max-parts",
+               "parts.continuous": "--triggered", "modbus.host": "--modbus", "modbus.port": "--modbus",
+               **{f"drift.{key}{clear}": f"--drift-{key.replace('_', '-')}"
+                  for key in ("window", "min_samples", *STATISTICS) for clear in ("", "_clear")}}
 
 
-def register(sub: Any) -> None:
+def register(sub: Commands) -> None:
     p = sub.add_parser("serve", help="run a line station: cameras, videos, streams, hot folders -> results.jsonl, "
                                      "MQTT, webhooks (and an HTTP API with --http)")
     p.add_argument("--config", metavar="FILE", default=None,
@@ -109,6 +113,7 @@ def register(sub: Any) -> None:
                    help="at exit, seconds the sinks may take to deliver what is spooled (the rest waits on disk)")
     o.add_argument("--status-every", type=float, default=10.0, help="seconds between status lines (0 = none)")
     add_http_options(p)
+    add_drift_options(p)
 
     t = p.add_argument_group("triggered parts and the line controller (docs/line.md)")
     t.add_argument("--deadline-ms", type=float, default=None,
@@ -153,24 +158,21 @@ def _replace(obj: Any, where: str, **changes: Any) -> Any:
         raise CliError(_flag_message(err.at(where))) from None
 
 
-def _named_sources(texts: list[str]) -> list[tuple[str, str]]:
-    """(name, spec) per --source: NAME=SRC, else a name made from the spec (never a URL's credentials)."""
-    plugins = source_plugins()
+def _named_sources(texts: list[str]) -> list[tuple[str | None, str]]:
+    """(name, spec) per --source: NAME=SRC (a repeated NAME gets -2, -3 ...), else (None, SRC): the spec names it
+    (line/spec.py named_sources)."""
     named, used = [], set()
-    for i, text in enumerate(texts):
+    for text in texts:
         head, sep, tail = text.partition("=")
         if sep and head.replace("-", "").replace("_", "").isalnum() and not head.isdigit():
-            name, spec = head, tail
+            name, n = head, 1
+            while name in used:
+                n += 1
+                name = f"{head}-{n}"
+            used.add(name)
+            named.append((name, tail))
         else:
-            plugin, target = resolve_source(text, plugins)
-            name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
-            spec = text
-        base, n = name, 1
-        while name in used:
-            n += 1
-            name = f"{base}-{n}"
-        used.add(name)
-        named.append((name, spec))
+            named.append((None, text))
     return named
 
 
@@ -217,11 +219,11 @@ def _http(base: HttpSpec | None, given: dict[str, Any]) -> HttpSpec | None:
     if "http" in given:
         parse_host_port(given["http"])  # the flag's own message
         http = _replace(http or HttpSpec(), "http", listen=given["http"])
-    changes = {k: given[k] for k in ("token", "insecure", "max_upload_mb", "request_timeout", "keep_results")
-               if k in given}
+    changes = {k: given[k] for k in ("token", "token_file", "insecure", "max_upload_mb", "request_timeout",
+                                     "keep_results") if k in given}
     if http is None:
-        if "token" in changes or "insecure" in changes:
-            raise CliError("--token/--insecure need --http HOST:PORT")
+        if {"token", "token_file", "insecure"} & set(changes):
+            raise CliError("--token/--token-file/--insecure need --http HOST:PORT")
         return None  # the other HTTP flags without an HTTP face change nothing
     return _replace(http, "http", **changes)
 
@@ -255,6 +257,23 @@ def _parts(base: PartsSpec, given: dict[str, Any]) -> PartsSpec:
     if "max_parts" in given:
         changes["max_pending"] = given["max_parts"]
     return _replace(base, "parts", **changes)
+
+
+def _drift(base: DriftSpec, given: dict[str, Any]) -> DriftSpec:
+    """The file's ``[drift]`` with the --drift-* flags given: a limit flag sets its statistic's two levels, or with
+    ``none`` takes it off the watch list."""
+    changes = {key: given["drift_" + key] for key in ("window", "min_samples") if "drift_" + key in given}
+    watch = list(base.watch)
+    for name in STATISTICS:
+        if "drift_" + name not in given:
+            continue
+        limit = given["drift_" + name]
+        if limit is None:
+            watch = [w for w in watch if w != name]
+        else:
+            changes.update({name: limit[0], name + "_clear": limit[1]})
+            watch = watch if name in watch else [*watch, name]
+    return _replace(base, "drift", **changes, **({"watch": tuple(watch)} if watch != list(base.watch) else {}))
 
 
 def _engine(base: EngineSpec, given: dict[str, Any]) -> EngineSpec:
@@ -305,7 +324,8 @@ def spec_of(given: dict[str, Any], base: StationSpec | None = None) -> StationSp
             batching=_replace(base.batching, "batching", **batching),
             outputs=_replace(base.outputs, "outputs", **outputs),
             sources=_sources(base.sources, given), sinks=_sinks(base.sinks, given), http=_http(base.http, given),
-            parts=_parts(base.parts, given), opcua=_opcua(base.opcua, given), modbus=_modbus(base.modbus, given))
+            parts=_parts(base.parts, given), opcua=_opcua(base.opcua, given), modbus=_modbus(base.modbus, given),
+            drift=_drift(base.drift, given))
         return _replace(base, "", **{k: v for k, v in top.items() if v is not None}, **parts)
     except SpecError as err:  # a value that is refused with the others, e.g. two sources of one name
         raise CliError(_flag_message(err)) from None
@@ -322,8 +342,21 @@ def _log_to_stderr() -> None:
         logger.propagate = False
 
 
+def _misnamed_hint(given: dict[str, Any]) -> None:
+    """A --product that is a bundle folder made before the name rule: say which command makes it usable."""
+    from ..bundle import Bundle, misnamed_message
+    from ..names import is_valid_name
+
+    for product in given.get("product", ()):
+        if not is_valid_name(product) and "bundle" in given:
+            bundle = Bundle(given["bundle"], verify=False)
+            if product in bundle.misnamed_products():
+                raise CliError(misnamed_message(bundle, product))
+
+
 def run_serve(args: argparse.Namespace) -> int:
     given = {k: v for k, v in vars(args).items() if k not in NOT_FLAGS}
+    _misnamed_hint(given)
     config = getattr(args, "config", None)
     spec = spec_of(given, load_spec(config) if config else StationSpec())
     try:

@@ -1,5 +1,5 @@
 """``teach``, ``product versions``, ``product rollback``: operators' corrections as product versions
-(docs/teaching.md)."""
+(docs/service.md, "Verdicts, versions and drift")."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +9,7 @@ import sys
 
 from ..inputs import collect_inputs
 from . import common
+from .commands import Commands
 from .common import EXIT_OK, EXIT_SOME_FAILED, CliError, add_engine_options, add_scoring_options, progress, \
     report_failures
 
@@ -97,8 +98,8 @@ def _product_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--product", required=True, help="product name inside the bundle")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("teach", help="append good images (or the good verdicts of a review database) to a product's "
+def register(commands: Commands) -> None:
+    p = commands.add_parser("teach", help="append good images (or the good verdicts of a review database) to a product's "
                                      "references, re-calibrate, and make it a new live product version")
     _product_flags(p)
     p.add_argument("--review", default=None, help="the review database (SQLite) of `serve --http`: teach its good "
@@ -118,15 +119,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("images", nargs="*", help="good images: files, folders, globs")
     p.set_defaults(run=run_teach)
 
-    product = sub.add_parser("product", help="a product's versions: list them, roll back")
-    verbs = product.add_subparsers(dest="verb", required=True)
-    p = verbs.add_parser("versions", help="every version of a product, the live one marked *, damaged ones named")
-    _product_flags(p)
-    p.add_argument("--json", action="store_true", help="as JSON")
-    p.set_defaults(run=run_versions)
-    p = verbs.add_parser("rollback", help="make an earlier (or later) version live again")
-    _product_flags(p)
-    p.add_argument("--version", type=int, required=True, help="the version to serve")
-    p.add_argument("--operator", default=None, help="who rolls back (default: the user name)")
-    p.add_argument("--review", default=None, help="audit the rollback in this review database")
-    p.set_defaults(run=run_rollback)
+    def versions_args(p: argparse.ArgumentParser) -> None:
+        _product_flags(p)
+        p.add_argument("--json", action="store_true", help="as JSON")
+        p.set_defaults(run=run_versions)
+
+    def rollback_args(p: argparse.ArgumentParser) -> None:
+        _product_flags(p)
+        p.add_argument("--version", type=int, required=True, help="the version to serve")
+        p.add_argument("--operator", default=None, help="who rolls back (default: the user name)")
+        p.add_argument("--review", default=None, help="audit the rollback in this review database")
+        p.set_defaults(run=run_rollback)
+
+    commands.add("product versions", versions_args,
+                 help="every version of a product, the live one marked *, damaged ones named")
+    commands.add("product rollback", rollback_args, help="make an earlier (or later) version live again")

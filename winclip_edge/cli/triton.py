@@ -7,6 +7,7 @@ import sys
 import threading
 from pathlib import Path
 
+from .commands import Commands
 from .common import EXIT_OK, CliError, csv_ints
 
 
@@ -74,26 +75,32 @@ def run_triton_serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-triton", help="write a Triton Inference Server model repository for a bundle")
-    _repository_options(p)
-    p.add_argument("--out", required=True, help="repository folder (REPO/<name>/config.pbtxt + 1/model.*)")
-    p.add_argument("--platform", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
-                   help="Triton backend: onnxruntime (model.onnx, default) or tensorrt (model.plan from build-engine)")
-    p.add_argument("--plan", default=None,
-                   help="--platform tensorrt: the plan (default: the one build-engine cached in <bundle>/engines)")
-    p.add_argument("--instance-kind", choices=("auto", "gpu", "cpu"), default="auto",
-                   help="instance_group kind (default auto: gpu)")
-    p.set_defaults(run=run_export_triton)
+def register(commands: Commands) -> None:
+    def _export_args(p: argparse.ArgumentParser) -> None:
+        _repository_options(p)
+        p.add_argument("--out", required=True, help="repository folder (REPO/<name>/config.pbtxt + 1/model.*)")
+        p.add_argument("--platform", choices=("onnxruntime", "tensorrt"), default="onnxruntime",
+                       help="Triton backend: onnxruntime (model.onnx, default) or tensorrt (model.plan from build-engine)")
+        p.add_argument("--plan", default=None,
+                       help="--platform tensorrt: the plan (default: the one build-engine cached in <bundle>/engines)")
+        p.add_argument("--instance-kind", choices=("auto", "gpu", "cpu"), default="auto",
+                       help="instance_group kind (default auto: gpu)")
+        p.set_defaults(run=run_export_triton)
 
-    p = sub.add_parser("triton-serve", help="run a CPU Triton server for a bundle (PyTriton's tritonserver, "
-                                            "ONNX Runtime in Triton's Python backend)")
-    _repository_options(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP port (default 8000)")
-    p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001)")
-    p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
-    p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0 = default)")
-    p.add_argument("--log-file", default=None, help="tritonserver log file (default: in its temporary folder)")
-    p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default 0)")
-    p.set_defaults(run=run_triton_serve)
+    commands.add("triton export", _export_args, old="export-triton",
+                 help="write a Triton Inference Server model repository for a bundle")
+
+    def _serve_args(p: argparse.ArgumentParser) -> None:
+        _repository_options(p)
+        p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+        p.add_argument("--http-port", type=int, default=8000, help="KServe v2 HTTP port (default 8000)")
+        p.add_argument("--grpc-port", type=int, default=8001, help="KServe v2 gRPC port (default 8001)")
+        p.add_argument("--metrics-port", type=int, default=8002, help="Prometheus metrics port (default 8002)")
+        p.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per instance (0 = default)")
+        p.add_argument("--log-file", default=None, help="tritonserver log file (default: in its temporary folder)")
+        p.add_argument("--log-verbose", type=int, default=0, help="tritonserver --log-verbose level (default 0)")
+        p.set_defaults(run=run_triton_serve)
+
+    commands.add("triton serve", _serve_args, old="triton-serve",
+                 help="run a CPU Triton server for a bundle (PyTriton's tritonserver, ONNX Runtime in Triton's "
+                      "Python backend)")

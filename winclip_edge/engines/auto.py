@@ -6,7 +6,7 @@
 2. common fields given (``threads``, ``device``, ``engine_dir``): the tune winner when its backend takes them and
    names that device (the given values replace the row's), else the first backend in the default order
    (registry.BUILTINS, ONNX Runtime first) that does.
-3. else the engine ``winclip-edge tune`` found fastest and faithful on this machine, else ONNX Runtime fp32. With a
+3. else the engine ``winclip-edge engine tune`` found fastest and faithful on this machine, else ONNX Runtime fp32. With a
    precision (``EngineConfig(precision="fp32")``, ``--precision fp32``) it is the fastest engine of that precision
    ``tune`` accepted here -- for fp32 the fastest *exact* engine -- else ONNX Runtime at that precision.
 
@@ -87,9 +87,9 @@ def load_record(bundle: Bundle, key: str | None = None) -> dict:
         others = sorted(p.stem for p in (bundle.root / TUNING_DIR).glob("*.json"))
         elsewhere = f" (records exist for other machines/library versions: {', '.join(others)})" if others else ""
         raise BundleError(f"no tune record for this machine ({machine_identity()['cpu']}, key {path.stem}){elsewhere}")
-    record = read_checked_json(path, f"re-run `winclip-edge tune --bundle {bundle.root}`")
+    record = read_checked_json(path, f"re-run `winclip-edge engine tune --bundle {bundle.root}`")
     if record.get("format") != RECORD_FORMAT or record.get("visual_sha256") != bundle.manifest.files[VISUAL_ONNX]:
-        raise BundleError(f"{path} was measured with another visual.onnx or format; re-run `winclip-edge tune`")
+        raise BundleError(f"{path} was measured with another visual.onnx or format; re-run `winclip-edge engine tune`")
     return record
 
 
@@ -188,11 +188,11 @@ def select(bundle: Bundle, config: EngineConfig) -> Selection:
             head = f"{describe(fallback)}: the first backend that takes {_names(given, name)}"
             if row is not None:
                 return f"{head} (the tuned {row['backend']} {row['precision']} does not)"
-            return f"{head}; no tuned engine here ({error or f'`winclip-edge tune` accepted no {precision} engine'})"
+            return f"{head}; no tuned engine here ({error or f'`winclip-edge engine tune` accepted no {precision} engine'})"
         if error is not None:
-            return (f"{describe(fallback)}, {default}: {error}; `winclip-edge tune --bundle {bundle.root}` finds the "
+            return (f"{describe(fallback)}, {default}: {error}; `winclip-edge engine tune --bundle {bundle.root}` finds the "
                     "fastest faithful engine here")
-        return f"{describe(fallback)}, {default}: `winclip-edge tune` accepted no {precision} engine on this machine"
+        return f"{describe(fallback)}, {default}: `winclip-edge engine tune` accepted no {precision} engine on this machine"
 
     return _selection(fallback, None, fallback_reason)
 

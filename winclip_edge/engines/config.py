@@ -7,7 +7,7 @@ own options dataclass (``OnnxRuntimeOptions(provider="cuda")``, ``OpenVinoOption
 naming it, never silently ignored (registry.check_config).
 
 ``backend="auto"`` (the default, for Python as for the CLI) is resolved once, by ``engines.auto.select``: the backend
-whose ``options`` are given, else the winner ``winclip-edge tune`` recorded for this machine, else ONNX Runtime fp32.
+whose ``options`` are given, else the winner ``winclip-edge engine tune`` recorded for this machine, else ONNX Runtime fp32.
 So ``Inspector(bundle, product, engine=EngineConfig(precision="int8"))`` gets what ``--precision int8`` gives.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ class EngineConfig:
     precision: Optional[str] = None  # fp32 | bf16 | fp16 | int8; None = the backend's default (fp16 tensorrt, else fp32)
     threads: int = 0  # intra-op threads of a CPU backend; 0 = the library's default
     device: str = AUTO  # where the graph runs: auto | cpu | cuda | cuda:<i> | gpu | npu (each backend checks its own)
-    engine_dir: Optional[Path] = None  # where a backend keeps what it builds or caches (default <bundle>/engines)
+    engine_dir: Optional[Path] = None  # where a backend keeps what it builds or caches ($WINCLIP_ENGINE_DIR, else <bundle>/engines)
     options: Optional[Any] = None  # the backend's own options dataclass; None = its defaults
 
     def common_given(self) -> tuple[str, ...]:

@@ -136,7 +136,7 @@ def plan_path(engine_dir: str | Path, key: EngineKey) -> Path:
 def build_command(bundle_root: str | Path, precision: str, engine_dir: str | Path | None = None) -> str:
     """The command that makes the engine this device needs (quoted in every refusal)."""
     extra = f" --engine-dir {engine_dir}" if engine_dir is not None else ""
-    return f"winclip-edge build-engine --bundle {bundle_root} --precision {precision}{extra}"
+    return f"winclip-edge engine build --bundle {bundle_root} --precision {precision}{extra}"
 
 
 def save_engine(engine_dir: str | Path, key: EngineKey, plan: bytes, build: dict) -> Path:

@@ -1,7 +1,7 @@
 """Where the ONNX Runtime backend finds a lower-precision copy of the visual graph (or of the text encoder's
 graph, winclip_edge/text_encoder.py), and how it trusts it.
 
-    bundle/variants/visual.<p>.onnx    made by ``winclip-edge quantize`` (winclip_edge/builders/variants.py)
+    bundle/variants/visual.<p>.onnx    made by ``winclip-edge engine quantize`` (winclip_edge/builders/variants.py)
     bundle/variants/visual.<p>.json    how it was made, its sha256 and the sha256 of the visual.onnx it came from
     bundle/variants/text.<p>.onnx|json the same for text.onnx
 
@@ -61,7 +61,7 @@ def load_variant(bundle: Bundle, precision: str, graph: str = "visual") -> Path:
     if precision == "fp32":
         return path
     option = "" if graph == "visual" else f" --graph {graph}"
-    make = f"`winclip-edge quantize --bundle {bundle.root}{option} --precision {precision}`"
+    make = f"`winclip-edge engine quantize --bundle {bundle.root}{option} --precision {precision}`"
     side = sidecar_path(bundle, precision, graph)
     if not side.is_file() or not path.is_file():
         raise VariantError(f"bundle {bundle.root} has no {precision} variant ({path} missing); create it with {make}")

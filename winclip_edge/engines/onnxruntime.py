@@ -8,8 +8,10 @@ ONNX Runtime's TensorRT provider builds a TensorRT engine when a session starts 
 configured like ``build-engine``: fp16 is TensorRT's own flag on the fp32 graph (``trt_fp16_enable``; the ONNX fp16
 variant is for the CUDA provider), one optimisation profile over the batch axis (``trt_profile_*_shapes``: a
 later, larger batch does not rebuild the engine; larger batches are split), and its engine and timing caches
-under the engine folder (``--engine-dir``, default ``<bundle>/engines``). int8 needs TensorRT's own calibration:
-that is the native backend's (``build-engine --precision int8``).
+in ``onnxruntime-tensorrt-<machine key>/`` under the engine folder (``--engine-dir``, default ``<bundle>/engines``):
+ONNX Runtime asks for them to be cleaned when its, TensorRT's or the GPU's version changes, so they are keyed by the
+machine and bounded like the other caches (caches.py). int8 needs TensorRT's own calibration: that is the native
+backend's (``build-engine --precision int8``).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..contract import INPUT_NAME, check_io, output_names
+from . import caches
 from .base import EngineError
 from .cache_dir import engine_dir
 from .config import EngineConfig
@@ -32,7 +35,6 @@ from .registry import BackendRecord, option
 # Preference order for provider="auto". ONNX Runtime's TensorRT provider is used only when asked for: it
 # builds an engine when a session starts (minutes for ViT-B), so it needs its engine cache (below).
 AUTO_PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
-ORT_TRT_CACHE = "onnxruntime-tensorrt"  # inside the engine folder (<bundle>/engines or --engine-dir)
 ORT_TRT_MAX_BATCH = 8  # the profile's maximum when OnnxRuntimeOptions.max_batch is not set (the runtime's default --batch)
 CPU_PROVIDER = "CPUExecutionProvider"
 CUDA_PROVIDER = "CUDAExecutionProvider"
@@ -79,6 +81,7 @@ class OnnxRuntimeEngine:
         threads, precision = config.threads, config.precision or "fp32"
         wanted = execution_provider(opts.provider, config.device)
         self.max_batch: int | None = None  # set with the TensorRT provider: larger batches are split
+        trt_cache = None  # with the TensorRT provider: its cache folder, whether it is new, the bound
         if model_path is None and precision != "fp32" and wanted != TRT_PROVIDER:
             model_path = load_variant(bundle, precision)
         try:
@@ -96,15 +99,20 @@ class OnnxRuntimeEngine:
             if wanted == CUDA_PROVIDER:
                 providers[0] = (wanted, {"device_id": gpu_index(config.device)})
             if wanted == TRT_PROVIDER:
-                providers[0] = (wanted, tensorrt_provider_options(bundle, config))
+                trt_cache = tensorrt_cache(bundle, config)
+                providers[0] = (wanted, tensorrt_provider_options(bundle, config, trt_cache[0]))
                 self.max_batch = opts.max_batch or ORT_TRT_MAX_BATCH
                 if CUDA_PROVIDER in available:  # for the nodes TensorRT does not take
                     providers.insert(1, (CUDA_PROVIDER, {"device_id": gpu_index(config.device)}))
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        if threads:
-            options.intra_op_num_threads = threads
-        path = str(model_path or bundle.onnx_path)
+
+        def session_options():
+            options = ort.SessionOptions()
+            options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if threads:
+                options.intra_op_num_threads = threads
+            return options
+
+        options, path = session_options(), str(model_path or bundle.onnx_path)
         self.graph_cache = None
         if model_path is None and providers == [CPU_PROVIDER]:  # the fp32 graph on the CPU: cached optimised
             from .ort_cache import OptimizedGraphCache
@@ -112,11 +120,25 @@ class OnnxRuntimeEngine:
             self.graph_cache = OptimizedGraphCache(bundle, config)
             path = self.graph_cache.prepare(options)
         try:
-            self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+            try:
+                self.session = ort.InferenceSession(path, sess_options=options, providers=providers)
+            except Exception:
+                if self.graph_cache is None:
+                    raise
+                # the cache went mid-start (another process's bound removed this key's folder): run without it
+                self.graph_cache.abandon()
+                self.graph_cache, path = None, str(bundle.onnx_path)
+                self.session = ort.InferenceSession(path, sess_options=session_options(), providers=providers)
         except Exception as err:
             raise EngineError(f"ONNX Runtime cannot load {path}: {err}") from None
         if self.graph_cache is not None:
             self.graph_cache.commit()
+        if trt_cache is not None:  # the TensorRT provider built its engine into a new folder, or reused one
+            folder, fresh, bound = trt_cache
+            if fresh:
+                caches.prune(folder.parent, caches.ORT_TENSORRT, bound)
+            else:
+                caches.touch(folder)
         self.device = self.session.get_providers()[0]  # the provider actually in use, not the one asked for
         inputs = {i.name: tuple(i.shape) for i in self.session.get_inputs()}
         outputs = {o.name: tuple(o.shape) for o in self.session.get_outputs()}
@@ -143,21 +165,34 @@ def gpu_index(device: str) -> int:
     return int(match.group(1) or 0)
 
 
-def tensorrt_provider_options(bundle: Bundle, config: EngineConfig) -> dict:
-    """ONNX Runtime TensorRT provider options for ``config``: precision flag, batch profile, engine + timing caches."""
-    precision = config.precision or "fp32"
-    if precision not in ("fp32", "fp16"):
-        raise EngineError(f"ONNX Runtime's TensorRT provider runs fp32 or fp16 here, not {precision}: TensorRT int8 needs "
-                          f"its own calibration; use `winclip-edge build-engine --bundle {bundle.root} --precision int8 "
-                          "--calibration-images DIR` and --backend tensorrt")
-    folder = engine_dir(bundle, config.engine_dir) / ORT_TRT_CACHE
+def tensorrt_cache(bundle: Bundle, config: EngineConfig) -> tuple[Path, bool, caches.CacheBound]:
+    """The TensorRT provider's cache folder for this machine, made (-> folder, fresh: it was new or empty, the engine
+    is about to be built; the bound); refused where it cannot be written: without it every start builds the engine."""
+    _check_trt_precision(bundle, config.precision or "fp32")
+    bound = caches.CacheBound.from_env()
+    folder = caches.folder_for(engine_dir(bundle, config.engine_dir), caches.ORT_TENSORRT)
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder, fresh = caches.make_folder(folder.parent, caches.ORT_TENSORRT, bound)
         if not os.access(folder, os.W_OK):
             raise PermissionError(f"no write permission on {folder}")
     except OSError as err:
         raise EngineError(f"ONNX Runtime's TensorRT provider cannot keep its engine cache in {folder} ({err.strerror or err}); "
                           "pass --engine-dir DIR (a writable folder) when the bundle is read-only") from None
+    return folder, fresh, bound
+
+
+def _check_trt_precision(bundle: Bundle, precision: str) -> None:
+    if precision not in ("fp32", "fp16"):
+        raise EngineError(f"ONNX Runtime's TensorRT provider runs fp32 or fp16 here, not {precision}: TensorRT int8 needs "
+                          f"its own calibration; use `winclip-edge engine build --bundle {bundle.root} --precision int8 "
+                          "--calibration-images DIR` and --backend tensorrt")
+
+
+def tensorrt_provider_options(bundle: Bundle, config: EngineConfig, folder: Path) -> dict:
+    """ONNX Runtime TensorRT provider options for ``config``: precision flag, batch profile, engine + timing caches
+    in ``folder`` (:func:`tensorrt_cache`)."""
+    precision = config.precision or "fp32"
+    _check_trt_precision(bundle, precision)
     h, w = bundle.spec.image_size
     opts = config.options if config.options is not None else OnnxRuntimeOptions()
     max_batch = opts.max_batch or ORT_TRT_MAX_BATCH

@@ -2,7 +2,7 @@
 
 Precisions: ``fp32`` | ``bf16`` | ``fp16`` set OpenVINO's ``INFERENCE_PRECISION_HINT`` on the fp32 graph (the
 device computes in that type, LayerNorm and softmax accumulate in fp32 inside OpenVINO's kernels); ``int8``
-runs the NNCF post-training-quantised copy made by ``winclip-edge quantize --backend openvino`` (or
+runs the NNCF post-training-quantised copy made by ``winclip-edge engine quantize --backend openvino`` (or
 ``tune``), stored in ``bundle/variants/`` and verified like the ONNX variants (openvino_model.py).
 
 A precision the device would silently replace (bf16 on a CPU without AVX512-BF16/AMX, fp16 on a CPU, which
@@ -10,7 +10,8 @@ OpenVINO runs as bf16 or fp32) is refused with the reason, so a name always mean
 
 The compiled model is cached (OpenVINO's ``CACHE_DIR``) under ``<engine_dir or bundle/engines>/openvino-<machine
 key>``: a second start on the same machine and library versions loads the compiled blob instead of reading
-and optimising the ONNX graph. A read-only bundle simply runs without the cache.
+and optimising the ONNX graph. A read-only bundle simply runs without the cache; the folders of other machine keys
+are bounded (caches.py).
 
 ``device``: auto (the CPU) | cpu | gpu | gpu.<i> | npu. ``OpenVinoOptions.performance_hint``: ``latency`` (one
 request uses every core: batch 1 on a line) or ``throughput`` (OpenVINO's streams; the images of a batch run as
@@ -27,18 +28,18 @@ import numpy as np
 
 from ..bundle import Bundle
 from ..contract import INPUT_NAME, output_names
+from . import caches
 from .base import EngineError
 from .cache_dir import engine_dir
 from .config import EngineConfig
 from .onnx_variants import VariantError
 from .openvino_model import PIP, check_compiled, int8_paths, load_int8
-from .registry import BackendRecord, installed, machine_key, option
+from .registry import BackendRecord, installed, option
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "fp16", "int8")
 PERFORMANCE_HINTS = ("latency", "throughput")
 _HINT_TYPE = {"fp32": "f32", "bf16": "bf16", "fp16": "f16", "int8": "f32"}  # int8: the ops NNCF left float
 DEVICE_ALIASES = {"auto": "CPU", "cpu": "CPU", "gpu": "GPU", "npu": "NPU"}
-CACHE_PREFIX = "openvino-"
 
 
 @dataclass(frozen=True)
@@ -50,14 +51,14 @@ class OpenVinoOptions:
                                         "in parallel; default latency)")
 
 
-def cache_dir(bundle: Bundle, config: EngineConfig) -> Path | None:
-    """OpenVINO's compiled-model cache folder for this machine, or None where it cannot be written."""
-    folder = engine_dir(bundle, config.engine_dir) / f"{CACHE_PREFIX}{machine_key()}"
+def cache_dir(bundle: Bundle, config: EngineConfig, bound: caches.CacheBound | None = None) -> tuple[Path | None, bool]:
+    """OpenVINO's compiled-model cache folder for this machine (None where it cannot be written) and whether it is
+    new or empty (the compiled model is about to be written into it)."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder, fresh = caches.make_folder(engine_dir(bundle, config.engine_dir), caches.OPENVINO, bound)
     except OSError:
-        return None
-    return folder if os.access(folder, os.W_OK) else None
+        return None, False
+    return (folder, fresh) if os.access(folder, os.W_OK) else (None, False)
 
 
 class OpenVinoEngine:
@@ -84,13 +85,26 @@ class OpenVinoEngine:
         props = {"PERFORMANCE_HINT": hint.upper(), "INFERENCE_PRECISION_HINT": _HINT_TYPE[precision]}
         if config.threads:
             props["INFERENCE_NUM_THREADS"] = int(config.threads)
-        self.cache = cache_dir(bundle, config)
+        bound = caches.CacheBound.from_env()
+        self.cache, fresh = cache_dir(bundle, config, bound)
         if self.cache is not None:
             props["CACHE_DIR"] = str(self.cache)
         try:  # compiling from the path lets a cache hit skip reading and optimising the graph
-            self.compiled = core.compile_model(str(path), device, props)
+            try:
+                self.compiled = core.compile_model(str(path), device, props)
+            except Exception:
+                if self.cache is None:
+                    raise
+                # the cache folder went mid-start (another process's bound) and cannot be remade: run without it
+                self.cache = None
+                self.compiled = core.compile_model(str(path), device, {k: v for k, v in props.items() if k != "CACHE_DIR"})
         except Exception as err:
             raise EngineError(f"OpenVINO cannot compile {path} for {device}: {err}") from None
+        if self.cache is not None:
+            if fresh:
+                caches.prune(self.cache.parent, caches.OPENVINO, bound)  # with the new blob's size (the size cap)
+            else:
+                caches.touch(self.cache)
         runs = self.compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # f32 | bf16 | f16
         if runs != _HINT_TYPE[precision]:
             raise EngineError(f"OpenVINO on {device} would run {precision} as {runs} here (no {precision} kernels "

@@ -31,7 +31,7 @@ def int8_paths(bundle: Bundle) -> tuple[Path, Path, Path]:
 def load_int8(bundle: Bundle) -> Path:
     """The verified int8 IR (.xml) of the bundle; refused when missing, damaged or made from another graph."""
     xml, weights, side = int8_paths(bundle)
-    make = f"`winclip-edge quantize --bundle {bundle.root} --backend openvino --precision int8`"
+    make = f"`winclip-edge engine quantize --bundle {bundle.root} --backend openvino --precision int8`"
     if not (xml.is_file() and weights.is_file() and side.is_file()):
         raise VariantError(f"bundle {bundle.root} has no OpenVINO int8 model ({xml} missing); create it with {make}")
     meta = read_checked_json(side)

@@ -8,7 +8,7 @@ machine (registry.machine_key: CPU model + ISA flags, library versions) and by t
     <engine_dir or bundle/engines>/onnxruntime-cpu-<machine key>/visual-<sha16>.opt.onnx   (+ .json: its sha256)
 
 It is verified by sha256 on load like every bundle file; anything missing, stale or damaged is simply rebuilt,
-and a read-only bundle runs without the cache.
+and a read-only bundle runs without the cache. The folders of other machine keys are bounded (caches.py).
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from typing import Any
 
 from ..bundle import VISUAL_ONNX, Bundle, BundleError, json_with_checksum, read_checked_json
 from ..fileio import atomic_write_json, fsync_dir, sha256_file
+from . import caches
 from .cache_dir import engine_dir
 from .config import EngineConfig
 from .registry import machine_key
 
-PREFIX = "onnxruntime-cpu-"
 SHA_DIGITS = 16
 
 
@@ -30,7 +30,9 @@ class OptimizedGraphCache:
     def __init__(self, bundle: Bundle, config: EngineConfig):
         self.source = bundle.onnx_path
         self.source_sha256 = bundle.manifest.files[VISUAL_ONNX]
-        folder = engine_dir(bundle, config.engine_dir) / f"{PREFIX}{machine_key()}"
+        self.engine_dir = engine_dir(bundle, config.engine_dir)
+        self.bound = caches.CacheBound.from_env()  # read on every start, so a bad value is reported every time
+        folder = caches.folder_for(self.engine_dir, caches.ORT_CPU)
         self.path = folder / f"visual-{self.source_sha256[:SHA_DIGITS]}.opt.onnx"
         self.sidecar = self.path.with_suffix(".json")
         self.pending: Path | None = None
@@ -41,9 +43,9 @@ class OptimizedGraphCache:
             return False
         try:
             meta = read_checked_json(self.sidecar)
-        except BundleError:
+            return meta.get("source_sha256") == self.source_sha256 and sha256_file(self.path) == meta.get("file_sha256")
+        except (BundleError, OSError):  # damaged, or removed meanwhile (the bound of another process's key)
             return False
-        return meta.get("source_sha256") == self.source_sha256 and sha256_file(self.path) == meta.get("file_sha256")
 
     def prepare(self, options: Any) -> str:
         """The graph to load: the verified cached one (optimisation then off), or the source with ``options`` set to
@@ -52,10 +54,11 @@ class OptimizedGraphCache:
 
         if self._valid():
             self.hit = True
+            caches.touch(self.path.parent)
             options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
             return str(self.path)
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            caches.make_folder(self.engine_dir, caches.ORT_CPU, self.bound)
         except OSError:
             return str(self.source)
         if os.access(self.path.parent, os.W_OK):
@@ -64,13 +67,25 @@ class OptimizedGraphCache:
             options.log_severity_level = 3  # its "hardware specific" warning is why the file is keyed by machine
         return str(self.source)
 
+    def abandon(self) -> None:
+        """The session could not start with the cache: forget it (and the graph it may have begun to save)."""
+        if self.pending is not None:
+            self.pending.unlink(missing_ok=True)
+            self.pending = None
+        self.hit = False
+
     def commit(self) -> None:
         """Publish the optimised graph saved by the session (atomically, sidecar last)."""
-        if self.pending is None or not self.pending.is_file():
+        pending, self.pending = self.pending, None
+        if pending is None or not pending.is_file():
             return
-        sha = sha256_file(self.pending)
-        os.replace(self.pending, self.path)
-        fsync_dir(self.path.parent)
-        atomic_write_json(self.sidecar, json_with_checksum({"source": VISUAL_ONNX, "source_sha256": self.source_sha256,
-                                                            "file_sha256": sha, "machine_key": machine_key()}))
-        self.pending = None
+        try:
+            sha = sha256_file(pending)
+            os.replace(pending, self.path)
+            fsync_dir(self.path.parent)
+            atomic_write_json(self.sidecar, json_with_checksum({"source": VISUAL_ONNX, "source_sha256": self.source_sha256,
+                                                                "file_sha256": sha, "machine_key": machine_key()}))
+        except OSError:  # the folder went meanwhile (another key's bound) or the disk is full: this start runs as is
+            pending.unlink(missing_ok=True)
+            return
+        caches.prune(self.engine_dir, caches.ORT_CPU, self.bound)  # again, with this cache's size (the size cap)

@@ -147,7 +147,7 @@ def check_engine_io(spec: GraphSpec, table: dict[str, TensorInfo], where: str) -
         expected = np.dtype(INPUT_DTYPE) if tensor.is_input else np.dtype(OUTPUT_DTYPE)
         if tensor.dtype != expected:
             raise ContractError(f"{where}: tensor '{name}' has dtype {tensor.dtype}, the contract says {expected}; "
-                                "rebuild the engine with `winclip-edge build-engine`")
+                                "rebuild the engine with `winclip-edge engine build`")
 
 
 @dataclass
@@ -187,7 +187,7 @@ class _DeviceMemory:
 
 
 class TensorRTEngine:
-    """Runs the bundle's visual graph with a TensorRT plan built on this device by ``winclip-edge build-engine``.
+    """Runs the bundle's visual graph with a TensorRT plan built on this device by ``winclip-edge engine build``.
 
     ``precision``: which cached plan to load (fp32 | fp16 | int8; default fp16). ``engine_dir``: where plans are cached
     (default ``<bundle>/engines``). ``TensorRTOptions.max_batch``: pick the plan with this profile maximum (default:
@@ -215,7 +215,7 @@ class TensorRTEngine:
         self.engine = self._runtime.deserialize_cuda_engine(cached.plan.read_bytes())
         if self.engine is None:
             raise EngineError(f"TensorRT {trt.__version__} cannot deserialise {cached.plan} (messages above); "
-                              f"delete it and rebuild it with `winclip-edge build-engine --bundle {bundle.root}`")
+                              f"delete it and rebuild it with `winclip-edge engine build --bundle {bundle.root}`")
         table = io_table(self.engine, trt)
         check_engine_io(self.spec, table, where=str(cached.plan))
         self.max_batch = int(self.engine.get_tensor_profile_shape(INPUT_NAME, PROFILE_INDEX)[2][0])

@@ -69,7 +69,7 @@ class TorchEngine:
         device, precision, cuda_graphs = config.device, config.precision or "fp32", options.cuda_graphs
         if precision not in TORCH_PRECISIONS:
             raise EngineError(f"the torch backend runs precision {TORCH_PRECISIONS}, got {precision!r}; "
-                              "int8 is an ONNX Runtime variant (`winclip-edge quantize`, then --backend onnxruntime)")
+                              "int8 is an ONNX Runtime variant (`winclip-edge engine quantize`, then --backend onnxruntime)")
         try:
             import torch
 

@@ -138,7 +138,7 @@ class TritonEngine:
         try:
             ready = self._call("model ready check", self.client.is_model_ready, self.model)
         except EngineError as err:
-            raise EngineError(f"{err}: server not reachable or not answering; start it (winclip-edge triton-serve --bundle "
+            raise EngineError(f"{err}: server not reachable or not answering; start it (winclip-edge triton serve --bundle "
                               f"{bundle.root}, or Triton on the export-triton repository) or fix --triton-url") from None
         if not ready:
             raise EngineError(f"{self.where} is not ready (unknown name: see --triton-model; or not loaded, or "
@@ -159,7 +159,7 @@ class TritonEngine:
         self.max_batch = int(config.get("max_batch_size", 0))
         if self.max_batch < 1:
             raise ContractError(f"{self.where}: max_batch_size {self.max_batch}; the batch axis must be Triton's "
-                                "(re-create it with winclip-edge export-triton)")
+                                "(re-create it with winclip-edge triton export)")
         parameters = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
         check_parameters(bundle, parameters, self.where)
         self.device = f"triton {self.protocol}://{self.url} '{self.model}' ({meta.get('platform', '?')}, " \

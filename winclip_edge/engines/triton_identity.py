@@ -37,11 +37,11 @@ def check_parameters(bundle: Bundle, parameters: dict[str, str], where: str) -> 
     """Refuse (one line) a server model made from other weights or another contract than ``bundle``."""
     expected = model_parameters(bundle)
     if WEIGHTS_ID not in parameters:
-        raise ContractError(f"{where} has no '{WEIGHTS_ID}' parameter: not made by `winclip-edge export-triton`; "
+        raise ContractError(f"{where} has no '{WEIGHTS_ID}' parameter: not made by `winclip-edge triton export`; "
                             "serve the repository export-triton writes for this bundle")
     for key, what in ((WEIGHTS_ID, "weights"), (CONTRACT, "graph contract")):
         got = parameters.get(key, "")
         if got != expected[key]:
             raise ContractError(f"{where} was made from other {what} ({key} {got[:16]}, this bundle's is "
-                                f"{expected[key][:16]}); serve this bundle (winclip-edge export-triton --bundle "
+                                f"{expected[key][:16]}); serve this bundle (winclip-edge triton export --bundle "
                                 f"{bundle.root}) or point --triton-model at the model made from it")

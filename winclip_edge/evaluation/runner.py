@@ -250,7 +250,7 @@ def ensure_products(bundle: Bundle, class_names: Sequence[str], prompts: str, sh
         if style != prompts:
             raise EvaluationError(
                 f"product {product!r} in {bundle.root} has prompt style {style!r}, eval --prompts {prompts} needs "
-                f"{prompts!r}; re-encode it: winclip-edge add-product --bundle {bundle.root} {product} "
+                f"{prompts!r}; re-encode it: winclip-edge product add --bundle {bundle.root} {product} "
                 f"--prompt-style {prompts} --force"
             )
     if not missing:
@@ -262,7 +262,7 @@ def ensure_products(bundle: Bundle, class_names: Sequence[str], prompts: str, sh
         raise EvaluationError(
             f"bundle {bundle.root} has no text prototypes for {[p for _, p in missing]}; encoding them needs the "
             f"export extras ({err}): pip install 'winclip-edge[export]', or add them on the export machine with "
-            f"`winclip-edge add-product --bundle {bundle.root} PRODUCT --prompt-style {prompts}`"
+            f"`winclip-edge product add --bundle {bundle.root} PRODUCT --prompt-style {prompts}`"
         ) from None
     log(f"encoding {prompts} prompts for {[p for _, p in missing]} into {bundle.root}")
     loaded = load_from_manifest(bundle.manifest)

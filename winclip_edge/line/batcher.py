@@ -7,6 +7,10 @@ many sources runs in parallel with the engine) and queues it; the worker closes 
 of ``inspect`` on the same batch) and resolves each job's future. Nothing raises out of a job: an unreadable
 image or a failing engine call becomes an error result for the jobs concerned, and the worker goes on with
 the next batch.
+
+A batch is scored by one Inspector, read once per batch: assigning ``batcher.inspector`` (a reload, a teach, a
+rollback) switches between batches, never inside one, and each job is told what decided it (``Job.ids``: the
+model, memory, threshold and product version of that Inspector), so its row names the version that scored it.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ import numpy as np
 
 from ..errors import WinclipError
 from ..inspector import InspectionResult, decode
+from ..rows import ModelIds
 
 if TYPE_CHECKING:
     from ..inspector import Inspector, Decoded
@@ -38,15 +43,17 @@ class BatcherFull(WinclipError, RuntimeError):
 class Job:
     """One image to inspect: an already-decoded RGB uint8 ``image`` or a file ``path`` (read by ``submit``).
 
-    ``metadata`` travels with the job (source, frame index, capture time ...): the caller keeps the job beside
-    its future; the batcher adds ``inspector``, the one that scored it (which product files decided, across a
-    reload). ``keep_image`` keeps the decoded image on the result (for overlays)."""
+    ``metadata`` travels with the job untouched (source, frame index, capture time ...): the caller keeps
+    the job beside its future. ``keep_image`` keeps the decoded image on the result (for overlays). ``ids`` is
+    set by the batcher before the future resolves: the ModelIds (winclip_edge/rows.py) of the Inspector that
+    scored it."""
 
     name: str
     image: np.ndarray | None = None
     path: str | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     keep_image: bool = False
+    ids: ModelIds | None = None
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class Batcher:
         self._closed = False
         self._counts = {"submitted": 0, "completed": 0, "errors": 0, "cancelled": 0, "batches": 0}
         self._batch_sizes: dict[int, int] = {}
+        self._ids: tuple[Any, ModelIds] | None = None  # (an Inspector, its ids): read once per Inspector
         self._worker = threading.Thread(target=self._run, name="winclip-batcher", daemon=True)
         self._worker.start()
 
@@ -172,24 +180,30 @@ class Batcher:
             if live:
                 self._process(live)
 
+    def _ids_of(self, inspector: "Inspector") -> ModelIds:
+        if self._ids is None or self._ids[0] is not inspector:
+            self._ids = (inspector, ModelIds.of(inspector))
+        return self._ids[1]
+
     def _process(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
-        inspector = self.inspector  # read once: a reload swaps it between batches, never inside one
+        inspector = self.inspector  # once: the whole batch is scored by this one (see the module docstring)
         try:
             results = inspector.inspect_decoded([p.decoded for p in batch],
                                                 keep_images=any(p.job.keep_image for p in batch))
         except Exception as err:  # the engine failed: these jobs get error results, the next batch still runs
             results = [InspectionResult(path=p.job.name, error=f"{p.job.name}: engine failed: {type(err).__name__}: {err}")
                        for p in batch]
+        ids = self._ids_of(inspector)
         with self._cond:
             self._counts["batches"] += 1
             self._counts["completed"] += len(batch)
             self._counts["errors"] += sum(r.error is not None for r in results)
             self._batch_sizes[len(batch)] = self._batch_sizes.get(len(batch), 0) + 1
         for p, result in zip(batch, results):
-            p.job.metadata["inspector"] = inspector  # which product files decided it (the row's ids)
             result.path = p.job.name
             result.timings_ms["queue"] = (started - p.enqueued) * 1e3
             if not p.job.keep_image:
                 result.image = None
+            p.job.ids = ids
             p.future.set_result(result)

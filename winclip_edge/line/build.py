@@ -18,17 +18,20 @@ from ..bundle import Bundle
 from ..catalog import Catalog
 from ..engines.config import AUTO
 from ..tiles.overrides import resolve_tiling
+from .alerts import mqtt_alert_sinks
 from .batcher import Batcher
 from .controller import StationController
+from .drift_watch import DriftWatch
 from .health import EngineWatch, watch
 from .plugins import SinkContext
 from .registry import check_requirements, resolve_source, sink_plugin, sink_plugins, source_plugins
 from .spec import HttpSpec, OpcuaSpec, SinkSpec, StationSpec, engine_config
-from .station import Station, StationConfig
+from .station import SPOOL, Station, StationConfig
 
 log = logging.getLogger("winclip_edge.line")
 
 TOKEN_ENV = "WINCLIP_TOKEN"
+TOKENS_ENV = "WINCLIP_TOKENS"  # named tokens (service/auth.py)
 SERVE_MODULES = ("fastapi", "uvicorn", "multipart", "prometheus_client")
 PLC_MODULES = ("asyncua",)
 OPCUA_FOLDER = "opcua"  # OUT/opcua: the self-signed server certificate, made once
@@ -36,14 +39,27 @@ PROBE_S = 2.0  # a failed engine is tried with one small call this often while n
 
 
 def http_config(spec: HttpSpec, environ: Mapping[str, str] = os.environ) -> Any:
-    """The HttpConfig of ``[http]`` (the token from WINCLIP_TOKEN when the spec has none), checked: an unsafe bind
-    or a missing serve extra is refused here, before the engine loads."""
+    """The HttpConfig of ``[http]`` (the token from WINCLIP_TOKEN when the spec has none; named tokens from
+    ``token_file`` and WINCLIP_TOKENS), checked: an unsafe bind, an unreadable token file or a missing serve extra is
+    refused here, before the engine loads."""
     from ..service import HttpConfig, ServiceError
+    from ..service.auth import DEFAULT_NAME, load_token_file, tokens_from_env
 
     host, port = spec.host_port
     token = spec.token if spec.token is not None else environ.get(TOKEN_ENV) or None
-    config = HttpConfig(host=host, port=port, token=token, insecure=spec.insecure, max_upload_mb=spec.max_upload_mb,
-                        keep_results=spec.keep_results, result_timeout_s=spec.request_timeout)
+    tokens = (load_token_file(spec.token_file) if spec.token_file else ()) + tokens_from_env(dict(environ))
+    names = [t.name for t in tokens] + ([DEFAULT_NAME] if token is not None else [])
+    secrets = [t.token for t in tokens] + ([token] if token is not None else [])
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ServiceError(f"the token name {twice[0]!r} is given twice (token file, {TOKENS_ENV}, and "
+                           f"{TOKEN_ENV} = {DEFAULT_NAME!r}): give every name once")
+    if len(set(secrets)) != len(secrets):
+        raise ServiceError("two token names share one token (token file, WINCLIP_TOKENS, WINCLIP_TOKEN): give every "
+                           "name its own token, so that a verdict names one person")
+    config = HttpConfig(host=host, port=port, token=token, tokens=tokens, insecure=spec.insecure,
+                        max_upload_mb=spec.max_upload_mb, keep_results=spec.keep_results,
+                        result_timeout_s=spec.request_timeout)
     config.check()
     missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
@@ -69,7 +85,11 @@ def opcua_config(spec: OpcuaSpec, out: str) -> Any:
 
 
 class LineStation:
-    """A wired station: :meth:`run` until ``stop`` is set (or its finite sources ended), then everything is closed."""
+    """A wired station: :meth:`run` until ``stop`` is set (or its finite sources ended), then everything is closed.
+
+    ``drift`` watches every product's decisions (sources and HTTP) and verdicts; a face that shows alerts (the OPC UA
+    server, a plugin) appends a callable to ``drift.on_alert`` before :meth:`run`. Every MQTT sink also publishes
+    them (line/alerts.py)."""
 
     def __init__(self, spec: StationSpec, catalog: Catalog, batchers: dict[str, Batcher], station: Station,
                  http: Any, controller: StationController | None = None, opcua: Any = None,
@@ -78,11 +98,19 @@ class LineStation:
         self.controller = controller or StationController()
         self.controller.attach(self)
         self.opcua, self.triggers, self.watch = opcua, triggers, engine_watch
+        self.drift = DriftWatch(catalog, spec.drift.window, spec.drift.limits(), station.config.station)
+        self.station.on_row.append(self.drift.observe)
         self.service: Any = None
+        self.alert_sinks: list[Any] = []
         self._closed = False
         self._done = threading.Event()
         if opcua is not None:
             station.on_row.append(opcua.publish)  # one result event per row, in the order written
+
+    def _decided(self, row: dict) -> None:
+        """An HTTP decision: counted with the sources' and watched for drift."""
+        self.station.count(row)
+        self.drift.observe(row)
 
     def start_line(self) -> str:
         """What runs, in one line: every product served, the engine, the sources (and what they inspect), the sinks."""
@@ -97,7 +125,8 @@ class LineStation:
              self.triggers is not None)) if on)
         deadline = f"deadline {parts.deadline_ms:g} ms (on timeout {parts.on_timeout})" if parts.deadline_ms else \
             "no deadline"
-        return (f"station {station.config.station}: products {products} on {catalog.engine.name} "
+        named = "" if self.spec.station is not None else " (named after the host: --station or station = \"...\" to choose)"
+        return (f"station {station.config.station}{named}: products {products} on {catalog.engine.name} "
                 f"({catalog.engine.device}); sources {sources + ' -> ' + catalog.products[0] if sources else 'none'}; "
                 f"sinks {', '.join(s.name for s in station.sinks) or 'none'}; parts: views "
                 f"{', '.join(station.views)}, {deadline}, "
@@ -118,12 +147,18 @@ class LineStation:
 
     def run(self, stop: threading.Event) -> None:
         try:
+            outputs = self.spec.outputs
+            self.alert_sinks = mqtt_alert_sinks(self.spec.sinks, SinkContext(self.station.config.station,
+                                                                             tuple(self.spec.products)),
+                                                self.station.out / SPOOL, outputs.spool_max)
+            for sink in self.alert_sinks:
+                self.drift.on_alert.append(lambda alert, sink=sink: sink.put(alert))
             if self.http is not None:
                 from ..service import start_http
 
                 self.service = start_http(self.http, self.catalog, self.batchers, self.station.out,
                                           station=self.station.config.station, station_stats=self.station.stats,
-                                          on_decision=self.station.count)
+                                          on_decision=self._decided, drift=self.drift)
                 service = self.service
                 service.context.trigger = self.controller.trigger
                 service.context.upload_part = self.station.upload
@@ -156,6 +191,8 @@ class LineStation:
             self.service.stop()
         for batcher in self.batchers.values():
             batcher.close(drain=True)
+        for sink in self.alert_sinks:
+            sink.close(self.spec.outputs.flush_timeout)
         self.catalog.close()
         if self.opcua is not None:
             self.opcua.stop()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from dataclasses import dataclass
-from typing import Deque
+from typing import Any, Deque
 
 import numpy as np
 
@@ -27,6 +27,11 @@ class Frame:
     image: np.ndarray | None = None  # RGB uint8 (video sources)
     path: str | None = None  # hot-folder file
     sha256: str | None = None
+
+    def row_fields(self) -> dict[str, Any]:
+        """Fields of the decision row only the frame knows (a camera's frame id and timestamp: genicam.py's
+        CameraFrame); none for a plain frame."""
+        return {}
 
 
 class FrameBuffer:

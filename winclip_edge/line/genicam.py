@@ -28,7 +28,9 @@ from typing import Any, Callable, Deque, Iterable, Mapping, Union
 
 import numpy as np
 
+from ..names import suggest_name
 from .pixels import PixelFormatError, format_name, to_rgb
+from .plugins import SourcePlugin
 from .sources import Frame, FrameBuffer, SourceError, VideoOptions
 
 log = logging.getLogger("winclip_edge.line")
@@ -336,15 +338,23 @@ def trigger_kind(features: Mapping[str, FeatureValue]) -> str:
 # ------------------------------------------------------------------------------------------------ options
 @dataclass(frozen=True)
 class GenicamOptions:
-    """How a GenICam camera is opened and read. ``features`` are written in their order, after the camera is put
-    in a known state (all triggers off, continuous acquisition, trigger selector FrameStart)."""
+    """How a GenICam camera is opened and read: the keys of a ``genicam:`` source's ``[[sources]]`` table
+    (docs/cameras.md). ``features`` are written in their order, after the camera is put in a known state (all
+    triggers off, continuous acquisition, trigger selector FrameStart); given as a mapping (a station file's
+    ``[sources.features]`` table) or (name, value) pairs, held as pairs. The buffer, drop and reconnect keys are
+    those of the other live sources (``VideoOptions``, whose defaults they take): :attr:`live`."""
 
-    features: Any = ()  # mapping or (name, value) pairs, e.g. {"PixelFormat": "BayerRG8", "ExposureTime": 5000}
+    features: Mapping[str, FeatureValue] = ()  # e.g. {"PixelFormat": "BayerRG8", "ExposureTime": 5000}
     packet_socket: bool = True  # GigE Vision: Aravis's packet-socket receive path (False: plain UDP sockets)
     packet_resend: bool = True  # GigE Vision: ask the camera to resend lost packets
     stream_buffers: int = 8  # buffers queued in the Aravis stream (the camera's side of the frame buffer)
     stall_s: float = 2.0  # no buffer for this long: the camera is probed; no answer = lost, reconnect
-    live: VideoOptions = VideoOptions()  # buffer, drop policy, reconnect back-off, fps_limit / every_nth (free-running)
+    fps_limit: float = VideoOptions.fps_limit  # free-running: at most this many frames/s (0 = all)
+    every_nth: int = VideoOptions.every_nth  # free-running: keep frames 0, n, 2n, ... of the capture
+    drop: str = VideoOptions.drop  # "oldest": keep the newest frames when the engine falls behind; "none": wait
+    buffer: int = VideoOptions.buffer  # frames waiting for the engine
+    reconnect_min_s: float = VideoOptions.reconnect_min_s  # back-off after a lost camera, doubled up to the max
+    reconnect_max_s: float = VideoOptions.reconnect_max_s
 
     def __post_init__(self) -> None:
         pairs = tuple((self.features.items() if isinstance(self.features, Mapping) else self.features) or ())
@@ -353,12 +363,19 @@ class GenicamOptions:
                 raise CameraError(f"a camera feature is a name and a value (text, number or boolean), got {pair!r}")
         if len({name for name, _ in pairs}) != len(pairs):
             raise CameraError(f"a camera feature is set twice: {[n for n, _ in pairs]}")
-        object.__setattr__(self, "features", pairs)
+        object.__setattr__(self, "features", tuple((name, value) for name, value in pairs))
         if self.stream_buffers < 1:
             raise CameraError(f"stream_buffers must be >= 1, got {self.stream_buffers}")
         if not self.stall_s > 0:
             raise CameraError(f"stall_s must be > 0, got {self.stall_s}")
+        self.live  # refuses a bad buffer, drop policy, rate or back-off as every live source does
         trigger_kind(dict(pairs))  # refuses an incomplete trigger setup before any camera is opened
+
+    @property
+    def live(self) -> VideoOptions:
+        """The live-source policy of these options (buffer, drop, fps_limit / every_nth, reconnect back-off)."""
+        return VideoOptions(fps_limit=self.fps_limit, every_nth=self.every_nth, drop=self.drop, buffer=self.buffer,
+                            reconnect_min_s=self.reconnect_min_s, reconnect_max_s=self.reconnect_max_s)
 
     @property
     def trigger(self) -> str:
@@ -439,11 +456,12 @@ class GenicamCamera:
         if "TriggerMode" not in wanted and features.device.get_feature("TriggerMode") is not None:
             state.append(("TriggerMode", "Off"))
         settings: dict[str, FeatureValue] = {}
-        for name, value in [*state, *self.options.features]:
-            back = features.set(name, value)
-            settings[name] = back
-            shown = "" if back == value else f" (asked {value!r})"
-            log.info("camera %s: %s = %r%s", self.name, name, back, shown)
+        asked = [*state, *self.options.features]
+        for name, value in asked:
+            settings[name] = features.set(name, value)
+        for name, value in asked:  # once all are set: a refused feature is then the one line said about them
+            back = settings[name]
+            log.info("camera %s: %s = %r%s", self.name, name, back, "" if back == value else f" (asked {value!r})")
         if self.is_gige:
             arv = self.arv
             self._camera.gv_set_stream_options(arv.GvStreamOption.NONE if self.options.packet_socket
@@ -569,6 +587,9 @@ class CameraFrame(Frame):
     pixel_format: str = ""
     part_id: str | None = None  # the part announced for this trigger (triggered modes), else None
 
+    def row_fields(self) -> dict[str, Any]:
+        return {"camera_frame_id": self.camera_frame_id, "camera_timestamp_ns": self.camera_timestamp_ns}
+
 
 @dataclass(frozen=True)
 class MissedPart:
@@ -618,6 +639,8 @@ class GenicamSource:
             self._camera = self._factory(self.target, self.options)
         except CameraNotFound as err:
             log.warning("source %s: %s; retried once running", self.name, err)
+        except CameraError as err:
+            raise CameraError(f"source {self.name}: {err}") from None
 
     def start(self) -> None:
         self._thread.start()
@@ -758,3 +781,15 @@ class GenicamSource:
                 return None
             self.emitted += 1
         return None
+
+
+# ------------------------------------------------------------------------------------------------ the kind
+def _create(name: str, target: str, options: GenicamOptions) -> GenicamSource:
+    return GenicamSource(target.strip(), name, options)
+
+
+GENICAM_SOURCE = SourcePlugin(
+    "genicam", GENICAM_PREFIX, GenicamOptions, _create,
+    default_name=lambda target, i: suggest_name(target.strip()) if target.strip() else "genicam",
+    requires=("gi",), install=INSTALL)
+"""``genicam:ID`` sources (registry.py lists it with the built-ins): ID = device id, serial number, IP or MAC."""

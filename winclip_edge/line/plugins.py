@@ -24,7 +24,9 @@ if TYPE_CHECKING:
 @runtime_checkable
 class Source(Protocol):
     """A running source as the station sees it. ``emitted``: frames put into ``buffer`` so far; the buffer counts
-    the frames it dropped; ``reconnects``: how often the source had to reopen its device or stream."""
+    the frames it dropped; ``reconnects``: how often the source had to reopen its device or stream. A source that
+    may receive broken frames (a GenICam camera) also has ``incomplete``: those it dropped unscored (status line,
+    /metrics). A frame's ``row_fields()`` go into its decision row."""
 
     name: str
     kind: str

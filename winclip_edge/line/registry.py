@@ -15,10 +15,14 @@ from importlib import metadata
 from typing import Iterable
 
 from ..errors import WinclipError
+from .genicam import GENICAM_SOURCE
 from .modbus import MODBUS_SINK
 from .plugins import SinkPlugin, SourcePlugin
 from .sinks import BUILTIN_SINKS
-from .sources import BUILTIN_SOURCES
+from .sources import BUILTIN_SOURCES as _OPENCV_AND_FOLDER
+
+# sources.py's kinds, then the GenICam cameras (genicam.py builds on sources.py, so it cannot be listed there)
+BUILTIN_SOURCES = (*_OPENCV_AND_FOLDER, GENICAM_SOURCE)
 
 SOURCE_GROUP = "winclip_edge.sources"
 SINK_GROUP = "winclip_edge.sinks"

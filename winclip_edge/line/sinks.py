@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from ..errors import WinclipError
+from ..names import check_topic, topic
 from .plugins import Sink, SinkContext, SinkPlugin
 from .spool import Spool
 
@@ -45,6 +46,9 @@ class MqttConfig:
     ca_file: str | None = None  # PEM bundle for TLS (default: the system's)
     client_id: str = ""  # "" = paho makes one
     keepalive_s: int = 30
+
+    def __post_init__(self) -> None:
+        check_topic(self.topic, "topic")
 
 
 class MqttSink:
@@ -104,12 +108,16 @@ class MqttSink:
         with self._cond:
             return self._cond.wait_for(predicate, timeout)
 
+    def topic_of(self, message: bytes) -> str:
+        """The topic ``message`` is published to: the configured one (line/alerts.py picks one per message)."""
+        return self.config.topic
+
     def deliver(self, key: int, message: bytes, timeout: float) -> None:
         where = f"{self.config.host}:{self.config.port}"
         if self._inflight is None or self._inflight[0] != key:
             if not self._wait(lambda: self._connected, min(timeout, CONNECT_WAIT_S)):
                 raise SinkUnavailable(f"mqtt: not connected to {where}")
-            info = self._client.publish(self.config.topic, message, qos=1)  # not under _cond: paho calls back
+            info = self._client.publish(self.topic_of(message), message, qos=1)  # not under _cond: paho calls back
             if info.rc not in (self._mqtt.MQTT_ERR_SUCCESS, self._mqtt.MQTT_ERR_NO_CONN):
                 raise SinkUnavailable(f"mqtt: publish to {where} failed: {self._mqtt.error_string(info.rc)}")
             self._inflight = (key, info.mid)  # NO_CONN: queued by paho, sent on reconnect
@@ -265,10 +273,12 @@ class MqttOptions:
             raise WinclipError("an mqtt sink needs a host")
         if self.port is not None and not 0 < self.port < 65536:
             raise WinclipError(f"mqtt port must be in 1-65535, got {self.port}")
+        if self.topic is not None:
+            check_topic(self.topic, "--mqtt-topic")  # a topic one can publish to: no wildcard, no $, no NUL
 
     def config(self, context: SinkContext) -> MqttConfig:
         return MqttConfig(host=self.host, port=self.port or (8883 if self.tls else 1883),
-                          topic=self.topic or f"winclip/{context.station}/{context.products[0]}/result", tls=self.tls,
+                          topic=self.topic or topic("winclip", context.station, context.products[0], "result"), tls=self.tls,
                           ca_file=self.ca_file, client_id=self.client_id or f"winclip-edge-{context.station}",
                           keepalive_s=self.keepalive_s)
 

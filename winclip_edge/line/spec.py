@@ -16,10 +16,12 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Optional
 
+from ..drift import STATISTICS, DriftLimits, Limit
 from ..engines import EngineConfig
 from ..engines.config import AUTO
 from ..engines.registry import backends, owner_of, precisions
 from ..inputs import parse_host_port
+from ..names import InvalidName, check_name, is_valid_name, suggest_name
 from ..scoring import ScoringOptions
 from ..service.config import DEFAULT_PORT, KEEP_RESULTS, MAX_UPLOAD_MB, RESULT_TIMEOUT_S
 from ..tiles.overrides import TilingOverrides
@@ -123,7 +125,7 @@ def engine_config(spec: EngineSpec) -> EngineConfig:
 @dataclass(frozen=True)
 class SourceSpec:
     """One ``[[sources]]`` entry: ``spec`` as ``--source`` takes it (``0``, ``line.avi``, ``rtsp://...``,
-    ``gst:...``, ``folder:DIR``, a plugin's ``prefix:...``), its ``name`` (None: made from the spec by
+    ``gst:...``, ``folder:DIR``, ``genicam:ID``, a plugin's ``prefix:...``), its ``name`` (None: made from the spec by
     :class:`StationSpec`) and ``options``, an instance of its kind's options dataclass (None: its defaults)."""
 
     spec: str
@@ -132,6 +134,7 @@ class SourceSpec:
     kind: str = field(default="", init=False, compare=False)
 
     def __post_init__(self) -> None:
+        _check_part_name(self.name, "source")
         try:
             plugin, _ = resolve_source(self.spec, source_plugins())
         except PluginError as err:
@@ -172,6 +175,15 @@ class SourceSpec:
         return {"name": self.name, "spec": self.spec, **to_table(self.options)}
 
 
+def _check_part_name(name: Optional[str], what: str) -> None:
+    """A given source or sink name follows the one name rule (it is a row field, a metric label, a folder)."""
+    if name is not None:
+        try:
+            check_name(name, what)
+        except InvalidName as err:
+            raise SpecError("name", str(err)) from None
+
+
 @dataclass(frozen=True)
 class _SourceHead:
     spec: str
@@ -188,6 +200,7 @@ class SinkSpec:
     options: Any = None
 
     def __post_init__(self) -> None:
+        _check_part_name(self.name, "sink")  # its spool is the folder OUT/spool/<name>
         try:
             plugin = sink_plugin(self.kind, sink_plugins())
         except PluginError as err:
@@ -266,10 +279,13 @@ class OutputsSpec:
 @dataclass(frozen=True)
 class HttpSpec:
     """``[http]``: the HTTP face (docs/service.md); no table, no HTTP face. ``token`` None: the environment
-    variable WINCLIP_TOKEN (prefer it: a file or a flag is easier to read than a process's environment)."""
+    variable WINCLIP_TOKEN (prefer it: a file or a flag is easier to read than a process's environment).
+    ``token_file``: named tokens, one ``name:token`` per line (operators' verdicts record the name); the variable
+    WINCLIP_TOKENS adds more."""
 
     listen: str = DEFAULT_LISTEN  # HOST:PORT ([::1]:PORT for IPv6; port 0 = any free port)
     token: Optional[str] = None
+    token_file: Optional[str] = None
     insecure: bool = False  # allow a non-loopback listen without a token
     max_upload_mb: float = MAX_UPLOAD_MB
     request_timeout: float = RESULT_TIMEOUT_S  # seconds a request waits for its result before 504
@@ -333,6 +349,42 @@ class OpcuaSpec:
 
 
 @dataclass(frozen=True)
+class DriftSpec:
+    """``[drift]``: drift watched per product over the last ``window`` decisions and verdicts (winclip_edge/drift.py,
+    docs/service.md "Drift"). Each statistic of ``watch`` raises an alert above its level and clears it below its
+    ``_clear`` level (hysteresis); none is judged before ``min_samples`` observations."""
+
+    window: int = 200
+    min_samples: int = 30
+    watch: tuple[str, ...] = STATISTICS
+    false_alarm_rate: float = 0.10  # of reviewed goods, the share that was flagged
+    false_alarm_rate_clear: float = 0.06
+    ks: float = 0.30  # two-sample Kolmogorov-Smirnov statistic, recent scores vs the calibration's
+    ks_clear: float = 0.20
+    share_above: float = 0.20  # of recent scores, the share above the threshold
+    share_above_clear: float = 0.12
+
+    def __post_init__(self) -> None:
+        for key, value in (("window", self.window), ("min_samples", self.min_samples)):
+            if value < 1:
+                raise SpecError(key, f"must be >= 1, got {value}")
+        unknown = [w for w in self.watch if w not in STATISTICS]
+        if unknown or len(set(self.watch)) != len(self.watch):
+            raise SpecError("watch", f"must name each of {', '.join(STATISTICS)} at most once, got {list(self.watch)}")
+        for name in STATISTICS:
+            on, off = getattr(self, name), getattr(self, name + "_clear")
+            if not 0 <= on <= 1:
+                raise SpecError(name, f"must be in [0, 1], got {on}")
+            if not 0 <= off <= on:
+                raise SpecError(name + "_clear", f"must be in [0, {name}] = [0, {on}] (an alert clears below the "
+                                                 f"level that raised it), got {off}")
+
+    def limits(self) -> DriftLimits:
+        return DriftLimits(**{name: Limit(getattr(self, name), getattr(self, name + "_clear")) if name in self.watch
+                              else None for name in STATISTICS}, min_samples=self.min_samples)
+
+
+@dataclass(frozen=True)
 class StationSpec:
     """A whole station. Sources inspect the first product; the HTTP face serves all of them."""
 
@@ -353,6 +405,7 @@ class StationSpec:
     parts: PartsSpec = PartsSpec()
     opcua: Optional[OpcuaSpec] = None
     modbus: Optional[ModbusOptions] = None  # one PLC; more: [[sinks]] with kind = "modbus"
+    drift: DriftSpec = DriftSpec()
 
     def __post_init__(self) -> None:
         if self.sigma < 0:
@@ -361,6 +414,16 @@ class StationSpec:
             raise SpecError("deadline_ms", f"must be > 0, got {self.deadline_ms}")
         if self.on_timeout not in ON_TIMEOUT:
             raise SpecError("on_timeout", f"must be one of {', '.join(ON_TIMEOUT)}, got {self.on_timeout!r}")
+        try:
+            if self.station is not None:
+                check_name(self.station, "station")
+        except InvalidName as err:
+            raise SpecError("station", str(err)) from None
+        for i, product in enumerate(self.products):
+            try:
+                check_name(product, "product")
+            except InvalidName as err:
+                raise SpecError(f"products[{i}]", str(err)) from None
         object.__setattr__(self, "sources", tuple(named_sources(self.sources)))
         object.__setattr__(self, "sinks", tuple(named_sinks(self.sinks)))
         names = {s.name for s in self.sources}
@@ -380,9 +443,9 @@ class StationSpec:
 
     @property
     def station_name(self) -> str:
-        import socket
-
-        return self.station or socket.gethostname()
+        """``station``, else the host name's first label made a valid name (``Line-PC.plant.local`` ->
+        ``Line-PC``; names.suggest_name)."""
+        return self.station or default_station_name()
 
     def check(self) -> None:
         """Refuse a spec that names no station to run (every part is valid on its own already)."""
@@ -397,6 +460,14 @@ class StationSpec:
                                 "([[sources]] / [http] in a station file)")
 
 
+def default_station_name(hostname: str | None = None) -> str:
+    """The station name when none is given: the host name's first label, made valid (names.suggest_name)."""
+    import socket
+
+    label = (socket.gethostname() if hostname is None else hostname).split(".")[0]
+    return label if is_valid_name(label) else suggest_name(label)
+
+
 def _unique(name: str, used: set[str]) -> str:
     base, n = name, 1
     while name in used:
@@ -408,7 +479,8 @@ def _unique(name: str, used: set[str]) -> str:
 
 def named_sources(sources: tuple[SourceSpec, ...]) -> list[SourceSpec]:
     """Sources with a name each: the given one, else one made from the spec (``camera0``, the video's stem, the
-    folder's name, ``<kind><position>``; never a URL's credentials), made unique with ``-2``, ``-3`` ..."""
+    folder's name, ``<kind><position>``; never a URL's credentials; made valid with names.suggest_name), made
+    unique with ``-2``, ``-3`` ..."""
     used, named = {s.name for s in sources if s.name}, []
     for i, source in enumerate(sources):
         if source.name:
@@ -416,6 +488,7 @@ def named_sources(sources: tuple[SourceSpec, ...]) -> list[SourceSpec]:
             continue
         plugin, target = resolve_source(source.spec, source_plugins())
         name = plugin.default_name(target, i) if plugin.default_name else f"{plugin.kind}{i}"
+        name = name if is_valid_name(name) else suggest_name(name)  # "/dev/video0", "my part.avi"
         named.append(replace(source, name=_unique(name, used)))
     names = [s.name for s in named]
     twice = sorted({n for n in names if names.count(n) > 1})
@@ -477,9 +550,9 @@ def dump_spec(spec: StationSpec) -> str:
     return HEADER + dumps_toml(to_table(spec))
 
 
-# A small TOML writer for this one shape (scalars, tables, arrays of tables; deeper tables inline): the file is
-# written for people to edit, so every [[sources]] / [[sinks]] entry is a section of its own (tomli-w puts short
-# ones inline), and printing a station needs no extra package. tests/test_station_spec.py round-trips it through
+# A small TOML writer for this one shape (scalars, tables, arrays of tables and their sub-tables; deeper tables
+# inline): the file is written for people to edit, so every [[sources]] / [[sinks]] entry (and a camera's
+# features) is a section of its own (tomli-w puts short ones inline), and printing a station needs no extra package. tests/test_station_spec.py round-trips it through
 # the standard library's TOML reader on generated strings and numbers.
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 _ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
@@ -527,12 +600,18 @@ def _is_table_array(value: Any) -> bool:
 
 def dumps_toml(table: dict) -> str:
     """TOML of ``table``: its plain values, then each sub-table as ``[key]`` and each array of tables as
-    ``[[key]]`` entries (values inside those are written inline)."""
+    ``[[key]]`` entries; a table inside one of those (a camera's features) follows it as ``[key.sub]``, deeper
+    values are written inline."""
     lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()
              if not isinstance(v, dict) and not _is_table_array(v)]
     for key, value in table.items():
         entries = [value] if isinstance(value, dict) else value if _is_table_array(value) else []
         header = f"[{_toml_key(key)}]" if isinstance(value, dict) else f"[[{_toml_key(key)}]]"
         for entry in entries:
-            lines += ["", header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items()]
+            lines += ["", header] + [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in entry.items()
+                                     if not isinstance(v, dict)]
+            for sub, inner in entry.items():
+                if isinstance(inner, dict):
+                    lines += ["", f"[{_toml_key(key)}.{_toml_key(sub)}]"]
+                    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in inner.items()]
     return "\n".join(lines) + "\n"

@@ -100,6 +100,7 @@ class StationStats:
     parts: dict[str, int] = field(default_factory=dict)  # triggered, decided, timeouts, overflow, late, refused, ...
     verdict_p50_ms: float | None = None  # trigger -> live verdict (verdicts and fail-safes) of the last parts
     verdict_p99_ms: float | None = None
+    incomplete: dict[str, int] = field(default_factory=dict)  # per camera source: frames dropped incomplete
 
 
 def results_files(out: Path) -> list[Path]:
@@ -593,7 +594,7 @@ class Station:
         return known[1]
 
     def _ids_of(self, job: Job) -> ModelIds:
-        return self._model_ids(job.metadata.get("inspector"))
+        return job.ids or self._model_ids()  # the Inspector that scored it (the batcher sets it)
 
     def _save(self, result: InspectionResult) -> Saved:
         save = self.config.save == "all" or (self.config.save == "anomalous" and bool(result.anomalous))
@@ -617,7 +618,8 @@ class Station:
                             station=self.config.station, source=frame.source,
                             frame=frame.index if frame.path is None else None, file=frame.path,
                             file_sha256=frame.sha256, overlay=saved.overlay, map=saved.map, moved_to=destination,
-                            error=saved.error, part_id=item.part_id, late_for=item.late_for)
+                            error=saved.error, part_id=item.part_id, late_for=item.late_for,
+                            **frame.row_fields())
         row = made.as_dict()
         if item.late_for is not None:
             row["accept"] = None  # not a live verdict: its part was decided before
@@ -640,7 +642,7 @@ class Station:
         return {"view": view, "frame": frame.index if frame.path is None else None, "file": frame.path,
                 "file_sha256": frame.sha256, "captured_at": utc_iso(frame.captured_at), "score": r.score,
                 "anomalous": r.anomalous, "map": outcome.saved.map, "overlay": outcome.saved.overlay,
-                "moved_to": destination, "error": r.error or outcome.saved.error or error}
+                "moved_to": destination, "error": r.error or outcome.saved.error or error, **frame.row_fields()}
 
     def _deliver_view(self, item: _Item, result: InspectionResult) -> None:
         outcome = _Outcome(result, self._ids_of(item.job), self._save(result), item.source, item.frame)
@@ -741,7 +743,8 @@ class Station:
                                 (self.clock() - max(o.frame.captured_mono for o in outcomes)) * 1e3, decided_at=now,
                                 station=self.config.station, source=best.frame.source,
                                 frame=best_entry["frame"], file=best.frame.path, file_sha256=best.frame.sha256,
-                                overlay=best.saved.overlay, map=best.saved.map, moved_to=best_entry["moved_to"])
+                                overlay=best.saved.overlay, map=best.saved.map, moved_to=best_entry["moved_to"],
+                                **best.frame.row_fields())
             row = {**made.as_dict(), **self._trigger_fields(part), "captured_at": utc_iso(max(o.frame.captured_at for o in outcomes))}
         row["views"] = entries
         if failures or notes:
@@ -913,7 +916,8 @@ class Station:
             latency_p99_ms=None if latencies is None else float(np.percentile(latencies, 99)),
             queues=queues, decided=decided, parts=parts,
             verdict_p50_ms=None if verdicts is None else float(np.percentile(verdicts, 50)),
-            verdict_p99_ms=None if verdicts is None else float(np.percentile(verdicts, 99)))
+            verdict_p99_ms=None if verdicts is None else float(np.percentile(verdicts, 99)),
+            incomplete={s.name: s.incomplete for s in self.sources if hasattr(s, "incomplete")})
 
     def status_line(self, previous: StationStats | None = None, seconds: float = 0.0) -> str:
         s = self.stats()
@@ -934,8 +938,12 @@ class Station:
             parts = (f", parts triggered {p['triggered']} (decided {p['decided']}, timeouts {p['timeouts']}, "
                      f"overflow {p['overflow']}, late {p['late']}, open {p['open']}, refused {p['refused']}), "
                      f"unclaimed frames {p['unclaimed']}{verdict}")
+        incomplete = ""
+        if s.incomplete:
+            each = f" ({', '.join(f'{k} {v}' for k, v in s.incomplete.items())})" if len(s.incomplete) > 1 else ""
+            incomplete = f"incomplete {sum(s.incomplete.values())}{each}, "
         return (f"{rate}captured {s.frames_in}, decided {s.frames_out} ({s.errors} errors{http}), "
-                f"dropped {sum(s.dropped.values())}, "
+                f"dropped {sum(s.dropped.values())}, {incomplete}"
                 f"reconnects {sum(s.reconnects.values())}, {latency}, queues "
                 + " ".join(f"{k}={v}" for k, v in s.queues.items()) + sinks + parts)
 

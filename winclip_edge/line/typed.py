@@ -3,12 +3,18 @@ type is refused naming its key path (``sources[1].fps_limit``), never guessed or
 
 Field types understood: ``str``, ``int``, ``float`` (an integer is taken), ``bool`` (only true/false),
 ``Optional[X]`` (absent = None: TOML has no null, so None fields are left out when written), ``tuple[X, ...]``,
-nested dataclasses, and ``Any`` (passed through). A dataclass with its own ``from_table(table, where)`` and
+``Union`` of those scalars (the value keeps its own type: ``Union[str, int, float, bool]``), ``Mapping[str, X]``
+(a table with keys of the user's choosing, e.g. a camera's features; the dataclass may hold it as (key, value)
+pairs to keep its order in equality, it is written back as a table), nested dataclasses, and ``Any`` (passed
+through). A dataclass with its own ``from_table(table, where)`` and
 ``to_table()`` converts itself (the station's sources and sinks, whose keys depend on their kind).
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import json
+import re
 import types
 import typing
 from typing import Any, Mapping, Union
@@ -49,6 +55,38 @@ def _optional_inner(tp: Any) -> Any:
     return None
 
 
+_SCALARS = {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}
+
+
+def _mapping_values(tp: Any) -> Any:
+    """X for ``Mapping[str, X]`` / ``dict[str, X]``, else None."""
+    if typing.get_origin(tp) in (dict, collections.abc.Mapping):
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[0] is str:
+            return args[1]
+    return None
+
+
+def _scalar_union(tp: Any) -> tuple | None:
+    """The member types of a Union of scalars (str, int, float, bool), else None."""
+    if typing.get_origin(tp) in _UNIONS:
+        args = typing.get_args(tp)
+        if all(a in _SCALARS for a in args):
+            return args
+    return None
+
+
+def _one_of(members: tuple) -> str:
+    """``a string, a number or a boolean`` for Union[str, int, float, bool]."""
+    names = list(dict.fromkeys("a number" if m in (int, float) and float in members else _SCALARS[m] for m in members))
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def _table_key(key: str, name: str) -> str:
+    bare = name.replace("_", "").replace("-", "").isalnum() and name.isascii()
+    return f"{key}.{name}" if bare else f"{key}.{name!r}"
+
+
 def convert(tp: Any, value: Any, key: str) -> Any:
     """``value`` as type ``tp``; SpecError naming ``key`` when it is not one."""
     inner = _optional_inner(tp)
@@ -56,6 +94,18 @@ def convert(tp: Any, value: Any, key: str) -> Any:
         return None if value is None else convert(inner, value, key)
     if tp is Any:
         return value
+    members = _scalar_union(tp)
+    if members is not None:
+        if type(value) in members:  # type(): a boolean is not an integer here
+            return value
+        if type(value) is int and float in members:
+            return float(value)
+        raise SpecError(key, f"expected {_one_of(members)}, got {_type_name(value)} {value!r}")
+    values = _mapping_values(tp)
+    if values is not None:
+        if not isinstance(value, Mapping):
+            raise SpecError(key, f"expected a table, got {_type_name(value)} {value!r}")
+        return {name: convert(values, v, _table_key(key, name)) for name, v in value.items()}
     if dataclasses.is_dataclass(tp):
         return from_table(tp, value, key)
     if typing.get_origin(tp) is tuple:
@@ -102,14 +152,22 @@ def from_table(cls: type, table: Any, key: str = "") -> Any:
     return build(cls, dict(table), key)
 
 
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+
+
+def _key_text(key: Any) -> str:
+    """A key as a key path shows it: bare when it can be, else quoted as TOML writes it ("" for the empty key)."""
+    return key if isinstance(key, str) and _BARE_KEY.fullmatch(key) else json.dumps(str(key))
+
+
 def build(cls: type, table: dict, key: str = "") -> Any:
     """``from_table`` without the class's own hook: for ``from_table`` methods that take a few keys out first."""
     hints = _hints(cls)
     init = {f.name: f for f in dataclasses.fields(cls) if f.init}
     dot = f"{key}." if key else ""
-    unknown = sorted(set(table) - set(init))
+    unknown = sorted(set(table) - set(init), key=str)
     if unknown:
-        raise SpecError(f"{dot}{unknown[0]}", f"unknown key (known here: {', '.join(init) or 'none'})")
+        raise SpecError(f"{dot}{_key_text(unknown[0])}", f"unknown key (known here: {', '.join(init) or 'none'})")
     missing = [n for n, f in init.items() if n not in table and f.default is dataclasses.MISSING
                and f.default_factory is dataclasses.MISSING]
     if missing:
@@ -129,12 +187,20 @@ def to_table(obj: Any) -> Any:
     if own is not None and dataclasses.is_dataclass(obj):
         return own()
     if dataclasses.is_dataclass(obj):
+        try:
+            hints = _hints(type(obj))
+        except (NameError, TypeError):  # annotations this module cannot evaluate: no table fields then
+            hints = {}
         out = {}
         for f in dataclasses.fields(obj):
             value = getattr(obj, f.name)
+            if value is not None and _mapping_values(hints.get(f.name)) is not None and not isinstance(value, Mapping):
+                value = dict(value)  # a table held as (key, value) pairs
             if value is not None:
                 out[f.name] = to_table(value)
         return out
+    if isinstance(obj, Mapping):
+        return {k: to_table(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
         return [to_table(v) for v in obj]
     return obj

@@ -167,7 +167,7 @@ def run_tune(bundle: Bundle, config: TuneConfig = TuneConfig(), factory: EngineF
     products = bundle.products()
     product = config.product or (products[0] if products else None)
     if product is None:
-        raise TuneError(f"bundle {bundle.root} has no product to score with; add one with `winclip-edge add-product`")
+        raise TuneError(f"bundle {bundle.root} has no product to score with; add one with `winclip-edge product add`")
     load_before = [round(v, 2) for v in os.getloadavg()]
     images, described = _fidelity_images(bundle, config, product, log)
     log(f"timing + fidelity on {described}, scored with product {product!r}")

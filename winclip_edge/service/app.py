@@ -4,22 +4,28 @@ Requests never touch the engine themselves: an upload is decoded here (exactly a
 file) and handed to the product's Batcher, the same one its live sources use, so concurrent requests
 share engine calls. Whatever one request does wrong ends as that request's own 4xx; the engine, the
 queue and the other requests go on. Endpoints are listed in docs/service.md (and at ``/docs``).
+
+The OpenAPI schema says what the service does (tests/test_api_schema.py checks it, schemathesis fuzzes it): a
+route types its parameters with params.py (the patterns of the checks that enforce them) and declares the error
+statuses it answers itself with ``responses=responses(...)`` (errors.py); the statuses every route may answer
+(401, 422, 400, 413) are added by the app and kept where they apply (errors.document). A router of another
+module (``app.include_router``) is covered the same way when it is included before ``document`` runs.
 """
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, List, Mapping, Optional, Union
+from typing import Annotated, Any, Callable, List, Literal, Mapping, Optional, Union
 
-from fastapi import FastAPI, Query, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import FastAPI, Path as PathParam, Query, Request
+from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from ..catalog import Catalog, UnknownProduct
@@ -27,20 +33,32 @@ from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
 from ..line.control import ControlRefused, Trigger
-from ..line.parts import PartRefused
-from ..rows import ModelIds, ResultRow
-from ..prompts import PromptError, PromptSpec, object_name_for
+from ..line.parts import MAX_PART_ID, PartRefused
+from ..names import InvalidName
+from ..rows import ResultRow
+from ..prompts import OBJECT, PROMPT_STYLES, STATE, PromptError, PromptSpec, object_name_for
 from ..text_encoder import ProductExistsError, add_product as encode_product
-from .auth import TokenAuth
+from .auth import OPEN_PATHS, TokenAuth
 from .config import HttpConfig
-from .errors import error, responses
+from .errors import COMMON, document, error, install_handlers, responses
+from .guard import BodyGuard
 from .metrics import CONTENT_TYPE, ServiceMetrics
+from .params import ProductName, ResultId
 from .store import FILES, ResultStore, valid_id
-from .uploads import UploadError, decode_upload, read_upload
+from .uploads import FORM_FIELDS, UploadError, decode_upload, read_upload
 
 STATIC = Path(__file__).parent / "static"
 MEDIA_TYPES = {"image": "image/jpeg", "overlay": "image/png", "map": "application/octet-stream"}
 MAX_LIST = 500
+MAX_PROMPT_ITEMS = 64  # extra states / templates of one product (each becomes 22+ prompts to encode)
+MAX_PROMPT_TEXT = 300  # characters of one state, template or object name (the tokenizer keeps 77 tokens)
+BINARY = {"schema": {"type": "string", "format": "binary"}}
+# /v1/inspect reads its body itself (raw image bytes, or multipart with the file in field 'image'): documented here.
+INSPECT_BODY = {"requestBody": {"required": True, "description": "the image file: raw body, or multipart field 'image'",
+                                "content": {"application/octet-stream": BINARY, "image/png": BINARY, "image/jpeg": BINARY,
+                                            "multipart/form-data": {"schema": {
+                                                "type": "object", "required": [FORM_FIELDS[0]],
+                                                "properties": {FORM_FIELDS[0]: {"type": "string", "format": "binary"}}}}}}}
 
 
 @dataclass
@@ -54,36 +72,47 @@ class ServiceContext:
     metrics: ServiceMetrics
     station: str
     ready: threading.Event = field(default_factory=threading.Event)
-    ids: dict[str, ModelIds] = field(default_factory=dict)  # per product, renewed by a reload
     on_decision: Optional[Callable[[dict], None]] = None  # the station counts HTTP decisions with its own
+    review: Any = None  # review_api.Review: verdicts, teach, rollback, drift (None: not served)
     # The station's triggered parts (docs/line.md, "Triggered parts"): set by the station that runs this face.
     trigger: Optional[Callable[[Trigger], Any]] = None  # POST /v1/trigger
     upload_part: Optional[Callable[..., Any]] = None  # POST /v1/inspect?part_id=...: (part_id, product, image, name,
     # received_at, timeout) -> a Future of the part's row
 
-    def __post_init__(self) -> None:
-        for product in self.catalog.products:
-            self.ids[product] = ModelIds.of(self.catalog.get(product))
+
+Rid = Annotated[ResultId, PathParam(description="the result's id (32 lower-case hex digits)")]
+
+
+def _containing(placeholder: str, example: str) -> Any:
+    """A text that must contain ``placeholder``: prompts.build_prompts checks it (``bad_prompt``), the schema says it."""
+    return Field(max_length=MAX_PROMPT_TEXT, json_schema_extra={"pattern": re.escape(placeholder)}, examples=[example])
+
+
+State = Annotated[str, _containing(OBJECT, "{o} with a scratch")]
+Template = Annotated[str, _containing(STATE, "a close-up photo of {c}.")]
 
 
 class NewProduct(BaseModel):
     """``POST /v1/products``: a product named on the line, encoded by the bundle's text encoder (no torch)."""
 
-    name: str
-    object_name: Optional[str] = None  # default: the name with _ -> space
-    normal_states: List[str] = []  # extra states, "{o}" = the object
-    anomalous_states: List[str] = []
-    templates: List[str] = []  # extra templates, "{c}" = the state phrase
-    prompt_style: str = "cpe"
+    model_config = ConfigDict(json_schema_extra={"examples": [{"name": "metal_nut", "object_name": "metal nut",
+                                                               "anomalous_states": ["{o} with a bent thread"]}]})
+    name: ProductName
+    object_name: Optional[str] = Field(None, max_length=MAX_PROMPT_TEXT)  # default: the name with _ -> space
+    normal_states: List[State] = Field([], max_length=MAX_PROMPT_ITEMS)  # extra states, "{o}" = the object
+    anomalous_states: List[State] = Field([], max_length=MAX_PROMPT_ITEMS)
+    templates: List[Template] = Field([], max_length=MAX_PROMPT_ITEMS)  # extra templates, "{c}" = the state phrase
+    prompt_style: Literal[PROMPT_STYLES] = "cpe"  # type: ignore[valid-type]
     force: bool = False  # re-encode a product that exists
 
 
 class TriggerBody(BaseModel):
     """``POST /v1/trigger``: a part in front of the station's cameras (docs/line.md, "Triggered parts")."""
 
-    part_id: Union[str, int]
-    product: Optional[str] = None  # default: the prepared recipe
-    meas_id: str = ""
+    model_config = ConfigDict(json_schema_extra={"examples": [{"part_id": "4711", "product": "widget"}]})
+    part_id: Union[str, int]  # checked by the station (1-128 printable characters): a refusal is a 409
+    product: Optional[ProductName] = None  # default: the prepared recipe
+    meas_id: str = Field("", max_length=MAX_PART_ID)
 
 
 def _urls(rid: str) -> dict[str, str]:
@@ -96,8 +125,9 @@ def _with_urls(record: dict) -> dict:
 
 
 def create_app(ctx: ServiceContext) -> FastAPI:
-    app = FastAPI(title="winclip-edge station", version="1",
-                  description="Anomaly inspection of uploaded images; results, products, health and metrics.")
+    app = FastAPI(title="winclip-edge station", version="1", responses=responses(*COMMON),
+                  description="Anomaly inspection of uploaded images; results, products, health and metrics. "
+                              "Every error is {\"error\": kind, \"detail\": text} (docs/service.md).")
     metrics, store, catalog = ctx.metrics, ctx.store, ctx.catalog
 
     def _decided(row: dict) -> None:
@@ -105,24 +135,13 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         if ctx.on_decision is not None:
             ctx.on_decision(row)
 
-    @app.exception_handler(RequestValidationError)
-    async def bad_parameters(request: Request, exc: RequestValidationError) -> JSONResponse:
-        metrics.errors.labels("bad_request").inc()
-        where = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        return error(422, "bad_request", where)
-
-    @app.middleware("http")
-    async def count_requests(request: Request, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.requests.labels(getattr(route, "path", "unmatched"), str(response.status_code)).inc()
-        return response
+    install_handlers(app, lambda kind: metrics.errors.labels(kind).inc())
 
     @app.get("/healthz", summary="The process is up (no auth)")
     def healthz() -> dict:
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Engine loaded and warmed up: the station takes requests")
+    @app.get("/readyz", summary="Engine loaded and warmed up: the station takes requests", responses=responses(503))
     def readyz():
         if not ctx.ready.is_set():
             return error(503, "not_ready", "the engine is still loading / warming up")
@@ -130,7 +149,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                 "device": catalog.engine.device}
 
     @app.post("/v1/trigger", status_code=202, summary="Trigger a part: its views are captured, one row per part",
-              responses=responses(404, 409, 422, 503))
+              responses=responses(404, 409, 503))
     async def trigger(body: TriggerBody):
         if ctx.trigger is None:
             return error(503, "no_parts", "this face runs without a station that takes triggers")
@@ -164,11 +183,15 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
         return {**row, "urls": _urls(row["id"])}
 
-    @app.post("/v1/inspect", summary="Inspect one image (raw body or multipart field 'image')")
-    async def inspect(request: Request, product: str = Query(..., description="product to inspect it as"),
-                      name: Optional[str] = Query(None, description="a name for the image (default: its file name)"),
-                      part_id: Optional[str] = Query(None, description="the part this image shows: a view of a "
-                                                     "triggered part, or a part of its own (docs/line.md)")):
+    @app.post("/v1/inspect", summary="Inspect one image (raw body or multipart field 'image')", openapi_extra=INSPECT_BODY,
+              responses=responses(404, 409, 413, 500, 503, 504, 507))
+    async def inspect(request: Request, product: Annotated[ProductName, Query(description="product to inspect it as")],
+                      name: Annotated[Optional[str], Query(description="a name for the image (default: its file name)",
+                                                           examples=["part0042.png"])] = None,
+                      part_id: Annotated[Optional[str], Query(
+                          min_length=1, max_length=MAX_PART_ID, examples=["4711"],
+                          description="the part this image shows: a view of a triggered part, or a part of its own "
+                                      "(docs/line.md)")] = None):
         received = time.time()
         t0 = time.perf_counter()
         try:
@@ -193,7 +216,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             except asyncio.TimeoutError:
                 raise UploadError(504, "timeout", f"no result within {ctx.config.result_timeout_s:g} s") from None
             if result.error is not None:
-                failed = ResultRow.of(result, ctx.ids[product], received, (time.perf_counter() - t0) * 1e3,
+                failed = ResultRow.of(result, job.ids, received, (time.perf_counter() - t0) * 1e3,
                                       decided_at=time.time(), station=ctx.station, source="http", file=label).as_dict()
                 _decided(failed)
                 metrics.observe_result(product, "http", None, result.error, result.timings_ms, None)
@@ -204,7 +227,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         # decode = bytes -> RGB here + the resize to the model input in submit
         result.timings_ms.update(upload=(t1 - t0) * 1e3, decode=(t2 - t1) * 1e3 + result.timings_ms.get("decode", 0.0))
         t3 = time.perf_counter()
-        row = ResultRow.of(result, ctx.ids[product], received, (t3 - t0) * 1e3, decided_at=time.time(),
+        row = ResultRow.of(result, job.ids, received, (t3 - t0) * 1e3, decided_at=time.time(),
                            station=ctx.station, source="http", file=label).as_dict()
         urls = _urls(row["id"])
         row.update(overlay=urls["overlay"], map=urls["map"])
@@ -219,9 +242,14 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         return _with_urls(store.get(rid))
 
     @app.get("/v1/results", summary="Newest results first")
-    def results(limit: int = Query(50, ge=1, le=MAX_LIST), anomalous: Optional[bool] = None,
-                product: Optional[str] = None) -> dict:
-        return {"results": [_with_urls(r) for r in store.newest(limit, anomalous, product)], "kept": len(store)}
+    def results(limit: Annotated[int, Query(ge=1, le=MAX_LIST)] = 50, anomalous: Optional[bool] = None,
+                product: Annotated[Optional[ProductName], Query(description="only this product's")] = None) -> dict:
+        return {"results": _reviewed([_with_urls(r) for r in store.newest(limit, anomalous, product)]),
+                "kept": len(store)}
+
+    def _reviewed(records: list[dict]) -> list[dict]:
+        """Each record with its operator's verdict (``review``), when the review loop is served."""
+        return records if ctx.review is None else ctx.review.marked(records)
 
     def _checked(rid: str):
         if not valid_id(rid):
@@ -232,9 +260,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                                             f"{ctx.config.keep_results} kept)")
         return None
 
-    @app.get("/v1/results/{rid}", summary="One result")
-    def result(rid: str):
-        return _checked(rid) or _with_urls(store.get(rid))
+    @app.get("/v1/results/{rid}", summary="One result", responses=responses(404))
+    def result(rid: Rid):
+        return _checked(rid) or _reviewed([_with_urls(store.get(rid))])[0]
 
     def _file(rid: str, kind: str):
         problem = _checked(rid)
@@ -245,16 +273,19 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             return error(404, "not_found", f"result {rid} has no {kind}")
         return FileResponse(path, media_type=MEDIA_TYPES[kind], filename=f"{rid}{FILES[kind]}")
 
-    @app.get("/v1/results/{rid}/overlay.png", summary="Heatmap over the image, with score and verdict")
-    def result_overlay(rid: str):
+    @app.get("/v1/results/{rid}/overlay.png", summary="Heatmap over the image, with score and verdict", response_class=FileResponse,
+             responses={200: {"content": {"image/png": BINARY}, "description": "Heatmap over the image, with score and verdict"}, **responses(404)})
+    def result_overlay(rid: Rid):
         return _file(rid, "overlay")
 
-    @app.get("/v1/results/{rid}/map.npy", summary="Anomaly map, float32 [H, W], values in [0, 1]")
-    def result_map(rid: str):
+    @app.get("/v1/results/{rid}/map.npy", summary="Anomaly map, float32 [H, W], values in [0, 1]", response_class=FileResponse,
+             responses={200: {"content": {"application/octet-stream": BINARY}, "description": "Anomaly map, float32 [H, W], values in [0, 1]"}, **responses(404)})
+    def result_map(rid: Rid):
         return _file(rid, "map")
 
-    @app.get("/v1/results/{rid}/image.jpg", summary="The inspected image")
-    def result_image(rid: str):
+    @app.get("/v1/results/{rid}/image.jpg", summary="The inspected image", response_class=FileResponse,
+             responses={200: {"content": {"image/jpeg": BINARY}, "description": "The inspected image"}, **responses(404)})
+    def result_image(rid: Rid):
         return _file(rid, "image")
 
     def _product(p: str) -> dict:
@@ -265,8 +296,9 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     def products() -> dict:
         return {"products": [_product(p) for p in catalog.products]}
 
-    @app.post("/v1/products/{product}/reload", summary="Re-read a product's files (after register/calibrate)")
-    async def reload(product: str):
+    @app.post("/v1/products/{product}/reload", summary="Re-read a product's files (after register/calibrate)",
+              responses=responses(404, 409))
+    async def reload(product: Annotated[ProductName, PathParam(description="a product this station serves")]):
         if product not in ctx.batchers:
             metrics.errors.labels("unknown_product").inc()
             return error(404, "unknown_product", f"unknown product {product!r}; this station serves {catalog.products}")
@@ -275,14 +307,13 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         except (UnknownProduct, WinclipError) as err:
             metrics.reloads.labels(product, "failed").inc()
             return error(409, "reload_failed", f"{err} (the previous files stay in use)")
-        ctx.ids[product] = ModelIds.of(inspector)
         ctx.batchers[product].inspector = inspector  # the next batch is scored with the new files
         metrics.reloads.labels(product, "ok").inc()
         return _product(product)
 
     adding = asyncio.Lock()  # one product at a time: encoding its prompts takes the CPU for a while
 
-    @app.post("/v1/products", status_code=201,
+    @app.post("/v1/products", status_code=201, responses=responses(409),
               summary="Add (or with force re-encode) a product by name with the bundle's text encoder, and serve it")
     async def add_product(body: NewProduct):
         spec = PromptSpec(object_name=body.object_name or object_name_for(body.name), style=body.prompt_style,
@@ -293,6 +324,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                 text = await run_in_threadpool(encode_product, catalog.bundle, body.name, spec, "fp32", body.force)
             except ProductExistsError as err:
                 return error(409, "product_exists", str(err))
+            except InvalidName as err:  # the name follows the rule (checked above) but clashes with one but for case
+                return error(409, "name_clash", str(err))
             except PromptError as err:
                 return error(422, "bad_prompt", str(err))
             except WinclipError as err:  # no text encoder, a damaged one, a bad name: nothing was written
@@ -308,11 +341,10 @@ def create_app(ctx: ServiceContext) -> FastAPI:
                     ctx.batchers[body.name] = Batcher(inspector, first.max_batch, first.max_wait * 1e3, first.queue_size)
             except WinclipError as err:
                 return error(409, "add_product_failed", f"{body.name!r} was written but cannot be served: {err}")
-            ctx.ids[body.name] = ModelIds.of(inspector)
         return {**_product(body.name), "prompts": {"normal": len(text.normal_prompts),
                                                    "anomalous": len(text.anomalous_prompts)}, "encoder": text.encoder}
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get("/metrics", summary="Prometheus metrics (text exposition format)", response_class=PlainTextResponse)
     def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -320,7 +352,36 @@ def create_app(ctx: ServiceContext) -> FastAPI:
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
+    if ctx.review is not None:  # verdicts, queue, teach, rollback, versions, drift (review_api.py)
+        app.include_router(ctx.review.router(_with_urls))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    if ctx.config.token is not None:
-        app.add_middleware(TokenAuth, token=ctx.config.token, on_denied=lambda: metrics.errors.labels("unauthorized").inc())
+    # Routers of other modules are included above this line; then every route's statuses are settled.
+    document(app, auth=ctx.config.auth, open_paths=OPEN_PATHS)
+    app.add_middleware(CountRequests, count=lambda route, status: metrics.requests.labels(route, status).inc())
+    if ctx.config.auth:
+        app.add_middleware(TokenAuth, token=ctx.config.token, tokens=ctx.config.tokens,
+                           on_denied=lambda: metrics.errors.labels("unauthorized").inc())
+    app.add_middleware(BodyGuard, limit=ctx.config.max_upload_bytes, on_refused=lambda: metrics.errors.labels("too_large").inc())
     return app
+
+
+class CountRequests:
+    """ASGI middleware: winclip_http_requests_total by route template (``unmatched`` for none) and status."""
+
+    def __init__(self, app, count: Callable[[str, str], None]):
+        self.app, self.count = app, count
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        status = {"code": 500}
+
+        async def counted(message):
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counted)
+        finally:
+            self.count(getattr(scope.get("route"), "path", "unmatched"), str(status["code"]))

@@ -31,7 +31,8 @@ def is_loopback(host: str) -> bool:
 class HttpConfig:
     host: str = "127.0.0.1"
     port: int = DEFAULT_PORT  # 0 = any free port (the bound one is on HttpService.port)
-    token: Optional[str] = None  # bearer token every endpoint but /healthz requires; None = no auth
+    token: Optional[str] = None  # bearer token every endpoint but /healthz requires (named "default"); None = no auth
+    tokens: tuple = ()  # named tokens (auth.NamedToken: a token file, WINCLIP_TOKENS), required like ``token``
     insecure: bool = False  # allow a non-loopback bind without a token
     max_upload_mb: float = MAX_UPLOAD_MB
     keep_results: int = KEEP_RESULTS  # newest results the review store keeps (image, overlay, map, record)
@@ -39,6 +40,11 @@ class HttpConfig:
     # How long a request waits for its result before 504: queue + one engine batch. Generous by default: a big
     # model on a busy CPU takes many seconds per image (ViT-B-16+ at batch 8 on 2 shared cores: minutes).
     result_timeout_s: float = RESULT_TIMEOUT_S
+
+    @property
+    def auth(self) -> bool:
+        """Requests must carry a token."""
+        return self.token is not None or bool(self.tokens)
 
     @property
     def max_upload_bytes(self) -> int:
@@ -56,6 +62,7 @@ class HttpConfig:
             raise ServiceError(f"--keep-results must be >= 1, got {self.keep_results}")
         if self.token is not None and not self.token.strip():
             raise ServiceError("the token is empty; give a long random one (e.g. `openssl rand -hex 32`)")
-        if not is_loopback(self.host) and self.token is None and not self.insecure:
+        if not is_loopback(self.host) and not self.auth and not self.insecure:
             raise ServiceError(f"--http {self.host}:{self.port} is reachable from other machines: give --token "
-                               "(or WINCLIP_TOKEN) so requests must carry it, or --insecure to serve without auth")
+                               "(or WINCLIP_TOKEN) or --token-file so requests must carry one, or --insecure to serve "
+                               "without auth")

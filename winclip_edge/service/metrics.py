@@ -19,7 +19,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
 STAGES = ("upload", "decode", "queue", "engine", "scoring", "resize", "store")
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
-# The line runtime's counters: a dict (or dataclass) with per-source "dropped"/"reconnects", per-sink
+# The line runtime's counters: a dict (or dataclass) with per-source "dropped"/"reconnects"/"incomplete", per-sink
 # "spool_pending"/"spool_overflow" mappings.
 StationStats = Callable[[], Any]
 
@@ -53,6 +53,8 @@ class _Pulled:
         for key, name, help_text, label in (
                 ("dropped", "winclip_dropped_frames", "Frames a live source dropped (engine behind)", "source"),
                 ("reconnects", "winclip_source_reconnects", "Reconnections of a live source", "source"),
+                ("incomplete", "winclip_incomplete_frames", "Frames a camera delivered incomplete (dropped unscored)",
+                 "source"),
                 ("spool_overflow", "winclip_spool_overflow", "Messages a sink's full spool could not keep", "sink")):
             family = CounterMetricFamily(name, help_text, labels=[label])
             for who, n in station.get(key, {}).items():
@@ -62,6 +64,47 @@ class _Pulled:
         for sink, n in station.get("spool_pending", {}).items():
             pending.add_metric([sink], n)
         yield pending
+
+
+class _Review:
+    """Collector for the review loop, read at scrape time: product versions served, the review queue, drift."""
+
+    def __init__(self, versions: Callable[[], Mapping[str, Any]], queue: Callable[[], Mapping[str, int]],
+                 drift: Callable[[], Mapping[str, dict]] | None):
+        self.versions, self.queue, self.drift = versions, queue, drift
+
+    def collect(self) -> Iterator:
+        version = GaugeMetricFamily("winclip_product_version", "Product version served (0: unversioned files)",
+                                    labels=["product"])
+        for product, number in self.versions().items():
+            version.add_metric([product], float(number or 0))
+        yield version
+        waiting = GaugeMetricFamily("winclip_review_queue", "Flagged results kept that no operator reviewed yet",
+                                    labels=["product"])
+        for product, n in self.queue().items():
+            waiting.add_metric([product], float(n))
+        yield waiting
+        if self.drift is None:
+            return
+        value = GaugeMetricFamily("winclip_drift", "Drift statistic over the window (NaN: too few samples): "
+                                  "false_alarm_rate, ks, share_above", labels=["product", "statistic"])
+        alert = GaugeMetricFamily("winclip_drift_alert", "1 while the statistic's alert is raised (hysteresis)",
+                                  labels=["product", "statistic"])
+        limit = GaugeMetricFamily("winclip_drift_limit", "The levels that raise (on) and clear (off) an alert",
+                                  labels=["product", "statistic", "level"])
+        samples = GaugeMetricFamily("winclip_drift_samples", "Observations in the window: scores, reviewed_goods",
+                                    labels=["product", "kind"])
+        for product, state in self.drift().items():
+            for statistic, x in state["values"].items():
+                value.add_metric([product, statistic], float("nan") if x is None else x)
+                alert.add_metric([product, statistic], float(state["active"][statistic]))
+                levels = state["limits"][statistic]
+                for level in ("on", "off"):
+                    if levels is not None:
+                        limit.add_metric([product, statistic, level], levels[level])
+            for kind in ("scores", "reviewed_goods"):
+                samples.add_metric([product, kind], float(state[kind]))
+        yield from (value, alert, limit, samples)
 
 
 class ServiceMetrics:
@@ -80,7 +123,16 @@ class ServiceMetrics:
                                 "(anomalous, normal, undecided = no threshold, error)", ["product", "verdict"], registry=r)
         self.errors = Counter("winclip_errors", "Failed requests and inspections by kind", ["kind"], registry=r)
         self.reloads = Counter("winclip_product_reloads", "Product reloads by outcome", ["product", "outcome"], registry=r)
+        self.reviews = Counter("winclip_verdicts", "Operators' verdicts recorded (good, defect)", ["product", "verdict"],
+                               registry=r)
+        self.changes = Counter("winclip_product_changes", "Teach and rollback requests by outcome",
+                               ["product", "action", "outcome"], registry=r)
         r.register(_Pulled(batchers, station_stats))
+
+    def watch_review(self, versions: Callable[[], Mapping[str, Any]], queue: Callable[[], Mapping[str, int]],
+                     drift: Callable[[], Mapping[str, dict]] | None) -> None:
+        """Add the review loop's gauges (product versions, review queue, drift) read from these at scrape time."""
+        self.registry.register(_Review(versions, queue, drift))
 
     def observe_result(self, product: str, source: str, anomalous: bool | None, error: str | None,
                        timings_ms: Mapping[str, float], end_to_end_s: float | None) -> None:

@@ -9,18 +9,21 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ..catalog import Catalog
 from ..inspector import InspectionResult
 from ..line.batcher import Batcher
+from ..review import ReviewDB
 from .app import ServiceContext, create_app
 from .config import HttpConfig, ServiceError
 from .metrics import StationStats, ServiceMetrics
+from .review_api import Review
 from .store import ResultStore
 
 STARTUP_TIMEOUT_S = 30.0
 STORE_FOLDER = "review"
+REVIEW_DB = "verdicts.sqlite"  # in the store's folder: the operators' verdicts (review.py)
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -92,22 +95,33 @@ class HttpService:
         self._server.should_exit = True
         self._thread.join(10)
         self.socket.close()
+        if self.context.review is not None:
+            self.context.review.db.close()
 
 
 def start_http(config: HttpConfig, catalog: Catalog, batchers: Mapping[str, Batcher], out_dir: str | Path,
                station: str = "station", station_stats: StationStats | None = None,
-               on_decision: Optional[Callable[[dict], None]] = None) -> HttpService:
+               on_decision: Optional[Callable[[dict], None]] = None, drift: Any = None) -> HttpService:
     """Check ``config``, bind, start serving; returns once the socket accepts connections. ``/readyz`` stays 503
-    until :meth:`HttpService.set_ready`. The review store is ``<out_dir>/review/``. ``on_decision(row)`` sees the
-    row of every inspection the HTTP face answers (the station counts them with its sources')."""
+    until :meth:`HttpService.set_ready`. The review store is ``<out_dir>/review/``, the operators' verdicts
+    ``<out_dir>/review/verdicts.sqlite``. ``on_decision(row)`` sees the row of every inspection the HTTP face
+    answers (the station counts them with its sources'). ``drift``: the station's DriftWatch (line/drift_watch.py),
+    fed the verdicts and shown in /metrics and the page."""
     config.check()
     missing = sorted(set(catalog.products) - set(batchers))
     if missing:
         raise ServiceError(f"no batcher for product(s) {missing}")
-    context = ServiceContext(config=config, catalog=catalog, batchers=batchers,
-                             store=ResultStore(Path(out_dir) / STORE_FOLDER, config.keep_results),
-                             metrics=ServiceMetrics(batchers, station_stats), station=station,
-                             on_decision=on_decision)
-    service = HttpService(context, _bind(config.host, config.port))
-    service._start()
+    folder = Path(out_dir) / STORE_FOLDER
+    store = ResultStore(folder, config.keep_results)
+    db = ReviewDB(folder / REVIEW_DB)
+    try:
+        context = ServiceContext(config=config, catalog=catalog, batchers=batchers, store=store,
+                                 metrics=ServiceMetrics(batchers, station_stats), station=station,
+                                 on_decision=on_decision)
+        context.review = Review(context, db, drift)
+        service = HttpService(context, _bind(config.host, config.port))
+        service._start()
+    except BaseException:
+        db.close()
+        raise
     return service

@@ -1,8 +1,8 @@
 """Reading an uploaded image: raw body or multipart, bounded before it is read, decoded like a file.
 
-The size limit is enforced twice: a declared ``Content-Length`` over it is refused before any byte is
-read, and the bytes actually received are counted as they arrive (chunked uploads, lying headers), so
-an upload never occupies more than the limit in memory.
+The size limit is enforced twice: a declared ``Content-Length`` over it is refused before the request reaches a
+route (guard.py, which also drains or closes cleanly), and here the bytes actually received are counted as they
+arrive (chunked uploads, lying headers), so an upload never occupies more than the limit in memory.
 """
 from __future__ import annotations
 
@@ -40,9 +40,6 @@ async def _counted(request: Request, limit: int) -> AsyncIterator[bytes]:
 
 async def read_upload(request: Request, limit: int) -> tuple[bytes, str | None]:
     """The image bytes and the client's file name (multipart only) of a request, at most ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
     kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if kind != "multipart/form-data":
         data = bytearray()

@@ -1,4 +1,4 @@
-"""A Triton Inference Server model repository made from a bundle (``winclip-edge export-triton``).
+"""A Triton Inference Server model repository made from a bundle (``winclip-edge triton export``).
 
 ::
 
@@ -156,14 +156,14 @@ def fp16_output_graph(src: str | os.PathLike, dst: str | os.PathLike) -> None:
 
 def _find_plan(bundle: Bundle, cfg: RepositoryConfig) -> tuple[Path, dict]:
     """The plan and its build-engine sidecar; it must have been built from this bundle's visual.onnx."""
-    from ..engines.cache_dir import default_engine_dir
+    from ..engines.cache_dir import engine_dir
     from ..engines.engine_cache import SIDECAR_SUFFIX
 
     onnx_sha = bundle.manifest.files[VISUAL_ONNX]
     if cfg.plan is not None:
         plans = [Path(cfg.plan)]
     else:
-        folder = default_engine_dir(bundle)
+        folder = engine_dir(bundle)  # the bundle's, or $WINCLIP_ENGINE_DIR (where engine build wrote it)
         plans = sorted(folder.glob("*.plan")) if folder.is_dir() else []
     fitting = []
     for plan in plans:
@@ -176,7 +176,7 @@ def _find_plan(bundle: Bundle, cfg: RepositoryConfig) -> tuple[Path, dict]:
     if len(fitting) != 1:
         found = ", ".join(p.name for p in plans) or "none"
         raise RepositoryError(
-            f"platform tensorrt needs exactly one plan built by `winclip-edge build-engine` from this bundle's "
+            f"platform tensorrt needs exactly one plan built by `winclip-edge engine build` from this bundle's "
             f"visual.onnx with its sidecar JSON ({len(fitting)} fit; plans seen: {found}); pass --plan")
     return fitting[0]
 

@@ -1,4 +1,4 @@
-"""A CPU Triton server for a bundle (``winclip-edge triton-serve``): PyTriton's bundled ``tritonserver`` on a
+"""A CPU Triton server for a bundle (``winclip-edge triton serve``): PyTriton's bundled ``tritonserver`` on a
 repository written by repository.py with platform ``python`` — same model name, inputs, outputs, batching and
 ``parameters`` as the repository a GPU server runs, the graph executed by ONNX Runtime in Triton's Python backend.
 
@@ -76,7 +76,9 @@ class TritonServer:
         try:
             from pytriton.triton import Triton, TritonConfig
         except ImportError as err:
-            raise ServerError(f"nvidia-pytriton is not installed ({err}); pip install 'winclip-edge[triton]'") from None
+            raise ServerError(f"nvidia-pytriton is not installed ({err}); it requires numpy < 2: install it in an "
+                              "environment of its own with pip install 'winclip-edge[triton-server]' (docs/triton.md §4)"
+                              ) from None
         c = self.config
         self._workdir = Path(tempfile.mkdtemp(prefix="winclip-triton-"))
         repo = self._workdir / "repository"
