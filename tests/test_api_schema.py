@@ -28,6 +28,8 @@ from winclip_edge.service.errors import ERROR_REF  # noqa: E402
 from winclip_edge.service.metrics import ServiceMetrics  # noqa: E402
 from winclip_edge.service.params import ID_SCHEMA_PATTERN, NAME_SCHEMA_PATTERN, ProductName  # noqa: E402
 from winclip_edge.service.store import ID_PATTERN, ResultStore  # noqa: E402
+from winclip_edge.review import ReviewDB  # noqa: E402
+from winclip_edge.service.review_api import Review  # noqa: E402
 
 TOKEN = "t0ken-" + "x" * 26
 
@@ -43,6 +45,7 @@ def make_app(catalog, tmp_path, token=None) -> FastAPI:
     batchers = {"widget": Batcher(catalog.get("widget"), 2, 5.0, 8)}
     ctx = ServiceContext(config=HttpConfig(port=0, token=token, max_upload_mb=1), catalog=catalog, batchers=batchers,
                          store=ResultStore(tmp_path / "review"), metrics=ServiceMetrics(batchers), station="s1")
+    ctx.review = Review(ctx, ReviewDB(tmp_path / "review.db"))  # the review routes (review_api.py) as serve has them
     ctx.ready.set()
     return create_app(ctx)
 
@@ -145,7 +148,8 @@ def test_every_operation_documents_what_it_answers(catalog, tmp_path, token):
             if param["in"] == "path":
                 assert param["schema"].get("pattern") in (NAME_SCHEMA_PATTERN, ID_SCHEMA_PATTERN), where
         seen += 1
-    assert seen == len(routes) >= 12
+    assert seen == len(routes) >= 19
+    assert {"/v1/results/{rid}/verdict", "/v1/products/{product}/rollback"} <= set(schema["paths"])
     assert schema["paths"]["/metrics"]["get"]["responses"]["200"]["content"].keys() == {"text/plain"}
     assert schema["paths"]["/v1/results/{rid}/overlay.png"]["get"]["responses"]["200"]["content"].keys() == {"image/png"}
     assert NAME_SCHEMA_PATTERN == f"^{NAME_PATTERN.pattern}$" and ID_SCHEMA_PATTERN == f"^{ID_PATTERN.pattern}$"

@@ -404,7 +404,7 @@ def test_teach_and_rollback_over_http_while_a_video_runs_every_frame_once_by_one
         assert r.status_code == 409 and r.json()["error"] == "damaged_version" and "version 2 of product 'widget'" \
             in r.json()["detail"]
         r = s.client.post("/v1/products/widget/rollback", json={"version": 7})
-        assert r.status_code == 404 and r.json()["error"] == "unknown_version"
+        assert r.status_code == 409 and r.json()["error"] == "unknown_version"
         assert s.client.post("/v1/products/widget/rollback", json={"version": "two"}).status_code == 422
         assert s.client.post("/v1/products/nope/rollback", json={"version": 1}).status_code == 404
         assert s.inspect(product["odd"])["score"] == before["score"]

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Callable, List, Literal, Mapping, Optional, Union
 
-from fastapi import FastAPI, Path as PathParam, Query, Request
+from fastapi import FastAPI, Query, Request
 from fastapi.responses import FileResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, ConfigDict, Field
@@ -43,7 +43,7 @@ from .config import HttpConfig
 from .errors import COMMON, document, error, install_handlers, responses
 from .guard import BodyGuard
 from .metrics import CONTENT_TYPE, ServiceMetrics
-from .params import ProductName, ResultId
+from .params import ProductName, ProductPath, Rid
 from .store import FILES, ResultStore, valid_id
 from .uploads import FORM_FIELDS, UploadError, decode_upload, read_upload
 
@@ -80,7 +80,6 @@ class ServiceContext:
     # received_at, timeout) -> a Future of the part's row
 
 
-Rid = Annotated[ResultId, PathParam(description="the result's id (32 lower-case hex digits)")]
 
 
 def _containing(placeholder: str, example: str) -> Any:
@@ -298,7 +297,7 @@ def create_app(ctx: ServiceContext) -> FastAPI:
 
     @app.post("/v1/products/{product}/reload", summary="Re-read a product's files (after register/calibrate)",
               responses=responses(404, 409))
-    async def reload(product: Annotated[ProductName, PathParam(description="a product this station serves")]):
+    async def reload(product: ProductPath):
         if product not in ctx.batchers:
             metrics.errors.labels("unknown_product").inc()
             return error(404, "unknown_product", f"unknown product {product!r}; this station serves {catalog.products}")

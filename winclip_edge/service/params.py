@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
+from fastapi import Path as PathParam
 from pydantic import AfterValidator, Field
 
 from ..names import MAX_NAME, NAME_PATTERN, check_name
@@ -31,4 +32,8 @@ ProductName = Annotated[str, AfterValidator(_product_name),
 ResultId = Annotated[str, Field(json_schema_extra={"pattern": ID_SCHEMA_PATTERN, "minLength": 32, "maxLength": 32},
                                 examples=[EXAMPLE_ID])]
 
-__all__ = ["EXAMPLE_ID", "ID_SCHEMA_PATTERN", "NAME_SCHEMA_PATTERN", "ProductName", "ResultId"]
+# The path parameters of every route that names a result or a product (app.py, review_api.py).
+Rid = Annotated[ResultId, PathParam(description="the result's id (32 lower-case hex digits)")]
+ProductPath = Annotated[ProductName, PathParam(description="a product this station serves")]
+
+__all__ = ["EXAMPLE_ID", "ID_SCHEMA_PATTERN", "NAME_SCHEMA_PATTERN", "ProductName", "ProductPath", "ResultId", "Rid"]

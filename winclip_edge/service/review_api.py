@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
-from typing import Any, Callable, Literal, Optional
+from typing import Annotated, Any, Callable, Literal, Optional
 
 from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,6 +26,7 @@ from ..review import MAX_NOTE, ReviewDB, ReviewError, Verdict, lossless_source
 from ..teaching import NothingToTeach, TeachConfig, product_versions, rollback, teach_from_review
 from ..versions import UnknownVersion
 from .errors import error, responses
+from .params import ProductName, ProductPath, Rid
 from .store import valid_id
 
 ANONYMOUS = "anonymous"  # the operator of a verdict on a station without tokens
@@ -153,7 +154,7 @@ class Review:
 
         @api.post("/v1/results/{rid}/verdict", summary="An operator's verdict on a result: good or defect, with a note",
                   responses=responses(401, 404, 422, 507))
-        async def give_verdict(rid: str, body: VerdictBody, request: Request):
+        async def give_verdict(rid: Rid, body: VerdictBody, request: Request):
             if not valid_id(rid):
                 metrics.errors.labels("bad_id").inc()
                 return error(422, "bad_id", "a result id is 32 lower-case hex digits")
@@ -184,7 +185,7 @@ class Review:
 
         @api.get("/v1/results/{rid}/verdicts", summary="Every verdict given on a result, oldest first",
                  responses=responses(401, 404, 422))
-        def verdict_history(rid: str):
+        def verdict_history(rid: Rid):
             if not valid_id(rid):
                 return error(422, "bad_id", "a result id is 32 lower-case hex digits")
             history = db.history(rid)
@@ -194,7 +195,8 @@ class Review:
 
         @api.get("/v1/review/queue", summary="Flagged results nobody reviewed yet (newest first), with the counts",
                  responses=responses(401, 422))
-        def review_queue(product: Optional[str] = None, limit: int = Query(50, ge=1, le=MAX_QUEUE)) -> dict:
+        def review_queue(product: Annotated[Optional[ProductName], Query(description="only this product's")] = None,
+                         limit: Annotated[int, Query(ge=1, le=MAX_QUEUE)] = 50) -> dict:
             waiting, flagged = self.waiting(product)
             products = [product] if product is not None else catalog.products
             return {"queue": [with_urls(r) for r in waiting[:limit]], "waiting": len(waiting), "flagged": flagged,
@@ -202,7 +204,7 @@ class Review:
 
         @api.get("/v1/products/{product}/versions", summary="A product's versions, oldest first; live and served marked",
                  responses=responses(401, 404))
-        async def versions(product: str):
+        async def versions(product: ProductPath):
             problem = self._product_or_404(product)
             if problem is not None:
                 return problem
@@ -212,7 +214,7 @@ class Review:
 
         @api.post("/v1/products/{product}/teach", summary="Teach the product its good verdicts (false alarms by "
                   "default) as a new version, and serve it", responses=responses(401, 404, 409, 422))
-        async def teach(product: str, request: Request, body: Optional[TeachBody] = None):
+        async def teach(product: ProductPath, request: Request, body: Optional[TeachBody] = None):
             problem = self._product_or_404(product)
             if problem is not None:
                 return problem
@@ -246,7 +248,7 @@ class Review:
 
         @api.post("/v1/products/{product}/rollback", summary="Serve an earlier (or later) version of the product",
                   responses=responses(401, 404, 409, 422))
-        async def roll_back(product: str, body: RollbackBody, request: Request):
+        async def roll_back(product: ProductPath, body: RollbackBody, request: Request):
             problem = self._product_or_404(product)
             if problem is not None:
                 return problem
@@ -257,7 +259,7 @@ class Review:
                     pointer = await run_in_threadpool(rollback, catalog.bundle, product, body.version, operator, db)
                 except UnknownVersion as err:
                     metrics.changes.labels(product, "rollback", "unknown").inc()
-                    return error(404, "unknown_version", str(err))
+                    return error(409, "unknown_version", str(err))
                 except BundleError as err:
                     metrics.changes.labels(product, "rollback", "damaged").inc()
                     return error(409, "damaged_version", f"{err} (the served version is unchanged)")
@@ -274,7 +276,7 @@ class Review:
 
         @api.get("/v1/products/{product}/drift", summary="Drift of the product's served version: statistics, alerts",
                  responses=responses(401, 404))
-        def drift(product: str):
+        def drift(product: ProductPath):
             problem = self._product_or_404(product)
             if problem is not None:
                 return problem
