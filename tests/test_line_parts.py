@@ -335,6 +335,31 @@ def test_engine_failure_is_error_with_the_reason_and_recovery_is_operational(two
         catalog.close()
 
 
+def test_a_product_added_after_the_station_started_takes_part_uploads(two_products, tmp_path):
+    """The HTTP face adds products to the batchers the station was given (POST /v1/products): the station serves
+    them too (a fuzzed upload with a part id for a product added later was a 500)."""
+    catalog = Catalog(two_products, ["widget", "bolt"])
+    batchers = {"widget": Batcher(catalog.get("widget"), max_batch=1)}
+    config = StationConfig(station="s", save="none", status_every_s=0, keep_running=True,
+                           parts=PartsConfig(continuous=False, views=("http",)))
+    station = Station(config, tmp_path / "out", batchers["widget"], [], batchers=batchers)
+    image = textured_part((96, 128), seed=5, defect=(30, 30, 20, 20))
+    try:
+        with Running(station):
+            batchers["bolt"] = Batcher(catalog.get("bolt"), max_batch=1)  # as service/app.py's add_product does
+            row = station.upload("4711", "bolt", image, "up").result(60)
+            with pytest.raises(KeyError, match="unknown product 'nut'"):
+                station.upload("4712", "nut", image, "up")
+        [expected] = catalog.get("bolt").inspect([image])
+        assert row["product"] == "bolt" and row["part_id"] == "4711" and row["accept"] is not None
+        assert row["score"] == pytest.approx(expected.score, abs=1e-6)
+        assert [r["part_id"] for r in rows_of(tmp_path / "out")] == ["4711"]
+    finally:
+        for b in batchers.values():
+            b.close()
+        catalog.close()
+
+
 def test_a_recipe_switched_while_frames_flow_loses_none_and_scores_each_with_one_product(two_products, tmp_path):
     from winclip_edge.line.health import watch
 

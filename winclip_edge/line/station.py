@@ -223,7 +223,8 @@ class Station:
                  batchers: dict[str, Batcher] | None = None, on_row: Iterable[Callable[[dict], None]] = (),
                  clock: Callable[[], float] = time.monotonic):
         self.config = config
-        self.batchers = dict(batchers) if batchers else {}
+        # The caller's dict itself: a product the HTTP face adds (POST /v1/products) is one the station serves too.
+        self.batchers = batchers if batchers is not None else {}
         self.product: str | None = batcher.inspector.product
         self.batchers.setdefault(batcher.inspector.product, batcher)
         self.out = Path(out).resolve()  # payload paths must mean something to the consumers
@@ -904,7 +905,7 @@ class Station:
             unclaimed = self._counts["unclaimed"]
         sinks: list[SinkStats] = [s.stats() for s in self.sinks]
         queues = {f"source:{s.name}": len(s.buffer) for s in self.sources}
-        queues["engine"] = sum(b.stats().queue_depth for b in self.batchers.values())
+        queues["engine"] = sum(b.stats().queue_depth for b in list(self.batchers.values()))  # may grow
         queues["awaiting_write"] = self._inflight.qsize()
         parts = dict(self.tracker.counts, open=self.tracker.in_flight(), unclaimed=unclaimed)
         return StationStats(

@@ -176,6 +176,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             raise UploadError(409, "part_refused", str(err)) from None
         except ControlRefused as err:
             raise UploadError(409, "refused", str(err)) from None
+        except KeyError as err:  # a product the station does not serve
+            raise UploadError(404, "unknown_product", str(err).strip("'\"")) from None
         except (BatcherFull, BatcherClosed) as err:
             raise UploadError(503, "busy", str(err)) from None
         except asyncio.TimeoutError:
