@@ -2,7 +2,7 @@
 """Triggered parts on the line station: trigger -> verdict latency and deadline misses at a few trigger rates, and
 what the station costs against the engine alone.
 
-For each ``--bundle`` (on the engine ``--backend auto`` picks: the ``winclip-edge tune`` winner when the bundle has a
+For each ``--bundle`` (on the engine ``--backend auto`` picks: the ``winclip-edge engine tune`` winner when the bundle has a
 tune record for this machine), in one process and one run:
 
 1. **engine alone**: images/s of ``bench_batch`` -- the function ``winclip-edge bench`` times with -- at ``--batch``
@@ -223,7 +223,7 @@ def main() -> None:
     ap.add_argument("--frames", type=int, default=16, help="free-running frames (default 16)")
     ap.add_argument("--deadline-ms", type=float, required=True)
     ap.add_argument("--iters", type=int, default=4, help="bench iterations (default 4)")
-    ap.add_argument("--tune", action="store_true", help="run `winclip-edge tune` on the bundle first (the tiny one: "
+    ap.add_argument("--tune", action="store_true", help="run `winclip-edge engine tune` on the bundle first (the tiny one: "
                                                         "its own record)")
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     args = ap.parse_args()
@@ -232,7 +232,7 @@ def main() -> None:
         tmp = Path(tmp_name)
         bundle_path = tiny_bundle(tmp) if args.tiny else Path(args.bundle)
         if args.tune:
-            subprocess.run([sys.executable, "-m", "winclip_edge.cli", "tune", "--bundle", str(bundle_path),
+            subprocess.run([sys.executable, "-m", "winclip_edge.cli", "engine", "tune", "--bundle", str(bundle_path),
                             "--sequential", "--fidelity-images", "2"], check=True,
                            env={**os.environ, "PYTHONPATH": str(REPO)})
         bundle = Bundle(bundle_path)

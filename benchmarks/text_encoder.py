@@ -3,8 +3,8 @@
 ``winclip-edge product add`` on the runtime (text.onnx, CPU) against the export stage (torch).
 
 Works on a COPY of ``--bundle`` (a bundle without the text encoder, e.g. the shared ViT-B-16-plus-240 one):
-measures its size, runs ``winclip-edge add-text-encoder`` and ``quantize --graph text`` (fp16, int8) on the copy,
-then times ``add-product`` ``--repeats`` times per encoder, each in a fresh process (wall time and the child's
+measures its size, runs ``winclip-edge add-text-encoder`` and ``engine quantize --graph text`` (fp16, int8) on the copy,
+then times ``product add`` ``--repeats`` times per encoder, each in a fresh process (wall time and the child's
 peak RSS from wait4, so imports and model loading are included: what a user waits for), and compares each
 encoder's prototypes with the export stage's. The runtime runs have torch and open_clip made unimportable (a
 sitecustomize on PYTHONPATH). Run from the repository root::
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", required=True, help="a bundle without the text encoder (copied, not changed)")
     parser.add_argument("--product", default="cable", help="product name to add (default cable)")
-    parser.add_argument("--repeats", type=int, default=3, help="add-product runs per encoder (default 3)")
+    parser.add_argument("--repeats", type=int, default=3, help="product add runs per encoder (default 3)")
     parser.add_argument("--out", default=str(REPO / "benchmarks" / "results"))
     parser.add_argument("--work", default=None, help="folder for the copy (default: a temporary folder)")
     args = parser.parse_args(argv)
@@ -97,8 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     files = {name: (copy / name).stat().st_size / 2**20 for name in section["files"]}
     variant_rows = []
     for precision in ("fp16", "int8"):
-        print(f"quantize --graph text --precision {precision} ...", file=sys.stderr, flush=True)
-        seconds, rss = timed(cli("quantize", "--bundle", str(copy), "--graph", "text", "--precision", precision),
+        print(f"engine quantize --graph text --precision {precision} ...", file=sys.stderr, flush=True)
+        seconds, rss = timed(cli("engine", "quantize", "--bundle", str(copy), "--graph", "text", "--precision", precision),
                              export_env)
         size = (copy / "variants" / f"text.{precision}.onnx").stat().st_size / 2**20
         variant_rows.append([f"variants/text.{precision}.onnx", f"{size:.0f}", f"{seconds:.0f}", f"{rss:.0f}"])
@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     for label, extra, env in runs:
         samples = []
         for i in range(args.repeats):
-            print(f"add-product: {label} #{i + 1}", file=sys.stderr, flush=True)
-            samples.append(timed(cli("add-product", "--bundle", str(copy), args.product, "--force", "--quiet", *extra),
+            print(f"product add: {label} #{i + 1}", file=sys.stderr, flush=True)
+            samples.append(timed(cli("product", "add", "--bundle", str(copy), args.product, "--force", "--quiet", *extra),
                                  env))
         times = sorted(s for s, _ in samples)
         text = load_text(Bundle(copy), args.product)
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                        + [[f"  of which {n}", f"{v:.1f}"] for n, v in files.items()]), "",
         f"`add-text-encoder` (export stage, torch): {add_s:.0f} s, peak RSS {add_rss:.0f} MiB.", "",
         markdown_table(["optional variant", "MiB", "made in s", "peak RSS MiB"], variant_rows), "",
-        f"## `add-product {args.product}` (CPE: 7 + 4 states x 22 templates = 242 prompts), one fresh process per run, {args.repeats} runs", "",
+        f"## `product add {args.product}` (CPE: 7 + 4 states x 22 templates = 242 prompts), one fresh process per run, {args.repeats} runs", "",
         markdown_table(["encoder", "median s", "range s", "peak RSS MiB", "prototypes max abs diff vs export stage",
                         "min cosine"], rows), "",
         "Wall time includes the Python start, imports, loading and verifying the bundle (sha256 of the graphs) and "

@@ -64,7 +64,7 @@ class TextEncoder:
     """Prompts -> L2-normalised text embeddings ``float32 [P, D]`` with ONNX Runtime on the CPU."""
 
     def __init__(self, bundle: Bundle, precision: str = "fp32", model_path: str | Path | None = None, threads: int = 0):
-        """``precision``: fp32 (text.onnx) or a variant made by ``quantize --graph text``; ``model_path``: a graph
+        """``precision``: fp32 (text.onnx) or a variant made by ``engine quantize --graph text``; ``model_path``: a graph
         file to check against the contract instead (used when making a variant)."""
         import onnxruntime as ort
 

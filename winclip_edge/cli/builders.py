@@ -1,4 +1,4 @@
-"""``quantize`` and ``build-engine``: artefacts built from a bundle on the machine that runs it."""
+"""``engine quantize`` and ``engine build``: artefacts built from a bundle on the machine that runs it."""
 from __future__ import annotations
 
 import argparse

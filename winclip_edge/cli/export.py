@@ -1,5 +1,5 @@
-"""``export``, ``add-text-encoder`` and ``add-product``: the export stage (workstation; torch + open_clip, imported
-lazily). ``add-product`` runs without torch when the bundle has the text encoder (winclip_edge/text_encoder.py)."""
+"""``export``, ``add-text-encoder`` and ``product add``: the export stage (workstation; torch + open_clip, imported
+lazily). ``product add`` runs without torch when the bundle has the text encoder (winclip_edge/text_encoder.py)."""
 from __future__ import annotations
 
 import argparse
@@ -142,7 +142,7 @@ def register(commands: Commands) -> None:
                        help="auto (default): the bundle's text.onnx when it has one, else the export stage (torch); "
                             "bundle or export to choose")
         p.add_argument("--text-precision", choices=PRECISIONS, default="fp32",
-                       help="bundle text encoder only: fp32 (default) or a variant made by `quantize --graph text`")
+                       help="bundle text encoder only: fp32 (default) or a variant made by `engine quantize --graph text`")
         p.add_argument("--quiet", action="store_true")
         p.set_defaults(run=run_add_product)
 

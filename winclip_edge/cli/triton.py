@@ -1,4 +1,4 @@
-"""``export-triton``, ``triton-serve``: a Triton model repository from a bundle, and a CPU Triton server for it."""
+"""``triton export``, ``triton serve``: a Triton model repository from a bundle, and a CPU Triton server for it."""
 from __future__ import annotations
 
 import argparse

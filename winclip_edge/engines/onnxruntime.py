@@ -5,13 +5,13 @@
 must agree with it (``--provider cpu --device cuda`` is refused).
 
 ONNX Runtime's TensorRT provider builds a TensorRT engine when a session starts (minutes for ViT-B), so it is
-configured like ``build-engine``: fp16 is TensorRT's own flag on the fp32 graph (``trt_fp16_enable``; the ONNX fp16
+configured like ``engine build``: fp16 is TensorRT's own flag on the fp32 graph (``trt_fp16_enable``; the ONNX fp16
 variant is for the CUDA provider), one optimisation profile over the batch axis (``trt_profile_*_shapes``: a
 later, larger batch does not rebuild the engine; larger batches are split), and its engine and timing caches
 in ``onnxruntime-tensorrt-<machine key>/`` under the engine folder (``--engine-dir``, default ``<bundle>/engines``):
 ONNX Runtime asks for them to be cleaned when its, TensorRT's or the GPU's version changes, so they are keyed by the
 machine and bounded like the other caches (caches.py). int8 needs TensorRT's own calibration: that is the native
-backend's (``build-engine --precision int8``).
+backend's (``engine build --precision int8``).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ class OnnxRuntimeEngine:
     def __init__(self, bundle: Bundle, config: EngineConfig = EngineConfig(backend="onnxruntime"),
                  model_path: str | Path | None = None):
         """``config.device`` + ``options.provider``: where it runs (above); ``config.threads``: intra-op threads,
-        0 = ORT's default; ``config.precision`` fp16/int8 runs the bundle's ``quantize`` variant (sha256-checked).
+        0 = ORT's default; ``config.precision`` fp16/int8 runs the bundle's ``engine quantize`` variant (sha256-checked).
         ``model_path``: another ONNX file with the same contract (a variant being made)."""
         opts = config.options if config.options is not None else OnnxRuntimeOptions()
         threads, precision = config.threads, config.precision or "fp32"

@@ -3,7 +3,7 @@
 A backend is one module that defines one :class:`BackendRecord` (module attribute ``BACKEND``): its name, the
 precisions it runs, its own options dataclass, which common :class:`EngineConfig` fields it takes, how to create
 its engine, its ``tune`` candidates and preparation, what it builds, the packages it needs. ``create_engine``,
-the CLI's ``--backend`` choices and engine flags, ``info``, ``tune``, ``quantize``, the roofline and the machine key
+the CLI's ``--backend`` choices and engine flags, ``info``, ``engine tune``, ``engine quantize``, the roofline and the machine key
 read this registry; nothing else lists backends.
 
 The built-ins (``BUILTINS``) and third-party backends are loaded the same way: by name, when the registry is

@@ -2,7 +2,7 @@
 
 Stations keep decoding and scoring; the server batches the ViT calls of many stations. Before the first request the
 server's model is checked against the bundle: contract names/dtypes/shapes (model metadata) and the weights id +
-contract id that ``export-triton`` writes into the model config's ``parameters`` (engines/triton_identity.py) — text
+contract id that ``triton export`` writes into the model config's ``parameters`` (engines/triton_identity.py) — text
 prototypes and memories computed with other weights would score silently wrong. Requests have a timeout; transient
 failures are retried with exponential back-off; then the call fails as an :class:`EngineError` (the Inspector turns
 it into error results for that batch's images).

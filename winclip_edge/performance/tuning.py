@@ -1,4 +1,4 @@
-"""``tune``: time every engine this machine can run, keep the faithful ones, record the fastest in the bundle.
+"""``engine tune``: time every engine this machine can run, keep the faithful ones, record the fastest in the bundle.
 
 A candidate is a backend x precision x thread count (ONNX Runtime fp32/int8 and fp16 on CUDA, OpenVINO
 fp32/bf16/fp16/int8 on each device OpenVINO sees, torch fp32 (fp16 on CUDA), TensorRT fp16/int8 where a plan was

@@ -1,4 +1,4 @@
-"""Triton Python-backend model (copied as ``<model>/1/model.py`` by ``triton-serve``): runs the ``model.onnx`` beside
+"""Triton Python-backend model (copied as ``<model>/1/model.py`` by ``triton serve``): runs the ``model.onnx`` beside
 it with ONNX Runtime on the CPU. Triton's dynamic batcher hands several requests to one ``execute``; they run as one
 ONNX Runtime call. Outputs are cast to the dtypes of the model config (FP16 when exported with --outputs-fp16).
 

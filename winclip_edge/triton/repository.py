@@ -4,8 +4,8 @@
 
     REPO/<name>/config.pbtxt      Triton's ModelConfig (text protobuf), built with tritonclient's own protobuf
     REPO/<name>/1/model.onnx      the bundle's visual.onnx (platform onnxruntime_onnx), or
-    REPO/<name>/1/model.plan      a TensorRT plan from `build-engine` (platform tensorrt_plan), or
-    REPO/<name>/1/model.py        + model.onnx: Triton's Python backend running ONNX Runtime (``triton-serve``)
+    REPO/<name>/1/model.plan      a TensorRT plan from `engine build` (platform tensorrt_plan), or
+    REPO/<name>/1/model.py        + model.onnx: Triton's Python backend running ONNX Runtime (``triton serve``)
 
 Inputs and outputs are the graph contract (contract.py) with the batch axis as Triton's ``max_batch_size``;
 the bundle's ids go into ``parameters`` (identity.py) so that a client refuses a model from other weights.

@@ -2,7 +2,7 @@
 repository written by repository.py with platform ``python`` — same model name, inputs, outputs, batching and
 ``parameters`` as the repository a GPU server runs, the graph executed by ONNX Runtime in Triton's Python backend.
 
-For a CPU server or a quick trial; production GPU servers run the ``export-triton`` repository with Triton's own
+For a CPU server or a quick trial; production GPU servers run the ``triton export`` repository with Triton's own
 onnxruntime/TensorRT backends (docs/triton.md).
 """
 from __future__ import annotations
