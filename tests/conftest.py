@@ -37,6 +37,26 @@ def wait_for(condition, timeout=60.0, what="condition"):
         time.sleep(0.02)
 
 
+def wait_http_ready(proc, client, log_text, timeout_s, stop):
+    """Poll ``GET /readyz`` of a started ``serve --http`` until 200; a process that exits, or ``timeout_s``
+    without ready (``stop()`` is called first), fails with the end of its log (``log_text()``)."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited with {proc.returncode}:\n{log_text()[-3000:]}")
+        try:
+            if client.get("/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if time.monotonic() > deadline:
+            stop()
+            raise AssertionError(f"serve not ready in {timeout_s} s:\n{log_text()[-3000:]}")
+        time.sleep(0.2)
+
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import free_port, textured_part, wait_for
+from conftest import free_port, textured_part, wait_for, wait_http_ready
 from winclip_edge import Inspector
 from winclip_edge.bundle import Bundle
 from winclip_edge.calibration import calibrate
@@ -80,19 +80,7 @@ class Serve:
         env = {k: v for k, v in os.environ.items() if k not in ("WINCLIP_TOKEN", "WINCLIP_TOKENS")}
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env)
         self.client = self.session(token)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.text()[-3000:]}")
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"serve not ready in {READY_TIMEOUT_S} s:\n{self.text()[-3000:]}")
-            time.sleep(0.2)
+        wait_http_ready(self.proc, self.client, self.text, READY_TIMEOUT_S, self.stop)
 
     def session(self, token: str | None) -> "httpx.Client":
         return httpx.Client(base_url=self.url, timeout=120,

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import free_port, textured_part
+from conftest import free_port, textured_part, wait_http_ready
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -52,19 +52,7 @@ class Station:
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=open(self.log, "w"), env=env)
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.client = httpx.Client(base_url=self.url, headers=headers, timeout=120)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if self.proc.poll() is not None:
-                raise AssertionError(f"serve exited with {self.proc.returncode}:\n{self.log.read_text()[-3000:]}")
-            try:
-                if self.client.get("/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"serve not ready in {READY_TIMEOUT_S} s:\n{self.log.read_text()[-3000:]}")
-            time.sleep(0.2)
+        wait_http_ready(self.proc, self.client, self.log.read_text, READY_TIMEOUT_S, self.stop)
 
     def stop(self) -> int:
         self.client.close()

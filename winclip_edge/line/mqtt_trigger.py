@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import ssl
 import threading
 import uuid
 from typing import Any, Callable
@@ -17,7 +15,7 @@ from typing import Any, Callable
 from ..names import topic
 from .control import ControlRefused, Trigger
 from .parts import check_part_id
-from .sinks import MQTT_PASSWORD_ENV, MQTT_USERNAME_ENV, MqttConfig
+from .sinks import MqttConfig
 
 log = logging.getLogger("winclip_edge.line")
 
@@ -58,18 +56,11 @@ class MqttTriggers:
         self.counts = {"received": 0, "accepted": 0, "bad": 0, "refused": 0}
         self._lock = threading.Lock()
         self.subscribed = threading.Event()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=f"{config.client_id}-trigger" if config.client_id else "", clean_session=True)
-        user = os.environ.get(MQTT_USERNAME_ENV)
-        if user:
-            client.username_pw_set(user, os.environ.get(MQTT_PASSWORD_ENV))
-        if config.tls:
-            client.tls_set(ca_certs=config.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client = config.client(mqtt, suffix="-trigger", clean_session=True)
         client.on_connect = self._on_connect
         client.on_subscribe = lambda *args: self.subscribed.set()
         client.on_disconnect = lambda *args: self.subscribed.clear()
         client.on_message = self._on_message
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client = client
 
     def start(self) -> None:

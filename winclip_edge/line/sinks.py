@@ -50,6 +50,19 @@ class MqttConfig:
     def __post_init__(self) -> None:
         check_topic(self.topic, "topic")
 
+    def client(self, mqtt: Any, suffix: str = "", clean_session: bool | None = None) -> Any:
+        """A paho client for this broker: the user and password from the environment, TLS when asked, paho's own
+        reconnect; ``suffix`` keeps a second client of the station (the trigger subscriber) off this one's id."""
+        client_id = f"{self.client_id}{suffix}" if self.client_id else ""
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=client_id, clean_session=clean_session)
+        user = os.environ.get(MQTT_USERNAME_ENV)
+        if user:
+            client.username_pw_set(user, os.environ.get(MQTT_PASSWORD_ENV))
+        if self.tls:
+            client.tls_set(ca_certs=self.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        return client
+
 
 class MqttSink:
     """QoS 1 publishing with paho-mqtt's network thread, which reconnects by itself. A message whose PUBACK
@@ -69,16 +82,10 @@ class MqttSink:
         self._connected = False
         self._acked: set[int] = set()
         self._inflight: tuple[int, int] | None = None  # (message key, paho mid) awaiting PUBACK
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=config.client_id)
-        user = os.environ.get(MQTT_USERNAME_ENV)
-        if user:
-            client.username_pw_set(user, os.environ.get(MQTT_PASSWORD_ENV))
-        if config.tls:
-            client.tls_set(ca_certs=config.ca_file, cert_reqs=ssl.CERT_REQUIRED)
+        client = config.client(mqtt)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
         self._client = client
 
     def open(self) -> None:
