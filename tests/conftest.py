@@ -37,6 +37,18 @@ def wait_for(condition, timeout=60.0, what="condition"):
         time.sleep(0.02)
 
 
+def terminate(proc, wait_s: float = 60.0) -> int:
+    """SIGTERM a subprocess still running, SIGKILL it after ``wait_s``; its return code."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(wait_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    return proc.returncode
+
+
 def wait_http_ready(proc, client, log_text, timeout_s, stop):
     """Poll ``GET /readyz`` of a started ``serve --http`` until 200; a process that exits, or ``timeout_s``
     without ready (``stop()`` is called first), fails with the end of its log (``log_text()``)."""

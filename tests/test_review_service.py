@@ -22,7 +22,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import free_port, textured_part, wait_for, wait_http_ready
+from conftest import free_port, terminate, textured_part, wait_for, wait_http_ready
 from winclip_edge import Inspector
 from winclip_edge.bundle import Bundle
 from winclip_edge.calibration import calibrate
@@ -103,14 +103,7 @@ class Serve:
 
     def stop(self) -> int:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
 
 def jsonl(path: Path) -> list[dict]:

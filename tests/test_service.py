@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +19,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import free_port, textured_part, wait_http_ready
+from conftest import free_port, terminate, textured_part, wait_http_ready
 
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
@@ -56,14 +55,7 @@ class Station:
 
     def stop(self) -> int:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
+        return terminate(self.proc)
 
     def metric(self, name: str, **labels: str) -> float:
         """The value of one sample of /metrics (0 when absent)."""
