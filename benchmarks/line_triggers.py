@@ -52,8 +52,8 @@ if str(REPO) not in sys.path:  # run as a script from anywhere: the repo's packa
 from winclip_edge.bundle import Bundle  # noqa: E402
 from winclip_edge.catalog import Catalog  # noqa: E402
 from winclip_edge.engines import EngineConfig  # noqa: E402
-from winclip_edge.line.batcher import Batcher  # noqa: E402
-from winclip_edge.line.control import Trigger  # noqa: E402
+from winclip_edge.batcher import Batcher  # noqa: E402
+from winclip_edge.control import Trigger  # noqa: E402
 from winclip_edge.line.frames import Frame, FrameBuffer  # noqa: E402
 from winclip_edge.line.parts import PartsConfig  # noqa: E402
 from winclip_edge.line.station import Station, StationConfig, results_files  # noqa: E402

@@ -234,7 +234,7 @@ def render_table(report: dict) -> str:
             f"- data: {report['normal']} normal + {report['defective']} defective test frames, defects "
             f"{DEFECT_RANGE[0]}-{DEFECT_RANGE[1]} px ({report['defect_kinds']}), {report['references']} normal "
             f"reference frames; tile {report['tile']} px, overlap {report['overlap']}; ROI = the part's outline",
-            f"- model: a tiny random-weight bundle with ViT-B-16-plus-240's geometry (240 px, 15x15 grid). Random "
+            "- model: a tiny random-weight bundle with ViT-B-16-plus-240's geometry (240 px, 15x15 grid). Random "
             "weights carry no meaning: these numbers measure localisation by few-shot association (a conspicuous "
             "defect matches no reference token), not what a pretrained model would score; zero-shot scores are noise",
             "", markdown_table(["setting", "image AUROC %", "pixel AUROC %", "PRO %", "units/frame", "ms/frame"], rows)]

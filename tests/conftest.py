@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -94,6 +95,18 @@ class Serve:
 
     def signal(self, sig: int) -> None:
         os.kill(self.proc.pid, sig)
+
+
+@pytest.fixture(autouse=True)
+def _line_logger_as_it_was():
+    """``serve`` run in-process (``main(["serve", ...])``) gives the line's logger a handler on the test's stderr and
+    stops it propagating, as a process wants; put it back so that later tests' ``caplog`` sees the records."""
+    logger = logging.getLogger("winclip_edge.line")
+    handlers, level, propagate = list(logger.handlers), logger.level, logger.propagate
+    yield
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
 
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never wait for a hub in tests

@@ -19,7 +19,7 @@ from fastapi.routing import APIRoute  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
 from winclip_edge.catalog import Catalog  # noqa: E402
-from winclip_edge.line.batcher import Batcher  # noqa: E402
+from winclip_edge.batcher import Batcher  # noqa: E402
 from winclip_edge.names import NAME_PATTERN, NAME_RULE  # noqa: E402
 from winclip_edge.service.app import ServiceContext, create_app  # noqa: E402
 from winclip_edge.service.auth import OPEN_PATHS  # noqa: E402

@@ -12,7 +12,7 @@ import pytest
 from conftest import textured_part
 from winclip_edge import Inspector
 from winclip_edge.performance.bench import RESULT_MARKER, cold_start, interleaved, latency_stats, machine_info, markdown_table, \
-    peak_rss_mib, software_versions, synthetic_images, time_calls
+    software_versions, synthetic_images, time_calls
 from winclip_edge.bundle import Bundle
 from winclip_edge.cli import EXIT_OK, main
 from winclip_edge.builders.variants import make_variant

@@ -101,9 +101,10 @@ LAYERS = (
     ("files and images", ("bundle", "products", "versions", "review", "preprocess", "samples", "heatmap", "inputs",
                           "tokenizer", "tiles", "evaluation.datasets")),
     ("engines", ("engines", "builders", "export", "text_encoder")),
-    ("pipeline", ("inspector", "catalog", "calibration", "registration", "teaching", "rows", "results", "demo",
-                  "performance", "evaluation", "triton")),
-    ("faces", ("line", "service")),
+    ("pipeline", ("inspector", "catalog", "batcher", "control", "calibration", "registration", "teaching", "rows",
+                  "results", "demo", "performance", "evaluation", "triton")),
+    ("HTTP face", ("service",)),
+    ("line station", ("line",)),
     ("command line", ("cli",)),
 )
 

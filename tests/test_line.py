@@ -14,7 +14,7 @@ import pytest
 from conftest import free_port, textured_part, wait_for
 from winclip_edge.fileio import sha256_file
 from winclip_edge.inspector import Inspector
-from winclip_edge.line.batcher import Batcher
+from winclip_edge.batcher import Batcher
 from winclip_edge.rows import SCHEMA, ModelIds, ResultRow, utc_iso
 from winclip_edge.line.sinks import SpooledSink, WebhookSink
 from winclip_edge.line.sources import FolderSource, Frame, FrameBuffer, SourceError, VideoOptions, VideoSource, \

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import textured_part
 from winclip_edge.inspector import Inspector
-from winclip_edge.line.batcher import Batcher, BatcherClosed, BatcherFull, Job
+from winclip_edge.batcher import Batcher, BatcherClosed, BatcherFull, Job
 from winclip_edge.preprocess import resize_to_model
 
 

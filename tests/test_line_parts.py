@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import shutil
 import threading
 import time
 from pathlib import Path
@@ -21,11 +20,11 @@ from conftest import textured_part, wait_for
 from test_genicam import fake_camera  # noqa: F401  (the fixture: Aravis's simulated camera on loopback)
 from winclip_edge.catalog import Catalog
 from winclip_edge.inspector import Inspector
-from winclip_edge.line.batcher import Batcher
-from winclip_edge.line.control import Command, ControlRefused, Trigger, VisionState
+from winclip_edge.batcher import Batcher
+from winclip_edge.control import Command, ControlRefused, PartRefused, Trigger, VisionState
 from winclip_edge.line.controller import StationController
 from winclip_edge.line.journal import JOURNAL, PartJournal, Triggered
-from winclip_edge.line.parts import PartRefused, PartsConfig
+from winclip_edge.line.parts import PartsConfig
 from winclip_edge.line.sources import FolderSource, VideoOptions, VideoSource
 from winclip_edge.line.station import Station, StationConfig, results_files
 

@@ -17,7 +17,7 @@ from cryptography import x509  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 
 from conftest import free_port, wait_for  # noqa: E402
-from winclip_edge.line.control import (  # noqa: E402
+from winclip_edge.control import (  # noqa: E402
     Command, ControlRefused, Recipe, StationState, Trigger, VisionState)
 from winclip_edge.line.opcua.server import (  # noqa: E402
     E_REFUSED, E_STATE, E_UNKNOWN_RECIPE, NAMESPACE, OK, OpcuaFace, RESULT_EVENT_FIELDS)

@@ -91,7 +91,7 @@ def test_graph_contract_is_checked_by_name(make_bundle, bundle_copy):
 def test_int8_model_made_by_nncf_verified_and_close(bundle_copy, reference):
     pytest.importorskip("nncf")
     from winclip_edge.builders.openvino import make_int8
-    from winclip_edge.engines.openvino import int8_paths
+    from winclip_edge.engines.openvino_model import int8_paths
 
     bundle = Bundle(bundle_copy)
     with pytest.raises(VariantError, match="quantize --bundle .* --backend openvino --precision int8"):

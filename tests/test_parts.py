@@ -9,7 +9,8 @@ import pytest
 
 from winclip_edge.line.journal import JOURNAL, PartJournal, Triggered
 from winclip_edge.line.mqtt_trigger import parse_trigger, trigger_topic
-from winclip_edge.line.parts import PartRefused, PartsConfig, PartTracker, check_part_id, part_id_of_file
+from winclip_edge.control import PartRefused, check_part_id
+from winclip_edge.line.parts import PartsConfig, PartTracker, part_id_of_file
 from winclip_edge.line.sources import Frame
 from winclip_edge.names import InvalidName
 

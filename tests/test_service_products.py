@@ -3,7 +3,6 @@ and served at once; its scores equal `infer` with the same product; errors get t
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest

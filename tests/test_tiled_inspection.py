@@ -16,7 +16,7 @@ from winclip_edge.registration import register
 from winclip_edge.tiles.roi import Roi
 from winclip_edge.scoring import ScoringOptions
 from winclip_edge.tiles.memory import TileMemory, load_tile_memory
-from winclip_edge.tiles.units import GLOBAL, FramePlan
+from winclip_edge.tiles.units import FramePlan
 from winclip_edge.tiles.tiling import TilingConfig
 
 ZERO_SHOT = ScoringOptions(use_memory=False)
@@ -216,7 +216,7 @@ def test_a_20px_defect_on_a_2048px_part_is_located_within_40px_with_tiles(bundle
 
 def test_the_line_batcher_serves_tiled_products_like_the_inspector(bundle_copy):
     """serve runs frames through the Batcher (Inspector.inspect_decoded): the product's tiling and ROI apply there."""
-    from winclip_edge.line.batcher import Batcher, Job
+    from winclip_edge.batcher import Batcher, Job
     from winclip_edge.tiles.roi import save_roi
 
     surface = part_surface((480, 480))

@@ -33,7 +33,7 @@ from .base import EngineError
 from .cache_dir import engine_dir
 from .config import EngineConfig
 from .onnx_variants import VariantError
-from .openvino_model import PIP, check_compiled, int8_paths, load_int8
+from .openvino_model import PIP, check_compiled, load_int8
 from .registry import BackendRecord, installed, option
 
 OPENVINO_PRECISIONS = ("fp32", "bf16", "fp16", "int8")

@@ -19,7 +19,7 @@ from ..catalog import Catalog
 from ..engines.config import AUTO
 from ..tiles.overrides import resolve_tiling
 from .alerts import mqtt_alert_sinks
-from .batcher import Batcher
+from ..batcher import Batcher
 from .controller import StationController
 from .drift_watch import DriftWatch
 from .health import EngineWatch, watch

@@ -1,5 +1,5 @@
 """The line controller's view of a real station: :class:`StationController` implements the StationControl protocol
-(control.py) over a wired station (build.py's LineStation), for the OPC UA face, the MQTT trigger topic and the
+(winclip_edge/control.py) over a wired station (build.py's LineStation), for the OPC UA face, the MQTT trigger topic and the
 HTTP trigger endpoint alike.
 
 State (OPC 40100-1, docs/line.md "OPC UA"): loading the bundle and the engine = Preoperational; the engine's last
@@ -17,7 +17,7 @@ import threading
 from typing import Any, Sequence
 
 from ..errors import WinclipError
-from .control import Command, ControlRefused, Recipe, StationState, Trigger, VisionState
+from ..control import Command, ControlRefused, Recipe, StationState, Trigger, VisionState
 
 log = logging.getLogger("winclip_edge.line")
 

@@ -13,8 +13,7 @@ import uuid
 from typing import Any, Callable
 
 from ..names import topic
-from .control import ControlRefused, Trigger
-from .parts import check_part_id
+from ..control import ControlRefused, Trigger, check_part_id
 from .sinks import MqttConfig
 
 log = logging.getLogger("winclip_edge.line")

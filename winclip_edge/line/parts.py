@@ -18,31 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from .control import ControlRefused
+from ..control import PartRefused, check_part_id
 
 HTTP_VIEW = "http"  # the view an upload with the part id fills (POST /v1/inspect?part_id=...)
 ON_TIMEOUT = ("reject", "pass")
-MAX_PART_ID = 128
 DEFAULT_CAPTURE_MS = 10000.0  # without a deadline, how long a part waits for its views
-VIEW_SEPARATOR = "@"
-RECENT_PARTS = 1000  # decided parts whose trigger a late view's row can still name  # a hot-folder file 4711@top.png is a view of part 4711 (so is 4711.png)
+VIEW_SEPARATOR = "@"  # a hot-folder file 4711@top.png is a view of part 4711 (so is 4711.png)
+RECENT_PARTS = 1000  # decided parts whose trigger a late view's row can still name
 
 WAITING, INSPECTING, DONE = "waiting", "inspecting", "done"
-
-
-class PartRefused(ControlRefused):
-    """A trigger the station does not take (its part id is in flight or decided already, or it is not an id)."""
-
-
-def check_part_id(value: Any) -> str:
-    """A part id as text: a string or an integer, 1-128 printable characters without control characters."""
-    if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise PartRefused(f"a part id is a string or an integer, got {type(value).__name__} {value!r}")
-    text = str(value)
-    if not text or len(text) > MAX_PART_ID or not text.isprintable() or text != text.strip():
-        raise PartRefused(f"part id {text[:40]!r} is not valid: 1-{MAX_PART_ID} printable characters, no leading or "
-                          "trailing white space")
-    return text
 
 
 def part_id_of_file(path: str) -> str | None:
@@ -339,5 +323,5 @@ class PartTracker:
             return self._open.get(part_id)
 
 
-__all__ = ["DONE", "Expired", "HTTP_VIEW", "INSPECTING", "MAX_PART_ID", "ON_TIMEOUT", "Part", "PartRefused",
-           "PartTracker", "PartsConfig", "View", "WAITING", "check_part_id", "part_id_of_file"]
+__all__ = ["DONE", "Expired", "HTTP_VIEW", "INSPECTING", "ON_TIMEOUT", "Part",
+           "PartTracker", "PartsConfig", "View", "WAITING", "part_id_of_file"]

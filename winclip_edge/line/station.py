@@ -42,10 +42,10 @@ from ..errors import WinclipError
 from ..inspector import InspectionResult
 from ..results import RESULTS_JSONL, ResultWriter, Saved
 from ..rows import ModelIds, ResultRow, utc_iso
-from .batcher import Batcher, BatcherClosed, Job
-from .control import ControlRefused, Trigger
+from ..batcher import Batcher, BatcherClosed, Job
+from ..control import ControlRefused, PartRefused, Trigger, check_part_id
 from .journal import PartJournal, Triggered
-from .parts import (HTTP_VIEW, Part, PartRefused, PartsConfig, PartTracker, check_part_id, part_id_of_file)
+from .parts import HTTP_VIEW, Part, PartsConfig, PartTracker, part_id_of_file
 from .plugins import FileSource, Sink, Source
 from .sinks import SinkStats, SpooledSink
 from .sources import Frame

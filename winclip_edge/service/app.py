@@ -31,9 +31,8 @@ from starlette.concurrency import run_in_threadpool
 from ..catalog import Catalog, UnknownProduct
 from ..errors import WinclipError
 from ..inspector import InspectionResult
-from ..line.batcher import Batcher, BatcherClosed, BatcherFull, Job
-from ..line.control import ControlRefused, Trigger
-from ..line.parts import MAX_PART_ID, PartRefused
+from ..batcher import Batcher, BatcherClosed, BatcherFull, Job
+from ..control import MAX_PART_ID, ControlRefused, PartRefused, Trigger
 from ..names import InvalidName
 from ..rows import ResultRow
 from ..prompts import OBJECT, PROMPT_STYLES, STATE, PromptError, PromptSpec, object_name_for

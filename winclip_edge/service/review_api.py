@@ -5,7 +5,7 @@ A verdict is recorded under the name of the token that carried it (service/auth.
 without tokens) in the review database (review.py: SQLite, WAL, synchronous=FULL) and answered 200 only once it is
 committed. Teach and rollback make another product version live (teaching.py, versions.py) and switch the running
 station to it: the catalog reads the version into a complete new Inspector and the product's batcher takes it for
-its next batch (line/batcher.py), so no frame is lost and none is scored half by one version and half by the other;
+its next batch (winclip_edge/batcher.py), so no frame is lost and none is scored half by one version and half by the other;
 every row names the version that decided it. A version that cannot be served is refused by its number; when the
 version a teach or rollback made live then fails to load, the pointer goes back to the version served before,
 which keeps serving.

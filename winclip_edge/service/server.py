@@ -13,7 +13,7 @@ from typing import Any, Callable, Mapping, Optional
 
 from ..catalog import Catalog
 from ..inspector import InspectionResult
-from ..line.batcher import Batcher
+from ..batcher import Batcher
 from ..review import ReviewDB
 from .app import ServiceContext, create_app
 from .config import HttpConfig, ServiceError

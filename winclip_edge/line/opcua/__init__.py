@@ -9,7 +9,7 @@ from .config import OpcuaConfig, OpcuaError
 
 def start_opcua(config: OpcuaConfig, control: Any, timeout: float = 60.0) -> Any:
     """Check ``config``, then make and start the face (``server.OpcuaFace``) for ``control`` (a
-    ``line.control.StationControl``); a clear OpcuaError when the plc extra is missing."""
+    ``winclip_edge.control.StationControl``); a clear OpcuaError when the plc extra is missing."""
     config.check()
     try:
         from .server import OpcuaFace

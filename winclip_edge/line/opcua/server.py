@@ -8,7 +8,7 @@ specification's id structures (PartIdDataType, JobIdDataType, ...) travel as the
 client calls every method without loading type definitions. What is not implemented is named in the doc.
 
 The server runs its asyncio loop in its own thread; the station talks to it through :class:`StationControl`
-(``line/control.py``) and :meth:`OpcuaFace.publish`. Blocking station calls (a recipe reload) run on the face's
+(``winclip_edge/control.py``) and :meth:`OpcuaFace.publish`. Blocking station calls (a recipe reload) run on the face's
 worker threads, never on the server's loop, so browsing and events go on meanwhile.
 """
 from __future__ import annotations
@@ -38,7 +38,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from ...fileio import atomic_write_bytes
-from ..control import Command, ControlRefused, Recipe, StationControl, StationState, Trigger, VisionState
+from ...control import Command, ControlRefused, Recipe, StationControl, StationState, Trigger, VisionState
 from .config import OpcuaConfig, OpcuaError
 
 log = logging.getLogger("winclip_edge.line.opcua")

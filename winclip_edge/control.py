@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Protocol, Sequence
 
-from ..errors import WinclipError
+from .errors import WinclipError
 
 
 class VisionState(enum.IntEnum):
@@ -86,6 +86,25 @@ class Command(enum.Enum):
 
 class ControlRefused(WinclipError, RuntimeError):
     """The station cannot do what was asked now (busy, wrong state, queue full); the message says why."""
+
+
+class PartRefused(ControlRefused):
+    """A trigger the station does not take (its part id is in flight or decided already, or it is not an id)."""
+
+
+MAX_PART_ID = 128
+
+
+def check_part_id(value: Any) -> str:
+    """A part id as text: a string or an integer, 1-128 printable characters without control characters. Every
+    face that takes a trigger (OPC UA, HTTP, MQTT, a hot-folder file name) checks it here."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PartRefused(f"a part id is a string or an integer, got {type(value).__name__} {value!r}")
+    text = str(value)
+    if not text or len(text) > MAX_PART_ID or not text.isprintable() or text != text.strip():
+        raise PartRefused(f"part id {text[:40]!r} is not valid: 1-{MAX_PART_ID} printable characters, no leading or "
+                          "trailing white space")
+    return text
 
 
 class StationControl(Protocol):

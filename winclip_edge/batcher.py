@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any, Deque
 
 import numpy as np
 
-from ..errors import WinclipError
-from ..inspector import InspectionResult, decode
-from ..rows import ModelIds
+from .errors import WinclipError
+from .inspector import InspectionResult, decode
+from .rows import ModelIds
 
 if TYPE_CHECKING:
-    from ..inspector import Inspector, Decoded
+    from .inspector import Inspector, Decoded
 
 
 class BatcherClosed(WinclipError, RuntimeError):
