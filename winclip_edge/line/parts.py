@@ -38,6 +38,14 @@ def part_id_of_file(path: str) -> str | None:
         return None
 
 
+def named_part(frame: Any) -> str | None:
+    """The part a frame names: a triggered camera's ``part_id``, else the part a hot-folder file is named for."""
+    named = getattr(frame, "part_id", None)
+    if named is None and getattr(frame, "path", None) is not None:
+        named = part_id_of_file(frame.path)
+    return named
+
+
 @dataclass(frozen=True)
 class PartsConfig:
     """How a station takes triggered parts. ``views``: the sources (or ``http``) whose capture makes a part's
@@ -191,9 +199,7 @@ class PartTracker:
         """The part a frame of source ``view`` belongs to, its view marked as being inspected; None when no part
         waits for it. A frame that names its part (a triggered camera's ``part_id``, a file named for it) goes to
         that part; a live frame to the oldest part waiting for that view and triggered before it was captured."""
-        named = getattr(frame, "part_id", None)
-        if named is None and getattr(frame, "path", None) is not None:
-            named = part_id_of_file(frame.path)
+        named = named_part(frame)
         with self._lock:
             if named is not None:
                 part = self._open.get(named)
@@ -324,4 +330,4 @@ class PartTracker:
 
 
 __all__ = ["DONE", "Expired", "HTTP_VIEW", "INSPECTING", "ON_TIMEOUT", "Part",
-           "PartTracker", "PartsConfig", "View", "WAITING", "part_id_of_file"]
+           "PartTracker", "PartsConfig", "View", "WAITING", "named_part", "part_id_of_file"]

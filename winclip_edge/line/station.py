@@ -45,7 +45,7 @@ from ..rows import ModelIds, ResultRow, utc_iso
 from ..batcher import Batcher, BatcherClosed, Job
 from ..control import ControlRefused, PartRefused, Trigger, check_part_id
 from .journal import PartJournal, Triggered
-from .parts import HTTP_VIEW, Part, PartsConfig, PartTracker, part_id_of_file
+from .parts import HTTP_VIEW, Part, PartsConfig, PartTracker, named_part
 from .plugins import FileSource, Sink, Source
 from .sinks import SinkStats, SpooledSink
 from .sources import Frame
@@ -193,6 +193,7 @@ class _Item:
     source: Source | None
     frame: Frame
     job: Job
+    batcher: Batcher  # the one it was submitted to: its Inspector names a row no Inspector scored (cancelled)
     future: Future
     part: Part | None = None
     view: str | None = None
@@ -205,10 +206,16 @@ class _Outcome:
     """One inspected view of a part."""
 
     result: InspectionResult
-    ids: ModelIds | None
+    ids: ModelIds
     saved: Saved
     source: Source | None
     frame: Frame
+
+
+def _triggered(part: Part) -> Triggered:
+    """The journal's record of a part's trigger."""
+    return Triggered(part.part_id, part.product, part.triggered_by, part.job_id, part.meas_id, part.triggered_at,
+                     part.deadline_at, tuple(part.views))
 
 
 class Station:
@@ -253,7 +260,7 @@ class Station:
         self._verdicts: Deque[float] = deque(maxlen=LATENCY_WINDOW)
         self._counts = {"out": 0, "errors": 0, "unclaimed": 0}
         self._decided: dict[str, int] = {}
-        self._ids: dict[int, tuple[Any, ModelIds]] = {}  # id(inspector) -> (the inspector, its ids)
+        self._ids: dict[str, tuple[Any, ModelIds]] = {}  # product -> (its latest inspector, that one's ids)
         self._lock = threading.Lock()
         self._emit = threading.RLock()  # rows are written, and parts decided, one at a time and in order
         self._trigger_lock = threading.Lock()  # triggers are checked, journaled and admitted one at a time
@@ -291,11 +298,15 @@ class Station:
         return tuple(self.tracker.live_views)
 
     # ------------------------------------------------------------ control (the line controller's calls)
+    def _served(self, product: str) -> str:
+        """``product`` if the station serves it; KeyError naming the ones it does."""
+        if product not in self.batchers:
+            raise KeyError(f"unknown product {product!r}; this station serves {sorted(self.batchers)}")
+        return product
+
     def select(self, product: str | None) -> None:
         """The product free-running frames and triggers without one are inspected as (None: none)."""
-        if product is not None and product not in self.batchers:
-            raise KeyError(f"unknown product {product!r}; this station serves {sorted(self.batchers)}")
-        self.product = product
+        self.product = None if product is None else self._served(product)
 
     def halt(self, halted: bool) -> None:
         """Hold every source's frames (cameras keep their newest) and refuse triggers, or go on."""
@@ -334,9 +345,7 @@ class Station:
         product = trigger.product or self.product
         if product is None:
             raise ControlRefused("no recipe is prepared: name the product or prepare a recipe first")
-        if product not in self.batchers:
-            raise KeyError(f"unknown product {product!r}; this station serves {sorted(self.batchers)}")
-        part = self._open_part(part_id, product, trigger.source, trigger.job_id, trigger.meas_id)
+        part = self._open_part(part_id, self._served(product), trigger.source, trigger.job_id, trigger.meas_id)
         if part is not None:
             self._arm_cameras(part)
         return part
@@ -349,8 +358,7 @@ class Station:
             if why is not None:
                 self.tracker.refused()
                 raise PartRefused(why)
-            self.journal.triggered(Triggered(part_id, product, triggered_by, job_id, meas_id, part.triggered_at,
-                                             part.deadline_at, tuple(part.views)))
+            self.journal.triggered(_triggered(part))
             admitted = self.tracker.admit(part)
         if not admitted:
             deferred: list[Callable[[], None]] = []
@@ -409,8 +417,7 @@ class Station:
             product = product or self.product
             if product is None:
                 raise ControlRefused("no recipe is prepared: name the product")
-            if product not in self.batchers:
-                raise KeyError(f"unknown product {product!r}; this station serves {sorted(self.batchers)}")
+            self._served(product)
             views = self.views if HTTP_VIEW in self.views else (HTTP_VIEW,)
             part = self._open_part(part_id, product, "http", at=(mono, epoch), views=views)
             part = self.tracker.claim_named(part_id, HTTP_VIEW)
@@ -425,13 +432,14 @@ class Station:
         frame = Frame(HTTP_VIEW, index, epoch, mono, image=image)
         job = Job(name=f"{name}-{part_id}-{index}", image=image, metadata={"source": HTTP_VIEW, "frame": index},
                   keep_image=True)
+        batcher = self.batchers[part.product]
         try:
-            future = self.batchers[part.product].submit(job, True, timeout)
+            future = batcher.submit(job, True, timeout)
         except WinclipError as err:
             self.tracker.done(part, HTTP_VIEW, error=f"view {HTTP_VIEW}: not inspected ({err})")
             self._complete(part)
             raise
-        self._inflight.put(_Item(None, frame, job, future, part=part, view=HTTP_VIEW))
+        self._inflight.put(_Item(None, frame, job, batcher, future, part=part, view=HTTP_VIEW))
         return waiter
 
     def _late_upload(self, part_id: str, product: str, image: np.ndarray, name: str, epoch: float, mono: float,
@@ -439,8 +447,9 @@ class Station:
         waiter: Future = Future()
         frame = Frame(HTTP_VIEW, 0, epoch, mono, image=image)
         job = Job(name=f"{name}-{part_id}", image=image, metadata={"source": HTTP_VIEW}, keep_image=True)
-        future = self.batchers[product].submit(job, True, timeout)
-        item = _Item(None, frame, job, future, part_id=part_id, late_for=self.tracker.decided_row(part_id))
+        batcher = self.batchers[product]
+        item = _Item(None, frame, job, batcher, batcher.submit(job, True, timeout), part_id=part_id,
+                     late_for=self.tracker.decided_row(part_id))
         item.job.metadata["waiter"] = waiter
         self._inflight.put(item)
         return waiter
@@ -523,13 +532,11 @@ class Station:
         free-running row, or nowhere (counted)."""
         part = self.tracker.claim(source.name, frame)
         if part is not None:
-            job = self._job(source, frame, keep)
-            return _Item(source, frame, job, self.batchers[part.product].submit(job), part=part, view=source.name)
-        named = getattr(frame, "part_id", None)
-        if named is None and frame.path is not None:
-            named = part_id_of_file(frame.path)
-        if named is not None and self.tracker.get(named) is None and self.tracker.decided_row(named) is not None:
-            return self._free(source, frame, keep, part_id=named, late_for=self.tracker.decided_row(named))
+            return self._view_item(source, frame, keep, part)
+        named = named_part(frame)
+        decided = self.tracker.decided_row(named) if named is not None else None
+        if decided is not None and self.tracker.get(named) is None:
+            return self._free(source, frame, keep, part_id=named, late_for=decided)
         own = frame.path is not None or (getattr(source, "trigger_mode", "off") == "hardware" and named is None)
         if not self.continuous and own and source.name in self.views and self.product is not None:
             part_id = named or f"{source.name}-{getattr(frame, 'camera_frame_id', frame.index)}"
@@ -540,8 +547,7 @@ class Station:
             except ControlRefused as err:
                 log.warning("source %s: %s", source.name, err)
             if part is not None:
-                job = self._job(source, frame, keep)
-                return _Item(source, frame, job, self.batchers[part.product].submit(job), part=part, view=source.name)
+                return self._view_item(source, frame, keep, part)
             if self.tracker.decided_row(part_id) is not None:  # it got its fail-safe at once (max_pending)
                 return self._free(source, frame, keep, part_id=part_id, late_for=self.tracker.decided_row(part_id))
         if self.continuous and self.product is not None:
@@ -552,10 +558,14 @@ class Station:
             self._counts["unclaimed"] += 1
         return None
 
+    def _view_item(self, source: Source, frame: Frame, keep: bool, part: Part) -> _Item:
+        job, batcher = self._job(source, frame, keep), self.batchers[part.product]
+        return _Item(source, frame, job, batcher, batcher.submit(job), part=part, view=source.name)
+
     def _free(self, source: Source, frame: Frame, keep: bool, part_id: str | None = None,
               late_for: str | None = None) -> _Item:
-        job = self._job(source, frame, keep)
-        return _Item(source, frame, job, self.batcher.submit(job), part_id=part_id, late_for=late_for)
+        job, batcher = self._job(source, frame, keep), self.batcher
+        return _Item(source, frame, job, batcher, batcher.submit(job), part_id=part_id, late_for=late_for)
 
     def _collect(self) -> None:
         ended = 0
@@ -585,17 +595,16 @@ class Station:
         self._sources_done.set()
 
     # ------------------------------------------------------------ rows
-    def _model_ids(self, inspector: Any = None) -> ModelIds:
-        """The ids of the inspector that decided (read once per inspector: a reload makes a new one)."""
-        inspector = inspector if inspector is not None else self.batcher.inspector
-        known = self._ids.get(id(inspector))
+    def _model_ids(self, inspector: Any) -> ModelIds:
+        """The ids of ``inspector``, read once per inspector (a reload makes a new one; the old one is let go)."""
+        known = self._ids.get(inspector.product)
         if known is None or known[0] is not inspector:
-            known = (inspector, ModelIds.of(inspector))
-            self._ids[id(inspector)] = known
+            known = self._ids[inspector.product] = (inspector, ModelIds.of(inspector))
         return known[1]
 
-    def _ids_of(self, job: Job) -> ModelIds:
-        return job.ids or self._model_ids()  # the Inspector that scored it (the batcher sets it)
+    def _ids_of(self, item: _Item) -> ModelIds:
+        """The ids of the Inspector that scored the item (the batcher sets them), else of its batcher's now."""
+        return item.job.ids or self._model_ids(item.batcher.inspector)
 
     def _save(self, result: InspectionResult) -> Saved:
         save = self.config.save == "all" or (self.config.save == "anomalous" and bool(result.anomalous))
@@ -609,7 +618,7 @@ class Station:
     def _deliver(self, item: _Item, result: InspectionResult) -> None:
         """A free-running frame's row (or a late view of a part decided already)."""
         source, frame = item.source, item.frame
-        ids = self._ids_of(item.job)
+        ids = self._ids_of(item)
         saved = self._save(result)
         files = source if isinstance(source, FileSource) and frame.path is not None else None
         failed = (saved.error or result.error) is not None
@@ -646,7 +655,7 @@ class Station:
                 "moved_to": destination, "error": r.error or outcome.saved.error or error, **frame.row_fields()}
 
     def _deliver_view(self, item: _Item, result: InspectionResult) -> None:
-        outcome = _Outcome(result, self._ids_of(item.job), self._save(result), item.source, item.frame)
+        outcome = _Outcome(result, self._ids_of(item), self._save(result), item.source, item.frame)
         part = item.part
         deferred: list[Callable[[], None]] = []
         with self._emit:
@@ -682,9 +691,8 @@ class Station:
         """The part's fail-safe row (``decision: "timeout"``), its live verdict."""
         row = self._base_row(part, None, time.time())
         accept = self.config.parts.on_timeout == "pass"
-        done = [(name, v) for name, v in part.views.items()]
         row.update(decision="timeout", accept=accept, error=reason,
-                   views=[{"view": name, "state": v.state, "error": v.error} for name, v in done])
+                   views=[{"view": name, "state": v.state, "error": v.error} for name, v in part.views.items()])
         self._write_locked(row, [], None, deferred)
         part.timeout_row, part.fail_safe = row["id"], row
         self._decided_locked(part, row)
@@ -740,7 +748,7 @@ class Station:
         row = self._base_row(part, best.ids if best is not None else None, now)
         best_entry = next(e for v, e in zip(views, entries) if v.outcome is best) if best is not None else None
         if best is not None:
-            made = ResultRow.of(best.result, best.ids or self._model_ids(), best.frame.captured_at,
+            made = ResultRow.of(best.result, best.ids, best.frame.captured_at,
                                 (self.clock() - max(o.frame.captured_mono for o in outcomes)) * 1e3, decided_at=now,
                                 station=self.config.station, source=best.frame.source,
                                 frame=best_entry["frame"], file=best.frame.path, file_sha256=best.frame.sha256,
@@ -859,10 +867,7 @@ class Station:
 
     def _compact_journal(self) -> None:
         with self._trigger_lock:
-            self.journal.rewrite(self.tracker.remembered(),
-                                 [Triggered(p.part_id, p.product, p.triggered_by, p.job_id, p.meas_id, p.triggered_at,
-                                            p.deadline_at, tuple(p.views))
-                                  for p in self.tracker.open_parts() if p.live])
+            self.journal.rewrite(self.tracker.remembered(), [_triggered(p) for p in self.tracker.open_parts() if p.live])
 
     def _close_open_parts(self) -> None:
         """At the end of a run every open part gets its row: the fail-safe if it had none, then what its views

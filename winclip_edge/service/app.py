@@ -113,6 +113,15 @@ class TriggerBody(BaseModel):
     meas_id: str = Field("", max_length=MAX_PART_ID)
 
 
+def _refusal(err: Exception) -> tuple[int, str, str]:
+    """The answer to a trigger or part upload the station refused: (status, kind, detail)."""
+    if isinstance(err, PartRefused):
+        return 409, "part_refused", str(err)
+    if isinstance(err, ControlRefused):
+        return 409, "refused", str(err)
+    return 404, "unknown_product", str(err).strip("'\"")  # KeyError: a product the station does not serve
+
+
 def _urls(rid: str) -> dict[str, str]:
     base = f"/v1/results/{rid}"
     return {"self": base, "image": f"{base}/image.jpg", "overlay": f"{base}/overlay.png", "map": f"{base}/map.npy"}
@@ -155,12 +164,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
         try:
             part = await run_in_threadpool(ctx.trigger, Trigger(part_id=str(body.part_id), product=body.product,
                                                                 meas_id=body.meas_id, job_id=job_id, source="http"))
-        except PartRefused as err:
-            return error(409, "part_refused", str(err))
-        except ControlRefused as err:
-            return error(409, "refused", str(err))
-        except KeyError as err:
-            return error(404, "unknown_product", str(err).strip("'\""))
+        except (ControlRefused, KeyError) as err:
+            return error(*_refusal(err))
         return {"part_id": part.part_id, "job_id": job_id, "product": part.product,
                 "deadline_ms": None if part.deadline_at is None else round((part.deadline_at - part.triggered_at) * 1e3, 3)}
 
@@ -171,12 +176,8 @@ def create_app(ctx: ServiceContext) -> FastAPI:
             future = await run_in_threadpool(ctx.upload_part, part_id, product, image, label, received,
                                              ctx.config.submit_timeout_s)
             row = await asyncio.wait_for(asyncio.wrap_future(future), ctx.config.result_timeout_s)
-        except PartRefused as err:
-            raise UploadError(409, "part_refused", str(err)) from None
-        except ControlRefused as err:
-            raise UploadError(409, "refused", str(err)) from None
-        except KeyError as err:  # a product the station does not serve
-            raise UploadError(404, "unknown_product", str(err).strip("'\"")) from None
+        except (ControlRefused, KeyError) as err:
+            raise UploadError(*_refusal(err)) from None
         except (BatcherFull, BatcherClosed) as err:
             raise UploadError(503, "busy", str(err)) from None
         except asyncio.TimeoutError:
